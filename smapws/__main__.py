@@ -1,0 +1,5 @@
+import sys
+
+from smapws._cli import main
+
+sys.exit(main())

@@ -1,0 +1,368 @@
+"""Configuration: environment variables and command-line flags, validated once.
+
+Every setting has an environment variable (the names are a contract, see the
+README) and a flag; a flag overrides the environment. :func:`load` returns a
+frozen :class:`Config` or raises :class:`ConfigError` whose message is one line
+naming the variable. Secrets never appear in ``repr(config)`` or in errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+def _port(v: str) -> int:
+    n = int(v)
+    if not 0 <= n <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    x = float(v)
+    if not math.isfinite(x) or x <= 0:
+        raise ValueError("expected a positive number of seconds")
+    return x
+
+
+def _non_negative_float(v: str) -> float:
+    x = float(v)
+    if not math.isfinite(x) or x < 0:
+        raise ValueError("expected a number of seconds >= 0")
+    return x
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n <= 0:
+        raise ValueError("expected a positive integer")
+    return n
+
+
+def _non_negative_int(v: str) -> int:
+    n = int(v)
+    if n < 0:
+        raise ValueError("expected an integer >= 0")
+    return n
+
+
+def _csv(v: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in v.split(",") if p.strip())
+
+
+def _bool(v: str) -> bool:
+    low = v.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(v: str) -> str:
+        low = v.strip().lower()
+        if low not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return low
+
+    return parse
+
+
+def _str(v: str) -> str:
+    return v
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    secret: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+#: The settings, in README order. ``default=None`` means unset.
+OPTIONS: Final[tuple[_Option, ...]] = (
+    _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
+    _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
+    _Option("redis_url", "REDIS_URL", _str, None, "redis:// rediss:// or unix:// URL", True),
+    _Option("redis_host", "REDIS_HOST", _str, None, "Redis host (when REDIS_URL is unset)"),
+    _Option("redis_port", "REDIS_PORT", _port, 6379, "Redis port"),
+    _Option("redis_db", "REDIS_DB", _non_negative_int, 0, "Redis database for pub/sub"),
+    _Option("redis_password", "REDIS_PASSWORD", _str, None, "Redis password", True),
+    _Option("channel_prefix", "SMAPWS_CHANNEL_PREFIX", _str, "user_noti:", "channel prefix"),
+    _Option("jwt_secret", "JWT_SECRET", _str, None, "HMAC key for HS* tokens", True),
+    _Option("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", _str, None, "PEM key for RS/ES/PS"),
+    _Option("jwt_algorithms", "JWT_ALGORITHMS", _csv, ("HS256",), "allowed JWT algorithms"),
+    _Option("jwt_issuer", "JWT_ISSUER", _str, None, "required iss claim"),
+    _Option("jwt_audience", "JWT_AUDIENCE", _str, None, "required aud claim"),
+    _Option("jwt_user_claim", "JWT_USER_CLAIM", _str, "sub", "claim holding the user id"),
+    _Option("jwt_leeway", "SMAPWS_JWT_LEEWAY", _non_negative_float, 0.0, "clock skew allowed (s)"),
+    _Option(
+        "close_on_token_expiry",
+        "SMAPWS_CLOSE_ON_TOKEN_EXPIRY",
+        _bool,
+        True,
+        "close a connection with 1008 when its token expires",
+    ),
+    _Option("allowed_origins", "SMAPWS_ALLOWED_ORIGINS", _csv, (), "allowed Origin values"),
+    _Option("ping_interval", "SMAPWS_PING_INTERVAL", _positive_float, 54.0, "ping period (s)"),
+    _Option("pong_wait", "SMAPWS_PONG_WAIT", _positive_float, 60.0, "pong deadline (s)"),
+    _Option("write_wait", "SMAPWS_WRITE_WAIT", _positive_float, 10.0, "write deadline (s)"),
+    _Option(
+        "handshake_timeout",
+        "SMAPWS_HANDSHAKE_TIMEOUT",
+        _positive_float,
+        10.0,
+        "deadline for a request head and the upgrade (s)",
+    ),
+    _Option("drain_timeout", "SMAPWS_DRAIN_TIMEOUT", _positive_float, 30.0, "drain deadline (s)"),
+    _Option("api_key", "SMAPWS_API_KEY", _str, None, "bearer key for POST /api/publish", True),
+    _Option("max_connections", "SMAPWS_MAX_CONNECTIONS", _positive_int, 10000, "connection cap"),
+    _Option(
+        "max_message_bytes",
+        "SMAPWS_MAX_MESSAGE_BYTES",
+        _positive_int,
+        65536,
+        "largest broker message delivered",
+    ),
+    _Option(
+        "max_client_message_bytes",
+        "SMAPWS_MAX_CLIENT_MESSAGE_BYTES",
+        _positive_int,
+        4096,
+        "largest client frame accepted (1009 beyond)",
+    ),
+    _Option(
+        "send_queue_messages",
+        "SMAPWS_SEND_QUEUE_MESSAGES",
+        _positive_int,
+        256,
+        "per-connection send queue bound (messages)",
+    ),
+    _Option(
+        "send_queue_bytes",
+        "SMAPWS_SEND_QUEUE_BYTES",
+        _positive_int,
+        1024 * 1024,
+        "per-connection send queue bound (bytes)",
+    ),
+    _Option(
+        "ingest_queue",
+        "SMAPWS_INGEST_QUEUE",
+        _positive_int,
+        65536,
+        "broker-to-router queue bound (messages)",
+    ),
+    _Option(
+        "redis_connect_timeout",
+        "SMAPWS_REDIS_TIMEOUT",
+        _positive_float,
+        5.0,
+        "deadline for each Redis connect/command (s)",
+    ),
+    _Option(
+        "reconnect_max",
+        "SMAPWS_RECONNECT_MAX",
+        _positive_float,
+        30.0,
+        "cap of the Redis reconnect backoff (s)",
+    ),
+    _Option(
+        "log_level", "SMAPWS_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", ""
+    ),
+    _Option("log_format", "SMAPWS_LOG_FORMAT", _choice("text", "json"), "text", "log format"),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated settings. Secrets are excluded from ``repr``."""
+
+    host: str = "0.0.0.0"
+    port: int = 8081
+    redis_url: str | None = field(default=None, repr=False)
+    channel_prefix: str = "user_noti:"
+    auth: AuthConfig | None = None
+    close_on_token_expiry: bool = True
+    allowed_origins: tuple[str, ...] = ()
+    ping_interval: float = 54.0
+    pong_wait: float = 60.0
+    write_wait: float = 10.0
+    handshake_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    api_key: str | None = field(default=None, repr=False)
+    max_connections: int = 10000
+    max_message_bytes: int = 65536
+    max_client_message_bytes: int = 4096
+    send_queue_messages: int = 256
+    send_queue_bytes: int = 1024 * 1024
+    ingest_queue: int = 65536
+    redis_connect_timeout: float = 5.0
+    reconnect_max: float = 30.0
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def broker(self) -> str:
+        """``"redis"`` or ``"memory"`` (the embedded single-node broker)."""
+        return "redis" if self.redis_url else "memory"
+
+    @property
+    def redis_url_redacted(self) -> str | None:
+        return redact_url(self.redis_url) if self.redis_url else None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting to ``parser`` (default: not given)."""
+    group = parser.add_argument_group("settings (each flag overrides its environment variable)")
+    for opt in OPTIONS:
+        group.add_argument(
+            opt.flag,
+            dest=opt.field,
+            default=None,
+            metavar=opt.env,
+            help=f"{opt.help} [env {opt.env}]" if opt.help else f"[env {opt.env}]",
+        )
+
+
+def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = flags.get(opt.field)
+        source = opt.flag
+        if raw is None:
+            raw = env.get(opt.env)
+            source = opt.env
+        if raw is None or (raw == "" and opt.default is None):
+            values[opt.field] = opt.default
+            continue
+        try:
+            values[opt.field] = opt.parse(raw)
+        except ValueError as exc:
+            shown = "(hidden)" if opt.secret else repr(raw)
+            reason = str(exc) if "expected" in str(exc) else "invalid value"
+            raise ConfigError(f"{source}: {reason}, got {shown}") from None
+    return values
+
+
+def _redis_url(v: dict[str, Any]) -> str | None:
+    url: str | None = v["redis_url"]
+    if url:
+        scheme = urlsplit(url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+        return url
+    host = v["redis_host"]
+    if not host:
+        return None
+    auth = f":{quote(v['redis_password'], safe='')}@" if v["redis_password"] else ""
+    return f"redis://{auth}{host}:{v['redis_port']}/{v['redis_db']}"
+
+
+def _auth(v: dict[str, Any]) -> AuthConfig:
+    algorithms: tuple[str, ...] = v["jwt_algorithms"]
+    if not algorithms:
+        raise ConfigError("JWT_ALGORITHMS: expected at least one algorithm")
+    unknown = [a for a in algorithms if a not in MAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS]
+    if unknown:
+        raise ConfigError(f"JWT_ALGORITHMS: unknown algorithm {unknown[0]!r}")
+    mac = all(a in MAC_ALGORITHMS for a in algorithms)
+    public = all(a in PUBLIC_KEY_ALGORITHMS for a in algorithms)
+    if not (mac or public):
+        raise ConfigError("JWT_ALGORITHMS: MAC (HS*) and public-key algorithms cannot be mixed")
+    key: str | bytes
+    if mac:
+        if not v["jwt_secret"]:
+            raise ConfigError("JWT_SECRET: required for HS* algorithms (set JWT_SECRET)")
+        secret: str = v["jwt_secret"]
+        key = secret
+        # RFC 7518 §3.2: an HMAC key MUST be at least as long as the hash.
+        need = max(int(a[2:]) // 8 for a in algorithms)
+        if len(secret.encode()) < need:
+            raise ConfigError(
+                f"JWT_SECRET: too short for {'/'.join(algorithms)}: at least {need} bytes "
+                "are required (RFC 7518 §3.2); generate one with `openssl rand -hex 32`"
+            )
+    else:
+        path = v["jwt_public_key_file"]
+        if not path:
+            raise ConfigError(
+                "JWT_PUBLIC_KEY_FILE: required for public-key algorithms (a PEM public key)"
+            )
+        try:
+            key = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+        if b"PRIVATE KEY" in key:
+            raise ConfigError("JWT_PUBLIC_KEY_FILE: holds a private key; give the public key")
+    return AuthConfig(
+        algorithms=algorithms,
+        key=key,
+        issuer=v["jwt_issuer"],
+        audience=v["jwt_audience"],
+        user_claim=v["jwt_user_claim"] or "sub",
+        leeway=v["jwt_leeway"],
+    )
+
+
+def load(
+    env: Mapping[str, str],
+    flags: Mapping[str, Any] | None = None,
+    *,
+    require_auth: bool = True,
+) -> Config:
+    """Build a :class:`Config` from ``env`` and ``flags`` (flags win).
+
+    ``require_auth=False`` lets commands that verify no token (``publish``)
+    run without a JWT key. Raises :class:`ConfigError`.
+    """
+    v = _raw_values(env, flags or {})
+    auth = _auth(v) if require_auth or v["jwt_secret"] or v["jwt_public_key_file"] else None
+    if v["pong_wait"] <= 0 or v["ping_interval"] <= 0:  # pragma: no cover - parsers forbid
+        raise ConfigError("SMAPWS_PING_INTERVAL: expected a positive number of seconds")
+    if not v["channel_prefix"]:
+        raise ConfigError("SMAPWS_CHANNEL_PREFIX: must not be empty")
+    if any(c in v["channel_prefix"] for c in "*?[]"):
+        raise ConfigError("SMAPWS_CHANNEL_PREFIX: must not contain glob characters *?[]")
+    fields = {f for f in Config.__dataclass_fields__}
+    kwargs = {k: val for k, val in v.items() if k in fields}
+    kwargs["redis_url"] = _redis_url(v)
+    kwargs["auth"] = auth
+    return Config(**kwargs)
+
+
+def option_names() -> Sequence[str]:
+    """Every environment variable name smapws reads."""
+    return [opt.env for opt in OPTIONS]

@@ -1,0 +1,144 @@
+"""JWT verification: a token string in, :class:`Claims` or :class:`AuthError` out.
+
+Sans-IO: the caller passes ``now`` (POSIX seconds); PyJWT's own clock checks
+are switched off and done here, so that tests decide the time.
+
+Error messages and reasons never contain the token or the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import jwt
+
+#: Symmetric (MAC) algorithms; never accepted together with public-key ones,
+#: so a public key can never be abused as an HMAC secret.
+MAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS: Final = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+#: User ids become part of a Redis channel name and of log lines; bound them.
+MAX_USER_ID_LENGTH: Final = 256
+
+
+class AuthError(Exception):
+    """A token was refused. ``reason`` is a short fixed word (a metric label):
+    ``missing_token``, ``malformed``, ``bad_signature``, ``bad_algorithm``,
+    ``expired``, ``not_yet_valid``, ``bad_issuer``, ``bad_audience``,
+    ``missing_claim``, ``bad_user``."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """What a valid token looks like. ``key`` is the HMAC secret or the PEM
+    public key; it is kept out of ``repr``."""
+
+    algorithms: tuple[str, ...]
+    key: str | bytes = field(repr=False)
+    issuer: str | None = None
+    audience: str | None = None
+    user_claim: str = "sub"
+    leeway: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """The parts of a verified token the hub uses."""
+
+    user_id: str
+    expires_at: float
+
+
+def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
+    """Verify ``token`` against ``config`` at time ``now``.
+
+    Guarantees: the signature is valid for one of ``config.algorithms`` (the
+    header's ``alg`` is never trusted beyond that list); ``exp`` is present and
+    in the future (``nbf`` respected when present); ``iss``/``aud`` match when
+    configured; the user id (``config.user_claim``, falling back to
+    ``user_id``) is a non-empty string (or integer) of bounded length.
+
+    Raises :class:`AuthError`.
+    """
+    if not token:
+        raise AuthError("missing_token")
+    options: Any = {
+        "require": ["exp"],
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_aud": config.audience is not None,
+        "verify_iss": config.issuer is not None,
+    }
+    try:
+        claims = jwt.decode(
+            token,
+            config.key,
+            algorithms=list(config.algorithms),
+            options=options,
+            audience=config.audience,
+            issuer=config.issuer,
+        )
+    except jwt.InvalidAlgorithmError:
+        raise AuthError("bad_algorithm") from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("bad_signature") from None
+    except jwt.MissingRequiredClaimError:
+        raise AuthError("missing_claim") from None
+    except jwt.InvalidIssuerError:
+        raise AuthError("bad_issuer") from None
+    except jwt.InvalidAudienceError:
+        raise AuthError("bad_audience") from None
+    except jwt.InvalidTokenError:
+        # DecodeError and friends: not three base64 parts, bad JSON, bad key.
+        raise AuthError("malformed") from None
+
+    exp = claims.get("exp")
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise AuthError("malformed")
+    if now >= exp + config.leeway:
+        raise AuthError("expired")
+    nbf = claims.get("nbf")
+    if nbf is not None:
+        if not isinstance(nbf, int | float) or isinstance(nbf, bool):
+            raise AuthError("malformed")
+        if now + config.leeway < nbf:
+            raise AuthError("not_yet_valid")
+
+    user = claims.get(config.user_claim)
+    if user is None and config.user_claim != "user_id":
+        user = claims.get("user_id")
+    if isinstance(user, int) and not isinstance(user, bool):
+        user = str(user)
+    if user is None:
+        raise AuthError("missing_claim")
+    if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH:
+        raise AuthError("bad_user")
+    return Claims(user_id=user, expires_at=float(exp) + config.leeway)
+
+
+def mint(
+    user_id: str,
+    *,
+    key: str | bytes,
+    algorithm: str = "HS256",
+    now: float,
+    ttl: float = 3600.0,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Sign a development token for ``user_id`` valid from ``now`` for ``ttl`` s.
+
+    Used by ``smapws token`` and the tests; production tokens come from the
+    API gateway.
+    """
+    claims: dict[str, Any] = {"sub": user_id, "iat": int(now), "exp": int(now + ttl)}
+    if extra:
+        claims.update(extra)
+    return jwt.encode(claims, key, algorithm=algorithm)

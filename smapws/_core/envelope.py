@@ -1,0 +1,143 @@
+"""Broker messages: validate, stamp and encode once.
+
+A broker message is what backend services PUBLISH to ``user_noti:{user_id}``::
+
+    {"type": "project_progress", "payload": {"project_id": "p1", ...}}
+
+:func:`parse` checks it and returns an :class:`Envelope` holding the text that
+every connection of the user receives: the published object plus ``timestamp``
+(RFC 3339, UTC, milliseconds) when the publisher gave none, already framed as a
+WebSocket text frame. Anything else raises :class:`InvalidMessage` with a short,
+fixed ``reason`` suitable for a metric label.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from smapws._core.frames import text_frame
+
+#: Default bound on one broker message, in bytes. Seed payloads are ~200 B; a
+#: notification with a long text stays well under this. Larger messages are
+#: dropped (and counted) rather than copied to thousands of sockets.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+#: The reasons :class:`InvalidMessage` may carry; they are metric label values.
+INVALID_REASONS: Final = (
+    "too_large",
+    "not_utf8",
+    "not_json",
+    "not_object",
+    "bad_type",
+    "bad_payload",
+    "bad_channel",
+)
+
+
+class InvalidMessage(ValueError):
+    """A broker message that cannot be delivered.
+
+    ``reason`` is one of :data:`INVALID_REASONS`. The message text never
+    contains the message body (it could be large, or private).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        assert reason in INVALID_REASONS, reason
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One validated message, ready to be written to any number of sockets.
+
+    ``frame`` is the complete WebSocket text frame; ``text`` its payload (the
+    JSON object as UTF-8). ``received_at`` is the trio clock reading when the
+    message reached the hub, used for the delivery-latency histogram.
+    """
+
+    type: str
+    payload: dict[str, Any]
+    text: bytes
+    frame: bytes
+    received_at: float
+
+
+def rfc3339_ms(epoch_seconds: float) -> str:
+    """Format a POSIX timestamp as RFC 3339 UTC with milliseconds, e.g.
+    ``2026-11-26T04:40:21.123Z``."""
+    dt = datetime.fromtimestamp(epoch_seconds, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def parse(
+    raw: bytes,
+    *,
+    wall_time: float,
+    received_at: float,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> Envelope:
+    """Validate one broker message and build its :class:`Envelope`.
+
+    ``wall_time`` (POSIX seconds) is used for the ``timestamp`` field when the
+    publisher did not set one; ``received_at`` is stored as is.
+
+    Raises :class:`InvalidMessage` when the message is over ``max_bytes``, not
+    UTF-8, not JSON, not an object, has no non-empty string ``type`` or a
+    ``payload`` that is not an object.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("not_utf8") from None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise InvalidMessage("not_json") from None
+    if not isinstance(obj, dict):
+        raise InvalidMessage("not_object")
+    mtype = obj.get("type")
+    if not isinstance(mtype, str) or not mtype:
+        raise InvalidMessage("bad_type")
+    payload = obj.get("payload")
+    if not isinstance(payload, dict):
+        raise InvalidMessage("bad_payload")
+    body = raw.strip()
+    if "timestamp" not in obj:
+        # Splice the field in before the closing brace rather than re-encoding:
+        # the publisher's bytes are kept as they are (key order, number format)
+        # and the cost is one copy. ``body`` ends with "}" because it parsed as
+        # an object, and it is not empty because it has a "type".
+        stamp = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
+        body = body[:-1] + stamp
+    return Envelope(
+        type=mtype,
+        payload=payload,
+        text=body,
+        frame=text_frame(body),
+        received_at=received_at,
+    )
+
+
+def user_from_channel(channel: bytes, prefix: bytes) -> str:
+    """Return the user id of a channel ``prefix + user_id``.
+
+    Raises :class:`InvalidMessage` (``bad_channel``) when the channel does not
+    start with ``prefix``, names no user, or is not UTF-8.
+    """
+    if not channel.startswith(prefix) or len(channel) == len(prefix):
+        raise InvalidMessage("bad_channel")
+    try:
+        return channel[len(prefix) :].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("bad_channel") from None
+
+
+def encode_message(mtype: str, payload: dict[str, Any]) -> bytes:
+    """Encode a broker message the way publishers do (compact JSON, UTF-8)."""
+    return json.dumps({"type": mtype, "payload": payload}, separators=(",", ":")).encode()

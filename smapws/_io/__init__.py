@@ -1,0 +1,1 @@
+"""The trio shell around :mod:`smapws._core`: sockets, tasks, clocks."""

@@ -1,0 +1,50 @@
+"""Message brokers: where published messages come from.
+
+A broker runs a subscriber task that hands ``(channel, data)`` pairs to the
+router through a bounded trio memory channel (never waiting: a full channel
+drops and counts), and offers :meth:`Broker.publish` for the publish API.
+
+- :class:`~smapws._io.brokers.memory.MemoryBroker`: the embedded single-node
+  broker, used when no Redis is configured.
+- :class:`~smapws._io.brokers.redis.RedisBroker`: ``PSUBSCRIBE prefix*`` on
+  Redis through trio-asyncio, reconnecting with capped backoff.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import trio
+
+#: What the router receives: (channel, data).
+Item = tuple[bytes, bytes]
+
+
+class BrokerError(Exception):
+    """Publishing failed (broker unreachable or too slow). The message never
+    contains credentials."""
+
+
+class Broker(Protocol):
+    backend: str
+
+    @property
+    def status(self) -> str:
+        """``connected``, ``connecting`` or ``down``."""
+
+    def info(self) -> dict[str, Any]:
+        """The ``subscriber`` object of ``/health``."""
+
+    async def run(
+        self,
+        sink: trio.MemorySendChannel[Item],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Subscribe and feed ``sink`` until cancelled. Reports started at
+        once, before the first connection attempt, so that the hub serves
+        ``/health`` while the broker is still unreachable."""
+
+    async def publish(self, channel: bytes, data: bytes) -> int:
+        """Publish ``data`` on ``channel``; return the number of receivers the
+        broker reports. Raises :class:`BrokerError`."""

@@ -1,0 +1,48 @@
+"""The embedded broker: single node, in process, nothing to connect to."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from smapws._io.brokers import BrokerError, Item
+
+
+class MemoryBroker:
+    """Publishing hands the message straight to the router's queue."""
+
+    backend = "memory"
+
+    def __init__(self) -> None:
+        self._sink: trio.MemorySendChannel[Item] | None = None
+
+    @property
+    def status(self) -> str:
+        return "connected" if self._sink is not None else "connecting"
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.backend, "status": self.status}
+
+    async def run(
+        self,
+        sink: trio.MemorySendChannel[Item],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._sink = sink
+        try:
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._sink = None
+
+    async def publish(self, channel: bytes, data: bytes) -> int:
+        await trio.lowlevel.checkpoint()
+        if self._sink is None:
+            raise BrokerError("in-process broker is not running")
+        try:
+            self._sink.send_nowait((channel, data))
+        except trio.WouldBlock:
+            raise BrokerError("router queue full") from None
+        return 1

@@ -1,0 +1,295 @@
+"""One port for HTTP and WebSocket.
+
+The front door reads the request head itself (trio-websocket would answer
+every non-upgrade request with 400), then:
+
+- ``GET /health``, ``GET /ready``, ``GET /metrics``, ``POST /api/publish`` are
+  answered as plain HTTP and the connection is closed;
+- ``GET /ws`` with an upgrade is checked (draining, capacity, Origin, token)
+  *before* the upgrade, refused with a plain HTTP status, or handed to the
+  WebSocket layer together with the bytes already read;
+- anything else gets 404/405/400, and a client that has not sent its head
+  within ``SMAPWS_HANDSHAKE_TIMEOUT`` gets 408.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Final
+
+import trio
+
+from smapws._core.auth import AuthError, verify
+from smapws._core.envelope import InvalidMessage, parse
+from smapws._core.http import (
+    MAX_HEAD_BYTES,
+    HttpError,
+    RequestHead,
+    head_end,
+    origin_allowed,
+    parse_cookies,
+    parse_head,
+    response,
+)
+from smapws._io import connection
+from smapws._io.app import App
+from smapws._io.brokers import BrokerError
+from smapws._io.ws import ServerWebSocket, WsClosed
+from smapws._log import fields, logger
+
+_RECEIVE_BYTES: Final = 4096
+_JSON: Final = "application/json"
+_METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+#: Seconds a refused client is told to wait (503), so reconnect storms spread.
+RETRY_AFTER_S: Final = 5
+
+#: Paths served as plain HTTP, with their allowed methods.
+_HTTP_ROUTES: Final = {
+    "/health": ("GET", "HEAD"),
+    "/ready": ("GET", "HEAD"),
+    "/metrics": ("GET", "HEAD"),
+    "/api/publish": ("POST",),
+    "/ws": ("GET",),
+}
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError, TypeError):
+        return "-"
+    return f"{host}:{port}"
+
+
+class _Refused(Exception):
+    """Refuse a request: answer ``status`` and log/count ``reason``."""
+
+    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        super().__init__(reason)
+
+
+async def handle(app: App, stream: trio.abc.Stream) -> None:
+    """Serve one accepted TCP connection until it is done; always closes it."""
+    try:
+        await _handle(app, stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the peer went away; nothing to answer
+    finally:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+
+
+async def _handle(app: App, stream: trio.abc.Stream) -> None:
+    cfg = app.config
+    remote = _peer(stream)
+    buf = bytearray()
+    try:
+        with trio.fail_after(cfg.handshake_timeout):
+            while (end := head_end(buf)) < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise HttpError(431, "request head too large")
+                chunk = await stream.receive_some(_RECEIVE_BYTES)
+                if not chunk:
+                    return
+                buf += chunk
+        if end > MAX_HEAD_BYTES:
+            raise HttpError(431, "request head too large")
+        head = parse_head(bytes(buf[:end]))
+    except trio.TooSlowError:
+        _reject_log(app, "handshake_timeout", 408, remote)
+        await _send(stream, response(408))
+        return
+    except HttpError as exc:
+        _reject_log(app, "bad_request", exc.status, remote)
+        await _send(stream, response(exc.status))
+        return
+
+    methods = _HTTP_ROUTES.get(head.path)
+    if methods is None:
+        await _send(stream, response(404))
+        return
+    if head.method not in methods:
+        if head.path == "/ws":
+            _reject_log(app, "bad_method", 405, remote)
+        await _send(stream, response(405, headers=(("Allow", ", ".join(methods)),)))
+        return
+
+    if head.path == "/ws":
+        await _websocket(app, stream, head, bytes(buf), remote)
+    elif head.path == "/api/publish":
+        await _publish(app, stream, head, bytes(buf[end:]), remote)
+    else:
+        await _send(stream, _http_get(app, head))
+
+
+def _http_get(app: App, head: RequestHead) -> bytes:
+    head_only = head.method == "HEAD"
+    if head.path == "/metrics":
+        return response(200, app.metrics.render(), content_type=_METRICS_TYPE, head_only=head_only)
+    body = json.dumps(app.health()).encode()
+    status = 200 if head.path == "/health" or app.ready() else 503
+    return response(status, body, content_type=_JSON, head_only=head_only)
+
+
+async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+    """Write a whole response under the handshake deadline; a client that
+    does not read it is dropped."""
+    with trio.move_on_after(10):
+        await stream.send_all(data)
+
+
+def _reject_log(app: App, reason: str, status: int, remote: str) -> None:
+    app.metrics.connections_rejected.labels(reason).inc()
+    logger.info("connection rejected", extra=fields(reason=reason, status=status, remote=remote))
+
+
+# -- WebSocket upgrade ---------------------------------------------------------
+
+
+def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
+    """Everything decided before the upgrade. Returns (user id, token expiry
+    as POSIX seconds, whether the deprecated query token was used); raises
+    :class:`_Refused`."""
+    upgrade = (head.header("upgrade") or "").lower()
+    if upgrade != "websocket" or not head.has_token("connection", "upgrade"):
+        raise _Refused(426, "not_upgrade", (("Upgrade", "websocket"),))
+    if head.version != "HTTP/1.1":
+        raise _Refused(400, "bad_request")
+    if head.header("sec-websocket-version") != "13":
+        raise _Refused(426, "bad_version", (("Sec-WebSocket-Version", "13"),))
+    if not head.header("sec-websocket-key"):
+        raise _Refused(400, "bad_request")
+    if app.draining:
+        raise _Refused(503, "draining", (("Retry-After", str(RETRY_AFTER_S)),))
+    if app.at_capacity():
+        raise _Refused(503, "capacity", (("Retry-After", str(RETRY_AFTER_S)),))
+    if not origin_allowed(head.header("origin"), head.header("host"), app.config.allowed_origins):
+        raise _Refused(403, "origin")
+    token = parse_cookies(head.header("cookie")).get("access_token")
+    query_used = False
+    if not token:
+        token = head.query.get("token")
+        query_used = bool(token)
+    auth = app.config.auth
+    assert auth is not None, "serve() requires an auth config"
+    try:
+        claims = verify(token or "", auth, now=time.time())
+    except AuthError as exc:
+        raise _Refused(401, exc.reason) from None
+    return claims.user_id, claims.expires_at, query_used
+
+
+async def _websocket(
+    app: App, stream: trio.abc.Stream, head: RequestHead, data: bytes, remote: str
+) -> None:
+    try:
+        user_id, expires_at, query_used = _check_upgrade(app, head)
+    except _Refused as r:
+        _reject_log(app, r.reason, r.status, remote)
+        await _send(stream, response(r.status, headers=r.headers))
+        return
+    if query_used:
+        app.metrics.query_token_used.inc()
+        logger.warning(
+            "deprecated query token used; send the access_token cookie instead",
+            extra=fields(user=user_id, remote=remote),
+        )
+    cfg = app.config
+    # The token's expiry on the trio clock, which the heartbeat sleeps on.
+    expiry = trio.current_time() + (expires_at - time.time())
+    app.upgrade_started()
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(cfg.handshake_timeout):
+                ws = await ServerWebSocket.accept(
+                    nursery, stream, data, max_message_size=cfg.max_client_message_bytes
+                )
+        except (trio.TooSlowError, WsClosed):
+            _reject_log(app, "handshake_failed", 400, remote)
+            nursery.cancel_scope.cancel()
+            return
+        finally:
+            app.upgrade_finished()
+        conn = connection.Connection(user_id, app.limits, expires_at=expiry, remote=remote)
+        await connection.run(app, nursery, ws, conn)
+
+
+# -- publish API ---------------------------------------------------------------
+
+
+async def _publish(
+    app: App, stream: trio.abc.Stream, head: RequestHead, body: bytes, remote: str
+) -> None:
+    try:
+        status, result = await _publish_inner(app, stream, head, body)
+    except _Refused as r:
+        status, result = r.status, {"error": r.reason}
+        headers = r.headers
+    else:
+        headers = ()
+    app.metrics.publish_requests.labels(str(status)).inc()
+    if status >= 400:
+        logger.info(
+            "publish refused", extra=fields(status=status, reason=result["error"], remote=remote)
+        )
+    payload = json.dumps(result).encode()
+    await _send(stream, response(status, payload, content_type=_JSON, headers=headers))
+
+
+async def _publish_inner(
+    app: App, stream: trio.abc.Stream, head: RequestHead, body: bytes
+) -> tuple[int, dict[str, object]]:
+    cfg = app.config
+    if not cfg.api_key:
+        raise _Refused(404, "publish_api_disabled")
+    given = head.header("authorization") or ""
+    scheme, _, key = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        key.strip().encode(), cfg.api_key.encode()
+    ):
+        raise _Refused(401, "bad_api_key", (("WWW-Authenticate", 'Bearer realm="smapws"'),))
+    if "chunked" in (head.header("transfer-encoding") or "").lower():
+        raise _Refused(411, "length_required")
+    try:
+        length = int(head.header("content-length") or "")
+    except ValueError:
+        raise _Refused(411, "length_required") from None
+    limit = cfg.max_message_bytes + 1024  # the message plus the user_id wrapper
+    if length < 0 or length > limit:
+        raise _Refused(413, "too_large")
+    data = bytearray(body)
+    with trio.move_on_after(cfg.handshake_timeout) as scope:
+        while len(data) < length:
+            chunk = await stream.receive_some(_RECEIVE_BYTES)
+            if not chunk:
+                raise _Refused(400, "incomplete_body")
+            data += chunk
+    if scope.cancelled_caught:
+        raise _Refused(408, "body_timeout")
+    try:
+        req = json.loads(bytes(data[:length]))
+    except ValueError:
+        raise _Refused(400, "not_json") from None
+    if not isinstance(req, dict):
+        raise _Refused(400, "not_object")
+    user_id = req.get("user_id")
+    message = req.get("message")
+    if not isinstance(user_id, str) or not user_id or len(user_id) > 256:
+        raise _Refused(400, "bad_user_id")
+    encoded = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        parse(encoded, wall_time=0.0, received_at=0.0, max_bytes=cfg.max_message_bytes)
+    except InvalidMessage as exc:
+        raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from None
+    channel = app.prefix + user_id.encode()
+    try:
+        receivers = await app.broker.publish(channel, encoded)
+    except BrokerError:
+        raise _Refused(503, "broker_unavailable") from None
+    return 202, {"status": "accepted", "receivers": receivers}

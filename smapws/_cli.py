@@ -125,7 +125,7 @@ def _publish(config: Config, user: str, mtype: str, payload_text: str, url: str 
     if config.redis_url and url is None:
         import redis
 
-        client = redis.Redis.from_url(config.redis_url, socket_timeout=config.redis_connect_timeout)
+        client = redis.Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout)
         try:
             n = client.publish(config.channel_prefix + user, data)
         except redis.RedisError as exc:
@@ -152,7 +152,7 @@ def _publish(config: Config, user: str, mtype: str, payload_text: str, url: str 
         headers={"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(req, timeout=config.redis_connect_timeout) as resp:
+        with urllib.request.urlopen(req, timeout=config.redis_timeout) as resp:
             print(resp.read().decode())
     except urllib.error.HTTPError as exc:
         print(f"smapws: publish refused: HTTP {exc.code} {exc.read().decode()}", file=sys.stderr)

@@ -23,36 +23,43 @@ class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable."""
 
 
+def _number(v: str, kind: type[int] | type[float], expected: str) -> float:
+    try:
+        return kind(v.strip())
+    except ValueError:
+        raise ValueError(expected) from None
+
+
 def _port(v: str) -> int:
-    n = int(v)
+    n = int(_number(v, int, "expected a port number 0-65535"))
     if not 0 <= n <= 65535:
         raise ValueError("expected a port number 0-65535")
     return n
 
 
 def _positive_float(v: str) -> float:
-    x = float(v)
+    x = _number(v, float, "expected a positive number of seconds")
     if not math.isfinite(x) or x <= 0:
         raise ValueError("expected a positive number of seconds")
     return x
 
 
 def _non_negative_float(v: str) -> float:
-    x = float(v)
+    x = _number(v, float, "expected a number of seconds >= 0")
     if not math.isfinite(x) or x < 0:
         raise ValueError("expected a number of seconds >= 0")
     return x
 
 
 def _positive_int(v: str) -> int:
-    n = int(v)
+    n = int(_number(v, int, "expected a positive integer"))
     if n <= 0:
         raise ValueError("expected a positive integer")
     return n
 
 
 def _non_negative_int(v: str) -> int:
-    n = int(v)
+    n = int(_number(v, int, "expected an integer >= 0"))
     if n < 0:
         raise ValueError("expected an integer >= 0")
     return n
@@ -173,7 +180,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "broker-to-router queue bound (messages)",
     ),
     _Option(
-        "redis_connect_timeout",
+        "redis_timeout",
         "SMAPWS_REDIS_TIMEOUT",
         _positive_float,
         5.0,
@@ -187,7 +194,11 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "cap of the Redis reconnect backoff (s)",
     ),
     _Option(
-        "log_level", "SMAPWS_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "info", ""
+        "log_level",
+        "SMAPWS_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "log level",
     ),
     _Option("log_format", "SMAPWS_LOG_FORMAT", _choice("text", "json"), "text", "log format"),
 )
@@ -216,7 +227,7 @@ class Config:
     send_queue_messages: int = 256
     send_queue_bytes: int = 1024 * 1024
     ingest_queue: int = 65536
-    redis_connect_timeout: float = 5.0
+    redis_timeout: float = 5.0
     reconnect_max: float = 30.0
     log_level: str = "info"
     log_format: str = "text"

@@ -96,6 +96,8 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         raise AuthError("bad_issuer") from None
     except jwt.InvalidAudienceError:
         raise AuthError("bad_audience") from None
+    except jwt.exceptions.InvalidSubjectError:
+        raise AuthError("bad_user") from None
     except jwt.InvalidTokenError:
         # DecodeError and friends: not three base64 parts, bad JSON, bad key.
         raise AuthError("malformed") from None

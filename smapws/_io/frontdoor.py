@@ -40,6 +40,9 @@ from smapws._io.ws import ServerWebSocket, WsClosed
 from smapws._log import fields, logger
 
 _RECEIVE_BYTES: Final = 4096
+#: Bounds of the lingering close after a response (see ``_send``).
+_LINGER_S: Final = 2.0
+_LINGER_BYTES: Final = 256 * 1024
 _JSON: Final = "application/json"
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds a refused client is told to wait (503), so reconnect storms spread.
@@ -138,10 +141,23 @@ def _http_get(app: App, head: RequestHead) -> bytes:
 
 
 async def _send(stream: trio.abc.Stream, data: bytes) -> None:
-    """Write a whole response under the handshake deadline; a client that
-    does not read it is dropped."""
-    with trio.move_on_after(10):
+    """Write a whole response, then close gracefully.
+
+    The client may still be sending (a refused request body): closing a
+    socket with unread input makes the kernel send RST, which can destroy
+    the response before the client reads it. So half-close our side, then
+    read and discard until the client closes or a short deadline passes
+    (nginx's "lingering close")."""
+    with trio.move_on_after(_LINGER_S):
         await stream.send_all(data)
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        discarded = 0
+        while discarded < _LINGER_BYTES:
+            chunk = await stream.receive_some(_RECEIVE_BYTES)
+            if not chunk:
+                break
+            discarded += len(chunk)
 
 
 def _reject_log(app: App, reason: str, status: int, remote: str) -> None:

@@ -47,23 +47,28 @@ class Server:
         self.port = port
         self._cancel_scope = cancel_scope
         self._drain_started = trio.Event()
-        self._stopped = trio.Event()
 
     @property
     def metrics(self) -> Metrics:
         return self.app.metrics
 
     def drain(self) -> None:
-        """Start draining (idempotent); ``serve`` returns once done."""
+        """Start draining, at once: ``/ready`` answers 503, new upgrades get
+        503 and every open connection is asked to close with 1001. ``serve``
+        returns when the last one has gone or the drain timeout passed.
+        Idempotent."""
+        app = self.app
+        if app.draining:
+            return
+        app.draining = True
+        app.metrics.draining.set(1)
+        n = app.close_all(GOING_AWAY, "server shutting down", "drain")
+        logger.info("draining", extra=fields(connections=n, timeout_s=app.config.drain_timeout))
         self._drain_started.set()
 
     async def _drain_when_asked(self) -> None:
         await self._drain_started.wait()
         app = self.app
-        app.draining = True
-        app.metrics.draining.set(1)
-        n = app.close_all(GOING_AWAY, "server shutting down", "drain")
-        logger.info("draining", extra=fields(connections=n, timeout_s=app.config.drain_timeout))
         with trio.move_on_after(app.config.drain_timeout):
             await app.wait_empty()
         logger.info("drained", extra=fields(remaining=app.hub.active_connections))
@@ -76,7 +81,7 @@ def make_broker(config: Config, metrics: Metrics) -> Broker:
         return RedisBroker(
             config.redis_url,
             config.channel_prefix + "*",
-            timeout=config.redis_connect_timeout,
+            timeout=config.redis_timeout,
             reconnect_max=config.reconnect_max,
             on_reconnect=metrics.subscriber_reconnects.inc,
             on_drop=metrics.broker_dropped.inc,

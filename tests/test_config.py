@@ -1,0 +1,113 @@
+"""Configuration from environment and flags, with one clear error line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smapws._config import ConfigError, load, option_names, redact_url
+
+SECRET = "s" * 32
+
+
+def test_defaults_and_embedded_broker() -> None:
+    cfg = load({"JWT_SECRET": SECRET})
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 8081)
+    assert cfg.broker == "memory"
+    assert (cfg.ping_interval, cfg.pong_wait, cfg.write_wait) == (54.0, 60.0, 10.0)
+    assert cfg.channel_prefix == "user_noti:"
+    assert cfg.auth is not None and cfg.auth.algorithms == ("HS256",)
+
+
+def test_seed_redis_names_build_a_url() -> None:
+    cfg = load({"JWT_SECRET": SECRET, "REDIS_HOST": "redis", "REDIS_DB": "2",
+                "REDIS_PASSWORD": "p@ss"})  # fmt: skip
+    assert cfg.broker == "redis"
+    assert cfg.redis_url == "redis://:p%40ss@redis:6379/2"
+    assert "p%40ss" not in repr(cfg) and "p@ss" not in repr(cfg)
+    assert cfg.redis_url_redacted == "redis://:***@redis:6379/2"
+    # REDIS_URL wins over the parts.
+    cfg = load({"JWT_SECRET": SECRET, "REDIS_HOST": "x", "REDIS_URL": "redis://y:1/0"})
+    assert cfg.redis_url == "redis://y:1/0"
+
+
+def test_flags_override_environment() -> None:
+    cfg = load({"JWT_SECRET": SECRET, "SMAPWS_PORT": "9000"}, {"port": "9100"})
+    assert cfg.port == 9100
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SMAPWS_PORT": "abc"}, "SMAPWS_PORT"),
+        ({"SMAPWS_PORT": "70000"}, "SMAPWS_PORT"),
+        ({"SMAPWS_PING_INTERVAL": "-1"}, "SMAPWS_PING_INTERVAL"),
+        ({"SMAPWS_MAX_CONNECTIONS": "0"}, "SMAPWS_MAX_CONNECTIONS"),
+        ({"JWT_ALGORITHMS": "HS256,RS256"}, "JWT_ALGORITHMS"),
+        ({"JWT_ALGORITHMS": "none"}, "JWT_ALGORITHMS"),
+        ({"JWT_SECRET": ""}, "JWT_SECRET"),
+        ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+        ({"JWT_ALGORITHMS": "RS256"}, "JWT_PUBLIC_KEY_FILE"),
+        ({"REDIS_URL": "http://x"}, "REDIS_URL"),
+        ({"SMAPWS_LOG_FORMAT": "xml"}, "SMAPWS_LOG_FORMAT"),
+        ({"SMAPWS_CHANNEL_PREFIX": "a*"}, "SMAPWS_CHANNEL_PREFIX"),
+        ({"SMAPWS_CLOSE_ON_TOKEN_EXPIRY": "maybe"}, "SMAPWS_CLOSE_ON_TOKEN_EXPIRY"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, **env})
+    assert str(info.value).startswith(named + ":")
+    assert "\n" not in str(info.value)
+
+
+def test_secret_values_are_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": "tooshort-secret"})
+    assert "tooshort-secret" not in str(info.value)
+
+
+def test_public_key_file(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    cfg = load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(pub)})
+    assert cfg.auth is not None and cfg.auth.key == pub.read_bytes()
+    priv = tmp_path / "priv.pem"
+    priv.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    with pytest.raises(ConfigError, match="JWT_PUBLIC_KEY_FILE: holds a private key"):
+        load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(priv)})
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_every_variable_is_in_the_readme() -> None:
+    readme = (Path(__file__).parent.parent / "README.rst").read_text()
+    missing = [name for name in option_names() if name not in readme]
+    assert not missing
+
+
+def test_cli_reports_one_line_and_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "smapws", "serve"],
+        env={"SMAPWS_PORT": "notaport", "JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "smapws: configuration error: SMAPWS_PORT: expected a port number 0-65535, got 'notaport'"
+    ]

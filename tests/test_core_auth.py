@@ -1,0 +1,103 @@
+"""JWT verification (sans-IO: the time is an argument)."""
+
+from __future__ import annotations
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from smapws._core.auth import AuthConfig, AuthError, mint, verify
+
+KEY = "k" * 64
+NOW = 1_800_000_000.0
+CFG = AuthConfig(algorithms=("HS256",), key=KEY)
+
+
+def test_valid_token_gives_the_user() -> None:
+    claims = verify(mint("u1", key=KEY, now=NOW, ttl=60), CFG, now=NOW + 59)
+    assert claims.user_id == "u1"
+    assert claims.expires_at == NOW + 60
+
+
+def test_expired_and_not_yet_valid() -> None:
+    tok = mint("u1", key=KEY, now=NOW, ttl=60)
+    with pytest.raises(AuthError) as info:
+        verify(tok, CFG, now=NOW + 60)
+    assert info.value.reason == "expired"
+    leeway = AuthConfig(algorithms=("HS256",), key=KEY, leeway=5)
+    assert verify(tok, leeway, now=NOW + 64).user_id == "u1"
+    early = mint("u1", key=KEY, now=NOW, ttl=60, extra={"nbf": NOW + 30})
+    with pytest.raises(AuthError, match="not_yet_valid"):
+        verify(early, CFG, now=NOW + 10)
+
+
+def test_exp_is_required() -> None:
+    tok = jwt.encode({"sub": "u1"}, KEY, algorithm="HS256")
+    with pytest.raises(AuthError, match="missing_claim"):
+        verify(tok, CFG, now=NOW)
+
+
+@pytest.mark.parametrize(
+    ("tok", "reason"),
+    [
+        ("", "missing_token"),
+        ("abc", "malformed"),
+        ("a.b.c", "malformed"),
+        (mint("u1", key="x" * 64, now=NOW), "bad_signature"),
+        (jwt.encode({"sub": "u1", "exp": NOW + 60}, KEY, algorithm="HS512"), "bad_algorithm"),
+    ],
+)
+def test_refusals(tok: str, reason: str) -> None:
+    with pytest.raises(AuthError) as info:
+        verify(tok, CFG, now=NOW)
+    assert info.value.reason == reason
+    assert tok not in str(info.value) or not tok
+
+
+def test_alg_none_is_refused() -> None:
+    tok = jwt.encode({"sub": "u1", "exp": NOW + 60}, None, algorithm="none")
+    with pytest.raises(AuthError, match="bad_algorithm"):
+        verify(tok, CFG, now=NOW)
+
+
+def test_issuer_and_audience_checked_when_configured() -> None:
+    cfg = AuthConfig(algorithms=("HS256",), key=KEY, issuer="smap", audience="ws")
+    good = mint("u1", key=KEY, now=NOW, extra={"iss": "smap", "aud": "ws"})
+    assert verify(good, cfg, now=NOW).user_id == "u1"
+    with pytest.raises(AuthError, match="bad_issuer"):
+        verify(mint("u1", key=KEY, now=NOW, extra={"iss": "x", "aud": "ws"}), cfg, now=NOW)
+    with pytest.raises(AuthError, match="bad_audience"):
+        verify(mint("u1", key=KEY, now=NOW, extra={"iss": "smap", "aud": "x"}), cfg, now=NOW)
+    with pytest.raises(AuthError, match="missing_claim"):
+        verify(mint("u1", key=KEY, now=NOW), cfg, now=NOW)
+
+
+def test_user_claim_and_fallback() -> None:
+    custom = AuthConfig(algorithms=("HS256",), key=KEY, user_claim="uid")
+    tok = jwt.encode({"uid": 42, "exp": NOW + 60}, KEY, algorithm="HS256")
+    assert verify(tok, custom, now=NOW).user_id == "42"
+    fallback = jwt.encode({"user_id": "u9", "exp": NOW + 60}, KEY, algorithm="HS256")
+    assert verify(fallback, CFG, now=NOW).user_id == "u9"
+    for bad in ({"sub": ""}, {"sub": "x" * 300}, {"sub": ["a"]}, {"sub": True}):
+        tok = jwt.encode({**bad, "exp": NOW + 60}, KEY, algorithm="HS256")
+        with pytest.raises(AuthError, match="bad_user"):
+            verify(tok, CFG, now=NOW)
+
+
+def test_public_key_algorithms() -> None:
+    private = ec.generate_private_key(ec.SECP256R1())
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    cfg = AuthConfig(algorithms=("ES256",), key=public_pem)
+    tok = jwt.encode({"sub": "u1", "exp": NOW + 60}, private, algorithm="ES256")
+    assert verify(tok, cfg, now=NOW).user_id == "u1"
+    # An HS256 token "signed" with the public key text must not pass.
+    forged = jwt.encode({"sub": "u1", "exp": NOW + 60}, "p" * 64, algorithm="HS256")
+    with pytest.raises(AuthError, match="bad_algorithm"):
+        verify(forged, cfg, now=NOW)
+
+
+def test_repr_hides_the_key() -> None:
+    assert KEY not in repr(CFG)

@@ -1,0 +1,113 @@
+"""Broker message validation, stamping and framing (sans-IO)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smapws._core.envelope import (
+    InvalidMessage,
+    encode_message,
+    parse,
+    rfc3339_ms,
+    user_from_channel,
+)
+from smapws._core.frames import text_frame
+
+from .conftest import parse_frames
+
+WALL = 1_795_000_000.123  # 2026-11-18T11:06:40.123Z
+
+
+def test_adds_timestamp_and_keeps_the_published_object() -> None:
+    raw = b'{"type": "project_progress", "payload": {"project_id": "p1", "done": 15}}'
+    env = parse(raw, wall_time=WALL, received_at=7.0)
+    obj = json.loads(env.text)
+    assert obj == {
+        "type": "project_progress",
+        "payload": {"project_id": "p1", "done": 15},
+        "timestamp": rfc3339_ms(WALL),
+    }
+    assert env.type == "project_progress"
+    assert env.received_at == 7.0
+
+
+def test_keeps_a_publisher_timestamp_untouched() -> None:
+    raw = b'{"type":"alert","payload":{},"timestamp":"2020-01-01T00:00:00Z"}'
+    env = parse(raw, wall_time=WALL, received_at=0)
+    assert env.text == raw
+
+
+def test_timestamp_format_is_rfc3339_utc_milliseconds() -> None:
+    assert rfc3339_ms(0.0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339_ms(1_795_000_000.1239) == "2026-11-18T11:06:40.123Z"
+    assert rfc3339_ms(1_795_000_000.9999) == "2026-11-18T11:06:40.999Z"
+
+
+def test_unknown_types_are_forwarded() -> None:
+    env = parse(b'{"type":"resync_maybe","payload":{"a":1}}', wall_time=WALL, received_at=0)
+    assert json.loads(env.text)["type"] == "resync_maybe"
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"\xff\xfe{}", "not_utf8"),
+        (b"not json", "not_json"),
+        (b"", "not_json"),
+        (b"[1, 2]", "not_object"),
+        (b'"text"', "not_object"),
+        (b'{"payload": {}}', "bad_type"),
+        (b'{"type": "", "payload": {}}', "bad_type"),
+        (b'{"type": 5, "payload": {}}', "bad_type"),
+        (b'{"type": "x"}', "bad_payload"),
+        (b'{"type": "x", "payload": [1]}', "bad_payload"),
+        (b'{"type": "x", "payload": null}', "bad_payload"),
+    ],
+)
+def test_invalid_messages_raise_with_a_reason(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse(raw, wall_time=WALL, received_at=0)
+    assert info.value.reason == reason
+
+
+def test_size_limit() -> None:
+    raw = encode_message("notification", {"text": "x" * 100})
+    parse(raw, wall_time=WALL, received_at=0, max_bytes=len(raw))
+    with pytest.raises(InvalidMessage) as info:
+        parse(raw, wall_time=WALL, received_at=0, max_bytes=len(raw) - 1)
+    assert info.value.reason == "too_large"
+    assert "x" * 10 not in str(info.value)  # the body never lands in an error text
+
+
+def test_channel_to_user() -> None:
+    assert user_from_channel(b"user_noti:user_123", b"user_noti:") == "user_123"
+    for bad in (b"user_noti:", b"other:u1", b"user_noti:\xff"):
+        with pytest.raises(InvalidMessage):
+            user_from_channel(bad, b"user_noti:")
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_text_frame_lengths(size: int) -> None:
+    payload = b"a" * size
+    frame = text_frame(payload)
+    assert frame[0] == 0x81  # FIN + text
+    assert parse_frames(frame) == [(0x1, payload)]
+
+
+@given(
+    st.text(min_size=1, max_size=20),
+    st.dictionaries(st.text(max_size=10), st.integers() | st.text(max_size=20), max_size=5),
+    st.sampled_from(["", " ", "\n", "  \r\n"]),
+)
+def test_any_valid_message_round_trips(mtype: str, payload: dict[str, object], ws: str) -> None:
+    raw = (ws + json.dumps({"type": mtype, "payload": payload}) + ws).encode()
+    env = parse(raw, wall_time=WALL, received_at=0)
+    obj = json.loads(env.text)
+    assert obj["type"] == mtype
+    assert obj["payload"] == payload
+    assert obj["timestamp"] == rfc3339_ms(WALL)
+    assert parse_frames(env.frame) == [(0x1, env.text)]

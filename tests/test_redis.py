@@ -1,0 +1,153 @@
+"""End to end through a real redis-server started by the test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import trio
+import websockets.trio.client
+
+from smapws import Server, serve
+
+from .conftest import (
+    API_KEY,
+    RedisServer,
+    connect,
+    free_port,
+    http,
+    make_config,
+    metric,
+    receive_json,
+    token,
+    wait_connections,
+    wait_ready,
+)
+
+
+async def test_redis_publish_reaches_every_tab_and_no_other_user(
+    redis_hub: Server, redis_server: RedisServer
+) -> None:
+    async with (
+        connect(redis_hub, "u1") as tab1,
+        connect(redis_hub, "u1") as tab2,
+        connect(redis_hub, "u2") as other,
+    ):
+        await wait_connections(redis_hub, 3)
+        # As the Project service does: PUBLISH user_noti:{user_id} '{json}'.
+        redis_server.publish(
+            "u1", {"type": "project_progress", "payload": {"project_id": "p", "done": 1}}
+        )
+        for tab in (tab1, tab2):
+            msg = await receive_json(tab)
+            assert msg["type"] == "project_progress"
+            assert msg["payload"] == {"project_id": "p", "done": 1}
+            assert msg["timestamp"].endswith("Z")
+        redis_server.publish("u2", {"type": "notification", "payload": {"for": "u2"}})
+        assert (await receive_json(other))["payload"] == {"for": "u2"}
+    assert metric(redis_hub, "websocket_messages_sent_total") == 3
+    assert metric(redis_hub, "websocket_broker_messages_received_total") == 2
+
+
+async def test_redis_cli_publish(redis_hub: Server, redis_server: RedisServer) -> None:
+    async with connect(redis_hub, "cli_user") as ws:
+        await wait_connections(redis_hub, 1)
+        message = '{"type":"alert","payload":{"title":"disk","severity":"high"}}'
+        result = await trio.run_process(
+            ["redis-cli", "-p", str(redis_server.port), "PUBLISH", "user_noti:cli_user", message],
+            capture_stdout=True,
+        )
+        assert result.stdout.strip() == b"1"  # exactly one subscriber: the hub
+        msg = await receive_json(ws)
+    assert msg["type"] == "alert"
+    assert msg["payload"] == {"title": "disk", "severity": "high"}
+
+
+async def test_websockets_library_as_the_client(
+    redis_hub: Server, redis_server: RedisServer
+) -> None:
+    async with websockets.trio.client.connect(
+        f"ws://127.0.0.1:{redis_hub.port}/ws",
+        additional_headers={"Cookie": f"access_token={token('wsl')}"},
+    ) as ws:
+        await wait_connections(redis_hub, 1)
+        redis_server.publish("wsl", {"type": "project_completed", "payload": {"project_id": "p"}})
+        with trio.fail_after(5):
+            msg = json.loads(await ws.recv())
+    assert msg["type"] == "project_completed"
+
+
+async def test_invalid_redis_messages_are_dropped_and_the_next_flows(
+    redis_hub: Server, redis_server: RedisServer
+) -> None:
+    async with connect(redis_hub, "u3") as ws:
+        await wait_connections(redis_hub, 1)
+        redis_server.publish("u3", b"{broken")
+        redis_server.publish("u3", b'{"type": "x", "payload": "not an object"}')
+        redis_server.publish("u3", b"\xc3\x28")
+        redis_server.publish("u3", {"type": "notification", "payload": {"ok": 1}})
+        assert (await receive_json(ws))["payload"] == {"ok": 1}
+    invalid = "websocket_broker_messages_invalid_total"
+    assert metric(redis_hub, invalid, {"reason": "not_json"}) == 1
+    assert metric(redis_hub, invalid, {"reason": "bad_payload"}) == 1
+    assert metric(redis_hub, invalid, {"reason": "not_utf8"}) == 1
+
+
+async def test_publish_api_goes_through_redis(redis_hub: Server, redis_server: RedisServer) -> None:
+    async with connect(redis_hub, "api_user") as ws:
+        await wait_connections(redis_hub, 1)
+        body = json.dumps(
+            {"user_id": "api_user", "message": {"type": "notification", "payload": {"x": 1}}}
+        ).encode()
+        r = await http(
+            redis_hub.port, "POST", "/api/publish", body=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )  # fmt: skip
+        assert r.status == 202
+        assert r.json() == {"status": "accepted", "receivers": 1}
+        assert (await receive_json(ws))["payload"] == {"x": 1}
+
+
+async def test_cli_publish_to_redis(redis_hub: Server, redis_server: RedisServer) -> None:
+    async with connect(redis_hub, "cli2") as ws:
+        await wait_connections(redis_hub, 1)
+        env = {**os.environ, "REDIS_URL": redis_server.url}
+        result = await trio.run_process(
+            [sys.executable, "-m", "smapws", "publish", "--user", "cli2",
+             "--type", "notification", "--payload", '{"title": "hi"}'],
+            env=env, capture_stdout=True,
+        )  # fmt: skip
+        assert json.loads(result.stdout) == {"status": "published", "receivers": 1}
+        assert (await receive_json(ws))["payload"] == {"title": "hi"}
+
+
+async def test_unreachable_redis_at_start_then_recovers(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    late = RedisServer(free_port(), tmp_path)
+    cfg = make_config(REDIS_URL=late.url, SMAPWS_RECONNECT_MAX=0.5, SMAPWS_REDIS_TIMEOUT=1)
+    server: Server = await nursery.start(serve, cfg)
+    try:
+        # The hub serves HTTP while Redis is down, says so, and never falls back.
+        await trio.sleep(0.3)
+        health = (await http(server.port, "GET", "/health")).json()
+        assert health["status"] == "degraded"
+        assert health["subscriber"]["backend"] == "redis"
+        assert health["subscriber"]["status"] in ("connecting", "down")
+        assert "Error" in (health["subscriber"]["last_error"] or "")
+        assert (await http(server.port, "GET", "/ready")).status == 503
+        assert metric(server, "websocket_subscriber_up") == 0
+        reconnects_while_down = metric(server, "websocket_subscriber_reconnects_total")
+        assert reconnects_while_down >= 1
+        # Clients may connect meanwhile; they get messages once Redis is there.
+        async with connect(server, "late_user") as ws:
+            late.start()
+            await wait_ready(server)
+            assert (await http(server.port, "GET", "/ready")).status == 200
+            assert metric(server, "websocket_subscriber_up") == 1
+            late.publish("late_user", {"type": "notification", "payload": {"n": 1}})
+            assert (await receive_json(ws))["payload"] == {"n": 1}
+    finally:
+        late.kill()

@@ -51,18 +51,35 @@ async def test_redis_publish_reaches_every_tab_and_no_other_user(
     assert metric(redis_hub, "websocket_broker_messages_received_total") == 2
 
 
-async def test_redis_cli_publish(redis_hub: Server, redis_server: RedisServer) -> None:
-    async with connect(redis_hub, "cli_user") as ws:
-        await wait_connections(redis_hub, 1)
+async def redis_cli(redis_server: RedisServer, *args: str) -> bytes:
+    result = await trio.run_process(
+        ["redis-cli", "-p", str(redis_server.port), *args], capture_stdout=True
+    )
+    return bytes(result.stdout.strip())
+
+
+async def test_redis_cli_publish_reaches_every_cookie_tab_of_u1_and_not_u2(
+    redis_hub: Server, redis_server: RedisServer
+) -> None:
+    """The issue's acceptance scenario, word for word."""
+    async with (
+        connect(redis_hub, "u1") as tab1,
+        connect(redis_hub, "u1") as tab2,
+        connect(redis_hub, "u2") as u2,
+    ):
+        await wait_connections(redis_hub, 3)
         message = '{"type":"alert","payload":{"title":"disk","severity":"high"}}'
-        result = await trio.run_process(
-            ["redis-cli", "-p", str(redis_server.port), "PUBLISH", "user_noti:cli_user", message],
-            capture_stdout=True,
-        )
-        assert result.stdout.strip() == b"1"  # exactly one subscriber: the hub
-        msg = await receive_json(ws)
-    assert msg["type"] == "alert"
-    assert msg["payload"] == {"title": "disk", "severity": "high"}
+        # Exactly one subscriber: the hub's one PSUBSCRIBE serves every tab.
+        assert await redis_cli(redis_server, "PUBLISH", "user_noti:u1", message) == b"1"
+        for tab in (tab1, tab2):
+            msg = await receive_json(tab)
+            assert msg["type"] == "alert"
+            assert msg["payload"] == {"title": "disk", "severity": "high"}
+            assert msg["timestamp"].endswith("Z")
+        mine = '{"type":"notification","payload":{"for":"u2"}}'
+        assert await redis_cli(redis_server, "PUBLISH", "user_noti:u2", mine) == b"1"
+        # u2's first message is its own: u1's alert never reached it.
+        assert (await receive_json(u2))["payload"] == {"for": "u2"}
 
 
 async def test_websockets_library_as_the_client(

@@ -1,0 +1,117 @@
+"""The benchmark suite (``bench/``) still works end to end: a seconds-long smoke run.
+
+Each case runs ``python -m bench.run --quick`` against one hub (20 connections, a few
+hundred messages) exactly as a person would, and checks that the tooling produced a
+results file whose figures are present and plausible. It asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@pytest.mark.parametrize("hub", ["smapws", "baseline"])
+def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--hubs", hub, "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout}\n{proc.stderr}"
+    files = list(tmp_path.glob("bench-*-quick.json"))
+    assert len(files) == 1, proc.stdout
+    report = json.loads(files[0].read_text())
+
+    assert {"schema", "timestamp", "machine", "plan", "hubs", "summary"} <= report.keys()
+    assert isinstance(report["machine_was_quiet"], bool)
+    assert {"nproc", "cpu_model", "python"} <= report["machine"].keys()
+    result = report["hubs"][hub]
+    assert result["ok"] is True and result["error"] is None
+
+    connections = report["plan"]["connections"]
+    storm = result["w4_connect"]
+    assert storm["ok"] == connections and storm["failed"] == 0
+    assert _finite(storm["handshakes_per_s"]) and storm["handshakes_per_s"] > 0
+
+    memory = result["w3_idle_memory"]
+    assert memory["open_after_settle"] == connections
+    assert memory["rss_n_bytes"] > 0 and _finite(memory["kib_per_connection"])
+
+    for run in result["w2_fanout"]["runs"]:
+        assert run["received"] == run["expected"] == connections
+        assert _finite(run["last_tab_ms"]) and run["last_tab_ms"] >= run["p50_ms"] > 0
+
+    routed = result["w1_routed"]
+    assert routed["steps"], "no W1 step ran"
+    for step in routed["steps"]:
+        assert step["received"] > 0 and step["lost"] == 0 and step["extra"] == 0
+        for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "hub_cpu_pct"):
+            assert _finite(step[key]), (key, step)
+        assert 0 < step["p50_ms"] <= step["p99_ms"] <= step["max_ms"]
+
+    summary = report["summary"]
+    for key in ("w1_max_delivered_per_s", "w2_last_tab_ms", "w3_kib_per_connection"):
+        assert _finite(summary[key][hub]), (key, summary[key])
+    assert "W1 deliveries/s" in proc.stdout  # the printed table
+
+
+# -- the load generator's sans-IO pieces (no sockets, no hub) ----------------------
+
+
+def test_frame_parser_reassembles_split_reads_and_reads_marks() -> None:
+    from bench.publisher import encode_message
+    from bench.wsclient import OP_PING, OP_TEXT, bench_mark, parse_frames
+
+    message = encode_message(7, 42, 123_456_789)
+    text = bytes([0x81, 126]) + len(message).to_bytes(2, "big") + message
+    ping = bytes([0x89, 2]) + b"hi"
+    stream = text + ping + text
+    frames, rest = parse_frames(stream[:100])
+    assert frames == [] and rest == stream[:100]
+    frames, rest = parse_frames(rest + stream[100:])
+    assert rest == b""
+    assert [(fin, op) for fin, op, _ in frames] == [
+        (True, OP_TEXT),
+        (True, OP_PING),
+        (True, OP_TEXT),
+    ]
+    assert bench_mark(frames[0][2]) == (7, 42, 123_456_789)
+    # A hub may re-encode the JSON with other spacing and key order.
+    assert bench_mark(b'{"payload": {"x": 1, "bench": "1:2:3"}, "type": "t"}') == (1, 2, 3)
+    assert bench_mark(b'{"type": "t", "payload": {}}') is None
+
+
+def test_handshake_checks_the_accept_value() -> None:
+    from bench.wsclient import ProtocolError, handshake_request, parse_handshake_response
+
+    request, accept = handshake_request("127.0.0.1", 8081, "/ws", "tok")
+    assert b"Cookie: access_token=tok\r\n" in request and b"Origin" not in request
+    ok = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: " + accept
+    assert parse_handshake_response(ok, accept) == 101
+    assert parse_handshake_response(b"HTTP/1.1 401 Unauthorized\r\nX: y", accept) == 401
+    with pytest.raises(ProtocolError):
+        parse_handshake_response(ok.replace(accept, b"wrong"), accept)
+
+
+def test_percentiles_count_missing_deliveries_as_late() -> None:
+    from bench.run import percentiles
+
+    complete = percentiles([i * 1_000_000 for i in range(1, 101)], expected=100)
+    assert (complete["p50_ms"], complete["p99_ms"], complete["max_ms"]) == (50.0, 99.0, 100.0)
+    lossy = percentiles([1_000_000] * 98, expected=100)
+    assert lossy["lost"] == 2 and lossy["p50_ms"] == 1.0 and lossy["p99_ms"] is None

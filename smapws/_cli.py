@@ -122,10 +122,26 @@ def _publish(config: Config, user: str, mtype: str, payload_text: str, url: str 
     except InvalidMessage as exc:
         print(f"smapws: invalid message: {exc}", file=sys.stderr)
         return 2
-    if config.redis_url and url is None:
+    if config.broker == "redis" and url is None:
         import redis
 
-        client = redis.Redis.from_url(config.redis_url, socket_timeout=config.redis_timeout)
+        client: redis.Redis
+        if config.redis_sentinels:
+            from redis.sentinel import Sentinel
+
+            sentinel = Sentinel(  # type: ignore[no-untyped-call]
+                list(config.redis_sentinels), socket_timeout=config.redis_timeout
+            )
+            client = sentinel.master_for(  # type: ignore[no-untyped-call]
+                str(config.redis_sentinel_master),
+                password=config.redis_password,
+                db=config.redis_db,
+                socket_timeout=config.redis_timeout,
+            )
+        else:
+            client = redis.Redis.from_url(
+                str(config.redis_url), socket_timeout=config.redis_timeout
+            )
         try:
             n = client.publish(config.channel_prefix + user, data)
         except redis.RedisError as exc:

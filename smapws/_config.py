@@ -69,6 +69,32 @@ def _csv(v: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in v.split(",") if p.strip())
 
 
+#: The port a Sentinel listens on when ``REDIS_SENTINELS`` names none.
+SENTINEL_DEFAULT_PORT: Final = 26379
+
+
+def _host_ports(v: str) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[v6]:port``; the port defaults to 26379)."""
+    out = []
+    for item in _csv(v):
+        host, port = item, str(SENTINEL_DEFAULT_PORT)
+        if item.startswith("["):
+            host, sep, rest = item[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise ValueError("expected host:port[,host:port...]")
+            port = rest[1:] or port
+        elif ":" in item:
+            host, _, port = item.rpartition(":")
+        if not host or (":" in host and not item.startswith("[")):
+            raise ValueError("expected host:port[,host:port...]")
+        try:
+            n = _port(port)
+        except ValueError:
+            raise ValueError("expected host:port[,host:port...]") from None
+        out.append((host, n))
+    return tuple(out)
+
+
 def _bool(v: str) -> bool:
     low = v.strip().lower()
     if low in ("1", "true", "yes", "on"):
@@ -115,6 +141,21 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("redis_port", "REDIS_PORT", _port, 6379, "Redis port"),
     _Option("redis_db", "REDIS_DB", _non_negative_int, 0, "Redis database for pub/sub"),
     _Option("redis_password", "REDIS_PASSWORD", _str, None, "Redis password", True),
+    _Option(
+        "redis_sentinels",
+        "REDIS_SENTINELS",
+        _host_ports,
+        (),
+        "comma list of Sentinel host:port; with REDIS_SENTINEL_MASTER, wins over "
+        "REDIS_URL/REDIS_HOST (REDIS_PASSWORD and REDIS_DB apply to the master)",
+    ),
+    _Option(
+        "redis_sentinel_master",
+        "REDIS_SENTINEL_MASTER",
+        _str,
+        None,
+        "name of the master the Sentinels monitor (needs REDIS_SENTINELS)",
+    ),
     _Option("channel_prefix", "SMAPWS_CHANNEL_PREFIX", _str, "user_noti:", "channel prefix"),
     _Option("jwt_secret", "JWT_SECRET", _str, None, "HMAC key for HS* tokens", True),
     _Option("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", _str, None, "PEM key for RS/ES/PS"),
@@ -145,6 +186,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("api_key", "SMAPWS_API_KEY", _str, None, "bearer key for POST /api/publish", True),
     _Option("max_connections", "SMAPWS_MAX_CONNECTIONS", _positive_int, 10000, "connection cap"),
     _Option(
+        "max_accept_rate",
+        "SMAPWS_MAX_ACCEPT_RATE",
+        _non_negative_float,
+        1000.0,
+        "upgrades admitted per second, burst as large (0: unlimited)",
+    ),
+    _Option(
         "max_message_bytes",
         "SMAPWS_MAX_MESSAGE_BYTES",
         _positive_int,
@@ -159,6 +207,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "largest client frame accepted (1009 beyond)",
     ),
     _Option(
+        "send_queue_high_water",
+        "SMAPWS_SEND_QUEUE_HIGH_WATER",
+        _positive_int,
+        32,
+        "queued messages beyond which progress is conflated",
+    ),
+    _Option(
         "send_queue_messages",
         "SMAPWS_SEND_QUEUE_MESSAGES",
         _positive_int,
@@ -171,6 +226,34 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _positive_int,
         1024 * 1024,
         "per-connection send queue bound (bytes)",
+    ),
+    _Option(
+        "snapshot_ttl",
+        "SMAPWS_SNAPSHOT_TTL",
+        _non_negative_float,
+        600.0,
+        "seconds a project's latest progress is kept for new tabs (0: off)",
+    ),
+    _Option(
+        "snapshot_completed_ttl",
+        "SMAPWS_SNAPSHOT_COMPLETED_TTL",
+        _non_negative_float,
+        30.0,
+        "seconds a completion is kept for new tabs",
+    ),
+    _Option(
+        "snapshot_per_user",
+        "SMAPWS_SNAPSHOT_PER_USER",
+        _positive_int,
+        32,
+        "projects kept per user for new tabs",
+    ),
+    _Option(
+        "snapshot_max_entries",
+        "SMAPWS_SNAPSHOT_MAX_ENTRIES",
+        _non_negative_int,
+        20000,
+        "projects kept in all for new tabs (0: off)",
     ),
     _Option(
         "ingest_queue",
@@ -190,8 +273,19 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "reconnect_max",
         "SMAPWS_RECONNECT_MAX",
         _positive_float,
-        30.0,
-        "cap of the Redis reconnect backoff (s)",
+        1.0,
+        "cap of the Redis reconnect backoff (s): the longest wait between attempts, so "
+        "the hub is back within about this long after Redis is; 1 s keeps that under "
+        "the 2 s target while an outage costs a hub at most 2 attempts a second once "
+        "backed off (jitter spreads the pods)",
+    ),
+    _Option(
+        "probe_interval",
+        "SMAPWS_PROBE_INTERVAL",
+        _positive_float,
+        5.0,
+        "seconds between liveness probes through the subscription; a probe not back "
+        "within one interval drops the link (a silent link is found within 2 intervals)",
     ),
     _Option(
         "log_level",
@@ -211,6 +305,10 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8081
     redis_url: str | None = field(default=None, repr=False)
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str | None = None
+    redis_password: str | None = field(default=None, repr=False)
+    redis_db: int = 0
     channel_prefix: str = "user_noti:"
     auth: AuthConfig | None = None
     close_on_token_expiry: bool = True
@@ -222,23 +320,37 @@ class Config:
     drain_timeout: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     max_connections: int = 10000
+    max_accept_rate: float = 1000.0
     max_message_bytes: int = 65536
     max_client_message_bytes: int = 4096
+    send_queue_high_water: int = 32
     send_queue_messages: int = 256
     send_queue_bytes: int = 1024 * 1024
+    snapshot_ttl: float = 600.0
+    snapshot_completed_ttl: float = 30.0
+    snapshot_per_user: int = 32
+    snapshot_max_entries: int = 20000
     ingest_queue: int = 65536
     redis_timeout: float = 5.0
-    reconnect_max: float = 30.0
+    reconnect_max: float = 1.0
+    probe_interval: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
 
     @property
     def broker(self) -> str:
         """``"redis"`` or ``"memory"`` (the embedded single-node broker)."""
-        return "redis" if self.redis_url else "memory"
+        return "redis" if self.redis_url or self.redis_sentinels else "memory"
 
     @property
     def redis_url_redacted(self) -> str | None:
+        """Where Redis is, safe to log: the URL without its password, or
+        ``sentinel://host:port,.../master`` when Sentinel is configured."""
+        if self.redis_sentinels:
+            hosts = ",".join(
+                f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.redis_sentinels
+            )
+            return f"sentinel://{hosts}/{self.redis_sentinel_master}"
         return redact_url(self.redis_url) if self.redis_url else None
 
 
@@ -363,13 +475,28 @@ def load(
     auth = _auth(v) if require_auth or v["jwt_secret"] or v["jwt_public_key_file"] else None
     if v["pong_wait"] <= 0 or v["ping_interval"] <= 0:  # pragma: no cover - parsers forbid
         raise ConfigError("SMAPWS_PING_INTERVAL: expected a positive number of seconds")
+    if v["send_queue_high_water"] > v["send_queue_messages"]:
+        raise ConfigError(
+            "SMAPWS_SEND_QUEUE_HIGH_WATER: must not exceed SMAPWS_SEND_QUEUE_MESSAGES"
+        )
     if not v["channel_prefix"]:
         raise ConfigError("SMAPWS_CHANNEL_PREFIX: must not be empty")
     if any(c in v["channel_prefix"] for c in "*?[]"):
         raise ConfigError("SMAPWS_CHANNEL_PREFIX: must not contain glob characters *?[]")
+    if v["redis_sentinels"] and not v["redis_sentinel_master"]:
+        raise ConfigError(
+            "REDIS_SENTINEL_MASTER: required when REDIS_SENTINELS is set "
+            "(the master name the Sentinels monitor)"
+        )
+    if v["redis_sentinel_master"] and not v["redis_sentinels"]:
+        raise ConfigError(
+            "REDIS_SENTINELS: required when REDIS_SENTINEL_MASTER is set "
+            "(comma list of Sentinel host:port)"
+        )
     fields = {f for f in Config.__dataclass_fields__}
     kwargs = {k: val for k, val in v.items() if k in fields}
-    kwargs["redis_url"] = _redis_url(v)
+    # Sentinel wins: the master's address comes from the Sentinels, never a URL.
+    kwargs["redis_url"] = None if v["redis_sentinels"] else _redis_url(v)
     kwargs["auth"] = auth
     return Config(**kwargs)
 

@@ -14,6 +14,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -46,6 +47,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        # process_* series (CPU, resident memory, open files): the seed scales
+        # on memory, and the open-file limit bounds the connection count.
+        ProcessCollector(registry=r)
         self.active_connections = Gauge(
             "websocket_active_connections", "Open WebSocket connections.", registry=r
         )
@@ -112,6 +116,27 @@ class Metrics:
             "Connections closed with 1013 because their send queue was full.",
             registry=r,
         )
+        self.progress_conflated = Counter(
+            "websocket_progress_conflated",
+            "Queued progress messages replaced by newer progress or a completion "
+            "of the same project (slow connections only).",
+            registry=r,
+        )
+        self.queue_high_water = Counter(
+            "websocket_queue_high_water",
+            "Times a connection's send queue reached its high-water mark.",
+            registry=r,
+        )
+        self.snapshot_sent = Counter(
+            "websocket_snapshot_messages_sent",
+            "Current-state messages queued for new connections.",
+            registry=r,
+        )
+        self.snapshot_entries = Gauge(
+            "websocket_snapshot_entries",
+            "Projects held in the current-state cache for new tabs.",
+            registry=r,
+        )
         self.query_token_used = Counter(
             "websocket_deprecated_query_token",
             "Connections that authenticated with the deprecated ?token= parameter.",
@@ -130,6 +155,12 @@ class Metrics:
         self.subscriber_reconnects = Counter(
             "websocket_subscriber_reconnects",
             "Broker subscription (re)connect attempts after the first.",
+            registry=r,
+        )
+        self.resync_messages = Counter(
+            "websocket_resync_messages",
+            "resync messages queued after a subscriber outage (one per open "
+            "connection per outage): the clients were told to refetch state.",
             registry=r,
         )
         self.publish_requests = Counter(

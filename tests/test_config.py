@@ -111,3 +111,12 @@ def test_cli_reports_one_line_and_exit_2() -> None:
     assert proc.stderr.strip().splitlines() == [
         "smapws: configuration error: SMAPWS_PORT: expected a port number 0-65535, got 'notaport'"
     ]
+
+
+def test_readme_renders_without_warnings() -> None:
+    import docutils.core
+
+    text = (Path(__file__).parent.parent / "README.rst").read_text()
+    docutils.core.publish_doctree(
+        text, settings_overrides={"report_level": 2, "halt_level": 2, "warning_stream": False}
+    )

@@ -1,13 +1,11 @@
-"""The user -> connections registry and the bounded outbox (sans-IO)."""
+"""The user -> connections registry (sans-IO)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smapws._core.envelope import Envelope, parse
 from smapws._core.hub import Hub
-from smapws._core.outbox import Outbox, OutboxLimits
 
 
 def test_multi_tab_and_disconnect_semantics() -> None:
@@ -48,28 +46,3 @@ def test_counts_always_match_the_registry(ops: list[tuple[bool, int, int]]) -> N
     assert hub.active_connections == sum(len(c) for c in model.values())
     assert hub.active_users == len(model)
     assert sorted(hub.all_connections()) == sorted(c for cs in model.values() for c in cs)
-
-
-def _env(n: int, size: int = 10) -> Envelope:
-    raw = b'{"type":"t","payload":{"n":%d,"pad":"%s"}}' % (n, b"x" * size)
-    return parse(raw, wall_time=0, received_at=0)
-
-
-def test_outbox_bounds_by_count() -> None:
-    box = Outbox(OutboxLimits(max_messages=2, max_bytes=10_000))
-    assert box.push(_env(1))
-    assert box.push(_env(2))
-    assert not box.push(_env(3))
-    taken = box.take_all()
-    assert [e.payload["n"] for e in taken] == [1, 2]
-    assert len(box) == 0 and box.queued_bytes == 0
-    assert box.push(_env(4))
-
-
-def test_outbox_bounds_by_bytes() -> None:
-    one = _env(1, 100)
-    box = Outbox(OutboxLimits(max_messages=100, max_bytes=len(one.frame) * 2))
-    assert box.push(one)
-    assert box.push(_env(2, 100))
-    assert not box.push(_env(3, 100))
-    assert box.queued_bytes == len(one.frame) * 2

@@ -143,3 +143,40 @@ def test_publish_command_through_the_http_api() -> None:
 
     msg = trio.run(scenario)
     assert msg["type"] == "notification" and msg["payload"] == {"a": 1}
+
+
+async def test_drain_spreads_the_closes_over_the_window(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """10,000 tabs are not all told to reconnect in the same instant."""
+    from smapws._io.app import App
+    from smapws._io.brokers.memory import MemoryBroker
+    from smapws._io.connection import Connection
+    from smapws._io.server import Server
+
+    app = App(make_config(SMAPWS_DRAIN_TIMEOUT=30, SMAPWS_WRITE_WAIT=10), MemoryBroker())
+    conns = []
+    for i in range(10_000):
+        conn = Connection(app, f"u{i % 500}", expires_at=None, remote="-", now=0.0)
+        app.hub.add(conn.user_id, conn)
+        conns.append(conn)
+
+    def closed() -> int:
+        return sum(c.close_code == 1001 for c in conns)
+
+    async with trio.open_nursery() as nursery:
+        server = Server(app, 0, nursery.cancel_scope)
+        nursery.start_soon(server._drain_when_asked)
+        start = trio.current_time()
+        server.drain()
+        assert app.draining and not app.ready()
+        # Window: 30 - 10 - 1 = 19 s, so ~526 closes a second.
+        await trio.sleep(1)
+        assert 400 < closed() < 700
+        await trio.sleep(8.5)
+        assert 4500 < closed() < 5500
+        await trio.sleep(10)
+        assert closed() == 10_000
+        # Nobody completes the close handshake here: the drain gives up at
+        # SMAPWS_DRAIN_TIMEOUT and cancels the hub.
+    assert trio.current_time() - start == 30

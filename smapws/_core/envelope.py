@@ -50,20 +50,37 @@ class InvalidMessage(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
-@dataclass(frozen=True, slots=True)
+#: Message kinds, as the delivery policy (:mod:`smapws._core.outbox`) sees them.
+OTHER: Final = 0  # notification, alert, unknown types: every one matters
+PROGRESS: Final = 1  # project_progress: only the latest per project matters
+COMPLETED: Final = 2  # project_completed: final, supersedes queued progress
+
+_KINDS: Final = {"project_progress": PROGRESS, "project_completed": COMPLETED}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Envelope:
     """One validated message, ready to be written to any number of sockets.
 
-    ``frame`` is the complete WebSocket text frame; ``text`` its payload (the
-    JSON object as UTF-8). ``received_at`` is the trio clock reading when the
-    message reached the hub, used for the delivery-latency histogram.
+    ``frame`` is the complete WebSocket text frame (the JSON text is
+    :attr:`text`). ``kind`` and ``key`` (the ``payload.project_id`` of progress
+    and completion messages, else None) are what the delivery policy needs;
+    ``received_at`` is the trio clock reading when the message reached the
+    hub, for the delivery-latency histogram. Compared by identity: two
+    envelopes are the same message only if they are the same object.
     """
 
     type: str
-    payload: dict[str, Any]
-    text: bytes
+    kind: int
+    key: str | None
     frame: bytes
     received_at: float
+
+    @property
+    def text(self) -> bytes:
+        """The JSON text the client receives (the frame without its header)."""
+        n = self.frame[1] & 0x7F
+        return self.frame[2 if n < 126 else 4 if n == 126 else 10 :]
 
 
 def rfc3339_ms(epoch_seconds: float) -> str:
@@ -107,6 +124,14 @@ def parse(
     payload = obj.get("payload")
     if not isinstance(payload, dict):
         raise InvalidMessage("bad_payload")
+    kind = _KINDS.get(mtype, OTHER)
+    key: str | None = None
+    if kind != OTHER:
+        project = payload.get("project_id")
+        if isinstance(project, str | int) and not isinstance(project, bool):
+            key = str(project)
+        else:
+            kind = OTHER  # without a project id there is nothing to conflate on
     body = raw.strip()
     if "timestamp" not in obj:
         # Splice the field in before the closing brace rather than re-encoding:
@@ -115,13 +140,7 @@ def parse(
         # an object, and it is not empty because it has a "type".
         stamp = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
         body = body[:-1] + stamp
-    return Envelope(
-        type=mtype,
-        payload=payload,
-        text=body,
-        frame=text_frame(body),
-        received_at=received_at,
-    )
+    return Envelope(type=mtype, kind=kind, key=key, frame=text_frame(body), received_at=received_at)
 
 
 def user_from_channel(channel: bytes, prefix: bytes) -> str:

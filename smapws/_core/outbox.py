@@ -1,66 +1,149 @@
-"""A connection's bounded send queue.
+"""A connection's send queue and its delivery policy.
 
-The router pushes messages without ever waiting; the connection's writer takes
-everything queued at once and writes it in one ``send_all``. When a push would
-pass either bound (messages or bytes), it is refused: the caller closes that
-connection with 1013 (try again later), so one slow reader costs bounded
-memory and never slows the router or anyone else.
+Progress updates are a stream where only the latest value matters;
+completions, notifications and alerts are events where every one matters.
+The queue treats them so (see the README's "Delivery" table):
+
+- While the queue is below ``high_water`` every message is appended: a
+  connection that keeps up receives every progress update, one by one.
+- At or above ``high_water``, a new ``project_progress`` *replaces* the queued
+  progress of the same project: the old entries are removed and the new one
+  appended, so what is delivered is always a subsequence of what was
+  published, in publish order.
+- A ``project_completed`` removes any queued progress of its project (it is
+  stale) and is itself never dropped.
+- ``notification``, ``alert`` and unknown types are never conflated or dropped.
+- When the lossless part passes ``max_messages``, when everything queued
+  passes ``max_bytes``, or when progress of more than ``max_messages``
+  projects is queued, :meth:`Outbox.push` refuses with :data:`OVERFLOW`: the
+  caller closes the connection with 1013 (after flushing what is queued) and
+  the client reconnects to fresh state. Nothing is dropped silently.
+
+The router pushes without ever waiting; the connection's writer takes
+everything queued at once (:meth:`Outbox.take_all`) and writes it in one
+``send_all``.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-from smapws._core.envelope import Envelope
+from smapws._core.envelope import COMPLETED, PROGRESS, Envelope
 
-#: Default bounds. 256 messages is ~50 s of the seed's progress rate for ten
-#: concurrently running projects; 1 MiB bounds the worst case per socket.
+#: Default bounds. 32 queued messages is several seconds of the seed's traffic
+#: for one user, far more than a connection that keeps up ever has queued;
+#: 256 lossless messages or 1 MiB bound the worst case per socket.
+DEFAULT_HIGH_WATER: Final = 32
 DEFAULT_MAX_MESSAGES: Final = 256
 DEFAULT_MAX_BYTES: Final = 1024 * 1024
+
+
+class Push(enum.IntFlag):
+    """What :meth:`Outbox.push` did."""
+
+    QUEUED = 1
+    #: Queued, and older queued progress of the same project was removed.
+    CONFLATED = 2
+    #: Queued, and the queue has just reached its high-water mark.
+    HIGH_WATER = 4
+    #: Refused: a hard bound would be passed; the connection must be closed.
+    OVERFLOW = 8
+
+
+QUEUED: Final = Push.QUEUED
+CONFLATED: Final = Push.CONFLATED
+HIGH_WATER: Final = Push.HIGH_WATER
+OVERFLOW: Final = Push.OVERFLOW
 
 
 @dataclass(frozen=True, slots=True)
 class OutboxLimits:
     """Shared by all outboxes of a hub (one object, not one per connection)."""
 
+    high_water: int = DEFAULT_HIGH_WATER
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
 
+    def __post_init__(self) -> None:
+        if not 0 < self.high_water <= self.max_messages:
+            raise ValueError("need 0 < high_water <= max_messages")
+
 
 class Outbox:
-    """FIFO of envelopes bounded by count and bytes."""
+    """The queue of one connection. Sans-IO and synchronous."""
 
-    __slots__ = ("_bytes", "_items", "_limits")
+    __slots__ = ("_bytes", "_items", "_limits", "_lossless", "_progress")
 
     def __init__(self, limits: OutboxLimits) -> None:
         self._limits = limits
         self._items: list[Envelope] = []
-        self._bytes = 0
+        self._bytes = 0  # everything queued
+        self._lossless = 0  # count of queued messages that are never dropped
+        self._progress = 0  # count of queued progress messages
 
-    def push(self, envelope: Envelope) -> bool:
-        """Queue ``envelope``; return False (and queue nothing) when that would
-        pass ``max_messages`` or ``max_bytes``."""
+    def push(self, envelope: Envelope) -> Push:
+        """Queue ``envelope`` under the policy above; never waits."""
+        lim = self._limits
         size = len(envelope.frame)
-        if (
-            len(self._items) >= self._limits.max_messages
-            or self._bytes + size > self._limits.max_bytes
-        ):
-            return False
+        kind = envelope.kind
+        before = len(self._items)
+        result = QUEUED
+        if kind == PROGRESS:
+            if self._progress and len(self._items) >= lim.high_water:
+                freed = self._drop_progress(envelope.key)
+                if freed:
+                    result |= CONFLATED
+            if self._progress >= lim.max_messages or self._bytes + size > lim.max_bytes:
+                return OVERFLOW
+            self._progress += 1
+        else:
+            if self._lossless >= lim.max_messages:
+                return OVERFLOW
+            if kind == COMPLETED and self._progress and self._drop_progress(envelope.key):
+                result |= CONFLATED
+            if self._bytes + size > lim.max_bytes:
+                return OVERFLOW
+            self._lossless += 1
         self._items.append(envelope)
         self._bytes += size
-        return True
+        if before < lim.high_water <= len(self._items):
+            result |= HIGH_WATER
+        return result
+
+    def _drop_progress(self, key: str | None) -> int:
+        """Remove every queued progress message of project ``key``; return how
+        many were removed. O(queue length): only runs above the high-water
+        mark or on a completion, and the queue is bounded."""
+        kept: list[Envelope] = []
+        freed = 0
+        for e in self._items:
+            if e.kind == PROGRESS and e.key == key:
+                freed += 1
+                self._bytes -= len(e.frame)
+            else:
+                kept.append(e)
+        if freed:
+            self._items = kept
+            self._progress -= freed
+        return freed
 
     def take_all(self) -> list[Envelope]:
         """Remove and return everything queued, oldest first."""
         items = self._items
         if items:
             self._items = []
-            self._bytes = 0
+            self._bytes = self._lossless = self._progress = 0
         return items
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self) -> Iterator[Envelope]:
+        """The queued envelopes, oldest first (for inspection)."""
+        return iter(self._items)
 
     @property
     def queued_bytes(self) -> int:

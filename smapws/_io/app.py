@@ -14,9 +14,11 @@ import trio
 
 from smapws import _version
 from smapws._config import Config
-from smapws._core.envelope import InvalidMessage, parse, user_from_channel
+from smapws._core.envelope import InvalidMessage, encode_message, parse, user_from_channel
 from smapws._core.hub import Hub
-from smapws._core.outbox import OutboxLimits
+from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
+from smapws._core.ratelimit import TokenBucket
+from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item
 from smapws._io.connection import GOING_AWAY, Connection
 from smapws._log import fields, logger
@@ -25,6 +27,15 @@ from smapws.metrics import Metrics
 #: At most one "invalid broker message" log line per reason per this many
 #: seconds; the rest are counted (metric) and summarised in the next line.
 INVALID_LOG_INTERVAL = 1.0
+
+#: Granularity of pings, pong deadlines and token expiry: one task visits every
+#: connection this often (a few ms for 10,000 connections), instead of one
+#: sleeping task per connection.
+HEARTBEAT_TICK = 1.0
+
+#: How often expired snapshot entries are swept (they are also skipped, and
+#: forgotten, whenever a new tab asks for its user's state).
+SWEEP_INTERVAL = 10.0
 
 
 class App:
@@ -37,9 +48,24 @@ class App:
         self.metrics = metrics or Metrics()
         self.metrics.bind_gauges(lambda: self.hub.active_connections, lambda: self.hub.active_users)
         self.metrics.subscriber_up.set_function(lambda: float(broker.status == "connected"))
-        self.limits = OutboxLimits(config.send_queue_messages, config.send_queue_bytes)
+        self.limits = OutboxLimits(
+            config.send_queue_high_water, config.send_queue_messages, config.send_queue_bytes
+        )
+        self.snapshots: Snapshots | None = None
+        if config.snapshot_ttl > 0 and config.snapshot_max_entries > 0:
+            snapshots = self.snapshots = Snapshots(
+                SnapshotLimits(
+                    ttl=config.snapshot_ttl,
+                    completed_ttl=config.snapshot_completed_ttl,
+                    per_user=config.snapshot_per_user,
+                    max_entries=config.snapshot_max_entries,
+                )
+            )
+            self.metrics.snapshot_entries.set_function(lambda: len(snapshots))
         self.prefix = config.channel_prefix.encode()
         self.draining = False
+        rate = config.max_accept_rate
+        self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
         self.pending_upgrades = 0
         self.started_at = trio.current_time()
         self._invalid_log: dict[str, tuple[float, int]] = {}
@@ -69,8 +95,16 @@ class App:
             self._empty.set()
 
     def register(self, conn: Connection) -> None:
+        """Add ``conn`` to the hub and queue the user's current state for it,
+        before any live message can be queued (no await in between)."""
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
+        if self.snapshots is not None:
+            state = self.snapshots.for_user(conn.user_id, trio.current_time())
+            for env in state:
+                conn.offer(env)
+            if state:
+                self.metrics.snapshot_sent.inc(len(state))
         if self.draining:
             conn.request_close(GOING_AWAY, "server shutting down", cause="drain")
 
@@ -92,13 +126,21 @@ class App:
             ),
         )
 
-    def close_all(self, code: int, reason: str, cause: str) -> int:
-        """Ask every connection to close; returns how many were asked."""
-        n = 0
+    def resync(self, reason: str, down_s: float) -> int:
+        """Tell every open connection that messages may have been missed (the
+        subscription was down for ``down_s`` seconds): one ``resync`` message,
+        ``{"type": "resync", "payload": {"reason": ..., "down_s": ...}}``, so
+        that a frontend can refetch its state. Returns how many were queued."""
+        data = encode_message("resync", {"reason": reason, "down_s": round(down_s, 3)})
+        env = parse(data, wall_time=time.time(), received_at=trio.current_time())
+        queued = 0
         for conn in self.hub.all_connections():
-            conn.request_close(code, reason, cause=cause)
-            n += 1
-        return n
+            if conn.offer(env) & QUEUED:
+                queued += 1
+        self.metrics.resync_messages.inc(queued)
+        if queued:
+            logger.info("resync sent", extra=fields(reason=reason, connections=queued))
+        return queued
 
     # -- routing ---------------------------------------------------------
 
@@ -121,16 +163,28 @@ class App:
             m.broker_invalid.labels(exc.reason).inc()
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
+        if env.kind and self.snapshots is not None:
+            self.snapshots.observe(user, env, now)
         conns = self.hub.connections(user)
         if not conns:
             m.messages_unrouted.inc()
             return 0
         queued = 0
         for conn in tuple(conns):
-            if conn.offer(env):
+            result = conn.offer(env)
+            if result == QUEUED:  # the common case: nothing else to count
                 queued += 1
-        if queued < len(conns):
-            m.messages_failed.inc(len(conns) - queued)
+            elif not result:  # already closing
+                m.messages_failed.inc()
+            elif result & OVERFLOW:
+                m.messages_failed.inc()
+                m.slow_consumer_closes.inc()
+            else:
+                queued += 1
+                if result & CONFLATED:
+                    m.progress_conflated.inc()
+                if result & HIGH_WATER:
+                    m.queue_high_water.inc()
         if self._debug:
             logger.debug(
                 "Routed message",
@@ -163,6 +217,25 @@ class App:
         route = self.route
         async for channel, data in receive:
             route(channel, data, wall_time=time.time(), now=trio.current_time())
+
+    async def maintain(self) -> None:
+        """The hub's periodic duties, in one task: a heartbeat tick for every
+        connection (pings, pong and token deadlines) every
+        :data:`HEARTBEAT_TICK` at most, and a sweep of expired current-state
+        entries every :data:`SWEEP_INTERVAL`."""
+        cfg = self.config
+        tick = min(HEARTBEAT_TICK, cfg.ping_interval / 4, cfg.pong_wait / 4)
+        next_tick = trio.current_time()
+        next_sweep = next_tick + SWEEP_INTERVAL
+        while True:
+            next_tick += tick
+            await trio.sleep_until(next_tick)
+            now = trio.current_time()
+            for conn in self.hub.all_connections():
+                conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)
+            if now >= next_sweep and self.snapshots is not None:
+                self.snapshots.sweep(now)
+                next_sweep = now + SWEEP_INTERVAL
 
     # -- health ----------------------------------------------------------
 

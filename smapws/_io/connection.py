@@ -1,15 +1,22 @@
 """One accepted WebSocket: its reader, writer and heartbeat roles.
 
-- The **writer** is the connection's own task: it waits until the router has
-  queued something, takes everything queued and writes it in one
-  ``send_all`` under ``SMAPWS_WRITE_WAIT``; when a close is requested it
-  flushes what is queued, sends the close frame and returns.
-- The **reader** reads client frames (and so lets the WebSocket library answer
-  pings and close handshakes), discards them, and notices the peer leaving.
-  Frames over ``SMAPWS_MAX_CLIENT_MESSAGE_BYTES`` end the connection with 1009.
-- The **heartbeat** pings every ``SMAPWS_PING_INTERVAL`` and closes the
-  connection when the pong has not come within ``SMAPWS_PONG_WAIT``; it also
-  closes it with 1008 when the token expires (``SMAPWS_CLOSE_ON_TOKEN_EXPIRY``).
+Every connection has the three roles of DESIGN.md's task tree; to keep an idle
+connection small (thousands are idle at any time) they are not three tasks:
+
+- The **writer** is the connection's own task (the one the listener started
+  for its socket): it waits until the router has queued something, takes
+  everything queued and writes it in one ``send_all`` under
+  ``SMAPWS_WRITE_WAIT``; when a close is requested it flushes what is queued,
+  sends the close frame and returns.
+- The **reader** is the WebSocket library's reader task: it parses client
+  frames, answers pings and the close handshake, enforces
+  ``SMAPWS_MAX_CLIENT_MESSAGE_BYTES`` (1009), and reports messages, pongs and
+  the end of the connection to :class:`Connection` (a ``Listener``).
+- The **heartbeat** is :meth:`Connection.heartbeat`, called for every
+  connection once per tick by one task of the hub (``App.maintain``): it
+  queues a ping every ``SMAPWS_PING_INTERVAL``, asks for a close (1011) when
+  the pong has not come within ``SMAPWS_PONG_WAIT`` of the ping, and (1008)
+  when the token has expired (``SMAPWS_CLOSE_ON_TOKEN_EXPIRY``).
 
 The router never waits on a connection: :meth:`Connection.offer` is
 synchronous, bounded, and on overflow asks the writer to close with 1013.
@@ -23,8 +30,8 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from smapws._core.envelope import Envelope
-from smapws._core.outbox import Outbox, OutboxLimits
-from smapws._io.ws import ServerWebSocket, WsClosed
+from smapws._core.outbox import OVERFLOW, Outbox, Push
+from smapws._io.ws import PING_FRAME, ServerWebSocket, WsClosed
 from smapws._log import fields, logger
 
 if TYPE_CHECKING:
@@ -38,70 +45,144 @@ TOO_BIG: Final = 1009
 INTERNAL: Final = 1011
 TRY_AGAIN_LATER: Final = 1013
 
+#: ``close_code`` when the peer (or the library) ended the connection: the
+#: writer has no close frame to send.
+PEER_CLOSED: Final = 0
+
+#: What :meth:`Connection.offer` returns for a connection already closing.
+REFUSED: Final = Push(0)
+
+
+def _abort_wait(_: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.SUCCEEDED
+
 
 class Connection:
-    """A live connection as the router and the hub see it."""
+    """A live connection as the router, the hub and the heartbeat see it."""
 
     __slots__ = (
-        "_wakeup",
+        "_control",
+        "_metrics",
+        "_waiter",
         "cause",
         "close_code",
         "close_reason",
         "expires_at",
+        "next_ping",
         "outbox",
+        "ping_sent_at",
         "remote",
         "user_id",
     )
 
     def __init__(
-        self, user_id: str, limits: OutboxLimits, *, expires_at: float | None, remote: str
+        self,
+        app: App,
+        user_id: str,
+        *,
+        expires_at: float | None,
+        remote: str,
+        now: float,
     ) -> None:
         self.user_id = user_id
-        self.outbox = Outbox(limits)
-        self.expires_at = expires_at
+        self.outbox = Outbox(app.limits)
+        self.expires_at = expires_at if app.config.close_on_token_expiry else None
         self.remote = remote
         self.close_code: int | None = None
         self.close_reason = ""
         self.cause = ""
-        self._wakeup = trio.Event()
+        self.next_ping = now + app.config.ping_interval
+        self.ping_sent_at: float | None = None
+        self._control = b""
+        self._waiter: trio.lowlevel.Task | None = None
+        self._metrics = app.metrics
 
-    def offer(self, envelope: Envelope) -> bool:
-        """Queue ``envelope`` for the writer without waiting. Returns False when
-        the connection is closing or its queue is full (then it is asked to
-        close with 1013: the client reconnects and is fresh again)."""
+    # -- called by the router and the hub (never wait) --------------------
+
+    def offer(self, envelope: Envelope) -> Push:
+        """Queue ``envelope`` for the writer without waiting, under the
+        delivery policy (:mod:`smapws._core.outbox`). On :data:`OVERFLOW`
+        nothing is queued and the connection is asked to close with 1013: the
+        client reconnects and gets the current state. A connection already
+        closing queues nothing and returns :data:`REFUSED` (falsy)."""
         if self.close_code is not None:
-            return False
-        if not self.outbox.push(envelope):
+            return REFUSED
+        result = self.outbox.push(envelope)
+        if result & OVERFLOW:
             self.request_close(TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
-            return False
-        self._wakeup.set()
-        return True
+            return result
+        self._wake()
+        return result
 
     def request_close(self, code: int, reason: str, *, cause: str) -> None:
-        """Ask the writer to flush, send a close frame with ``code`` and end.
-        The first request wins."""
+        """Ask the writer to flush, send a close frame with ``code`` (none for
+        :data:`PEER_CLOSED`) and end. The first request wins."""
         if self.close_code is None:
             self.close_code = code
             self.close_reason = reason
             self.cause = cause
-            self._wakeup.set()
+            self._wake()
+
+    def heartbeat(self, now: float, ping_interval: float, pong_wait: float) -> None:
+        """One heartbeat tick (see the module docstring)."""
+        if self.close_code is not None:
+            return
+        if self.expires_at is not None and now >= self.expires_at:
+            self.request_close(POLICY, "token expired", cause="token_expired")
+        elif self.ping_sent_at is not None and now >= self.ping_sent_at + pong_wait:
+            self.request_close(INTERNAL, "pong timeout", cause="pong_timeout")
+        elif now >= self.next_ping:
+            self.next_ping = max(self.next_ping + ping_interval, now)
+            if self.ping_sent_at is None:  # one ping in flight at a time
+                self.ping_sent_at = now
+                self._control = PING_FRAME
+                self._wake()
+
+    # -- Listener: called by the WebSocket library's reader task ----------
+
+    def on_client_message(self) -> None:
+        self._metrics.client_messages.inc()
+
+    def on_pong(self) -> None:
+        self.ping_sent_at = None
+
+    def on_closed(self, code: int) -> None:
+        cause = "message_too_big" if code == TOO_BIG else "client_closed"
+        self.request_close(PEER_CLOSED, "", cause=cause)
+
+    # -- the writer's side --------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            trio.lowlevel.reschedule(waiter)
 
     async def wait(self) -> None:
-        """Until something is queued or a close is requested."""
-        if self._wakeup.is_set():
-            self._wakeup = trio.Event()
-        if not len(self.outbox) and self.close_code is None:
-            await self._wakeup.wait()
+        """Until something is queued or a close is requested. (A parked task
+        rather than an Event: no allocation per connection.)"""
+        if not len(self.outbox) and not self._control and self.close_code is None:
+            self._waiter = trio.lowlevel.current_task()
+            try:
+                await trio.lowlevel.wait_task_rescheduled(_abort_wait)
+            finally:
+                self._waiter = None
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def take(self) -> tuple[bytes, list[Envelope]]:
+        """Everything to write now: pending control frames and envelopes."""
+        control, self._control = self._control, b""
+        return control, self.outbox.take_all()
 
 
 async def run(app: App, nursery: trio.Nursery, ws: ServerWebSocket, conn: Connection) -> None:
-    """Serve ``conn`` until it closes. Runs the writer in this task and the
-    reader and heartbeat in ``nursery`` (the connection's own), and cancels
-    them before returning."""
+    """Serve ``conn`` until it closes: the writer runs in this task. Cancels
+    ``nursery`` (the connection's own, where the library's reader runs) and
+    unregisters the connection before returning."""
     app.register(conn)
+    ws.listen(conn)
     try:
-        nursery.start_soon(_reader, app, ws, conn)
-        nursery.start_soon(_heartbeat, app, ws, conn)
         await _writer(app, ws, conn)
     finally:
         nursery.cancel_scope.cancel()
@@ -112,15 +193,15 @@ async def _writer(app: App, ws: ServerWebSocket, conn: Connection) -> None:
     cfg = app.config
     metrics = app.metrics
     while True:
-        items = conn.outbox.take_all()
-        if items:
-            data = b"".join([e.frame for e in items])
+        control, items = conn.take()
+        if items or control:
+            data = control + b"".join([e.frame for e in items])
             try:
                 with trio.fail_after(cfg.write_wait):
                     await ws.send_frames(data)
             except trio.TooSlowError:
                 metrics.messages_failed.inc(len(items))
-                conn.cause = conn.cause or "write_timeout"
+                conn.request_close(PEER_CLOSED, "", cause="write_timeout")
                 logger.info(
                     "connection closed",
                     extra=fields(cause="write_timeout", user=conn.user_id, remote=conn.remote),
@@ -130,58 +211,19 @@ async def _writer(app: App, ws: ServerWebSocket, conn: Connection) -> None:
             except WsClosed:
                 metrics.messages_failed.inc(len(items))
                 return
-            now = trio.current_time()
-            metrics.messages_sent.inc(len(items))
-            observe = metrics.delivery_latency.observe
-            for e in items:
-                observe(now - e.received_at)
+            if items:
+                now = trio.current_time()
+                metrics.messages_sent.inc(len(items))
+                observe = metrics.delivery_latency.observe
+                for e in items:
+                    observe(now - e.received_at)
             continue
         if conn.close_code is not None:
             break
         await conn.wait()
 
-    code = conn.close_code
-    if code is None or code == 0:
-        # The peer closed (or the library did, e.g. 1009): nothing to send.
-        return
-    if code == TRY_AGAIN_LATER:
-        metrics.slow_consumer_closes.inc()
-    with trio.move_on_after(cfg.write_wait):
-        with contextlib.suppress(WsClosed):
-            await ws.close(code, conn.close_reason)
+    if conn.close_code == PEER_CLOSED:
+        return  # the peer closed (or the library did, e.g. 1009): nothing to send
+    with trio.move_on_after(cfg.write_wait), contextlib.suppress(WsClosed):
+        await ws.close(conn.close_code or NORMAL, conn.close_reason)
     await ws.abort()
-
-
-async def _reader(app: App, ws: ServerWebSocket, conn: Connection) -> None:
-    try:
-        while True:
-            await ws.receive()
-            app.metrics.client_messages.inc()
-    except WsClosed as exc:
-        # 0 means "peer or library closed: the writer has nothing to send".
-        cause = "message_too_big" if exc.code == TOO_BIG else "client_closed"
-        conn.request_close(0, "", cause=cause)
-
-
-async def _heartbeat(app: App, ws: ServerWebSocket, conn: Connection) -> None:
-    cfg = app.config
-    expiry = conn.expires_at if cfg.close_on_token_expiry else None
-    next_ping = trio.current_time() + cfg.ping_interval
-    while True:
-        if expiry is not None and expiry <= next_ping:
-            await trio.sleep_until(expiry)
-            conn.request_close(POLICY, "token expired", cause="token_expired")
-            return
-        await trio.sleep_until(next_ping)
-        next_ping += cfg.ping_interval
-        try:
-            with trio.move_on_after(cfg.pong_wait) as scope:
-                await ws.ping()
-        except WsClosed:
-            return
-        if scope.cancelled_caught:
-            conn.request_close(INTERNAL, "pong timeout", cause="pong_timeout")
-            return
-        now = trio.current_time()
-        if next_ping < now:
-            next_ping = now

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import random
 import time
 from typing import Final
 
@@ -77,10 +78,25 @@ class _Refused(Exception):
         super().__init__(reason)
 
 
+class _Upgrade:
+    """An upgrade that passed every check: what the WebSocket phase needs, and
+    nothing of the request head (an idle connection keeps this alive)."""
+
+    __slots__ = ("data", "expires_at", "remote", "user_id")
+
+    def __init__(self, user_id: str, expires_at: float, data: bytes, remote: str) -> None:
+        self.user_id = user_id
+        self.expires_at = expires_at
+        self.data = data
+        self.remote = remote
+
+
 async def handle(app: App, stream: trio.abc.Stream) -> None:
     """Serve one accepted TCP connection until it is done; always closes it."""
     try:
-        await _handle(app, stream)
+        upgrade = await _front(app, stream)
+        if upgrade is not None:
+            await _websocket(app, stream, upgrade)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
     finally:
@@ -88,7 +104,9 @@ async def handle(app: App, stream: trio.abc.Stream) -> None:
             await stream.aclose()
 
 
-async def _handle(app: App, stream: trio.abc.Stream) -> None:
+async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
+    """Read the request head and answer it, unless it is an acceptable
+    upgrade: that is returned for the WebSocket phase."""
     cfg = app.config
     remote = _peer(stream)
     buf = bytearray()
@@ -99,7 +117,7 @@ async def _handle(app: App, stream: trio.abc.Stream) -> None:
                     raise HttpError(431, "request head too large")
                 chunk = await stream.receive_some(_RECEIVE_BYTES)
                 if not chunk:
-                    return
+                    return None
                 buf += chunk
         if end > MAX_HEAD_BYTES:
             raise HttpError(431, "request head too large")
@@ -107,28 +125,38 @@ async def _handle(app: App, stream: trio.abc.Stream) -> None:
     except trio.TooSlowError:
         _reject_log(app, "handshake_timeout", 408, remote)
         await _send(stream, response(408))
-        return
+        return None
     except HttpError as exc:
         _reject_log(app, "bad_request", exc.status, remote)
         await _send(stream, response(exc.status))
-        return
+        return None
 
     methods = _HTTP_ROUTES.get(head.path)
     if methods is None:
         await _send(stream, response(404))
-        return
-    if head.method not in methods:
+    elif head.method not in methods:
         if head.path == "/ws":
             _reject_log(app, "bad_method", 405, remote)
         await _send(stream, response(405, headers=(("Allow", ", ".join(methods)),)))
-        return
-
-    if head.path == "/ws":
-        await _websocket(app, stream, head, bytes(buf), remote)
+    elif head.path == "/ws":
+        try:
+            user_id, expires_at, query_used = _check_upgrade(app, head)
+        except _Refused as r:
+            _reject_log(app, r.reason, r.status, remote)
+            await _send(stream, response(r.status, headers=r.headers))
+            return None
+        if query_used:
+            app.metrics.query_token_used.inc()
+            logger.warning(
+                "deprecated query token used; send the access_token cookie instead",
+                extra=fields(user=user_id, remote=remote),
+            )
+        return _Upgrade(user_id, expires_at, bytes(buf), remote)
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     else:
         await _send(stream, _http_get(app, head))
+    return None
 
 
 def _http_get(app: App, head: RequestHead) -> bytes:
@@ -185,6 +213,10 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
         raise _Refused(503, "draining", (("Retry-After", str(RETRY_AFTER_S)),))
     if app.at_capacity():
         raise _Refused(503, "capacity", (("Retry-After", str(RETRY_AFTER_S)),))
+    bucket = app.accept_bucket
+    if not bucket.take(trio.current_time()):
+        wait = bucket.retry_after(random.random())
+        raise _Refused(503, "rate_limited", (("Retry-After", str(wait)),))
     if not origin_allowed(head.header("origin"), head.header("host"), app.config.allowed_origins):
         raise _Refused(403, "origin")
     token = parse_cookies(head.header("cookie")).get("access_token")
@@ -201,38 +233,30 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
     return claims.user_id, claims.expires_at, query_used
 
 
-async def _websocket(
-    app: App, stream: trio.abc.Stream, head: RequestHead, data: bytes, remote: str
-) -> None:
-    try:
-        user_id, expires_at, query_used = _check_upgrade(app, head)
-    except _Refused as r:
-        _reject_log(app, r.reason, r.status, remote)
-        await _send(stream, response(r.status, headers=r.headers))
-        return
-    if query_used:
-        app.metrics.query_token_used.inc()
-        logger.warning(
-            "deprecated query token used; send the access_token cookie instead",
-            extra=fields(user=user_id, remote=remote),
-        )
+async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> None:
+    """Complete the upgrade and serve the connection until it ends. This task
+    becomes the connection's writer."""
     cfg = app.config
-    # The token's expiry on the trio clock, which the heartbeat sleeps on.
-    expiry = trio.current_time() + (expires_at - time.time())
+    now = trio.current_time()
+    # The token's expiry on the trio clock, which the heartbeat runs on.
+    expiry = now + (upgrade.expires_at - time.time())
     app.upgrade_started()
     async with trio.open_nursery() as nursery:
         try:
             with trio.fail_after(cfg.handshake_timeout):
                 ws = await ServerWebSocket.accept(
-                    nursery, stream, data, max_message_size=cfg.max_client_message_bytes
+                    nursery, stream, upgrade.data, max_message_size=cfg.max_client_message_bytes
                 )
         except (trio.TooSlowError, WsClosed):
-            _reject_log(app, "handshake_failed", 400, remote)
+            _reject_log(app, "handshake_failed", 400, upgrade.remote)
             nursery.cancel_scope.cancel()
             return
         finally:
             app.upgrade_finished()
-        conn = connection.Connection(user_id, app.limits, expires_at=expiry, remote=remote)
+        upgrade.data = b""
+        conn = connection.Connection(
+            app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
+        )
         await connection.run(app, nursery, ws, conn)
 
 

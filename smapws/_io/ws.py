@@ -1,34 +1,50 @@
 """The one module that touches trio-websocket.
 
-Everything else in smapws sees :class:`ServerWebSocket` and :class:`WsClosed`,
-so the WebSocket library can be swapped (for instance for ``websockets.trio``)
-by rewriting this file alone.
+Everything else in smapws sees :class:`ServerWebSocket`, :class:`Listener` and
+:class:`WsClosed`, so the WebSocket library can be swapped (for instance for
+``websockets.trio``) by rewriting this file alone.
 
-Two things here go past trio-websocket's public API, on purpose:
+trio-websocket does the upgrade handshake, runs the reader task (parsing
+client frames with wsproto, answering pings, the close handshake, the 1009
+size limit) and closes. Three things here go past its public API, on purpose,
+because a hub holds thousands of idle connections (DESIGN.md §4):
 
 - :meth:`ServerWebSocket.send_frames` writes frames that the router encoded
   once for all connections (server frames are unmasked, so the bytes are the
   same for every socket), under the library's own stream lock so that they
-  never interleave with its control frames. This is what lets one writer send
-  everything queued in one ``send_all`` (see DESIGN.md §4).
-- After the upgrade the handshake state machine and headers are dropped: they
-  are never used again and are a large part of each idle connection's memory.
+  never interleave with its control frames. One writer sends everything
+  queued in one ``send_all``.
+- :class:`_LeanConnection` keeps only the state a hub connection uses: client
+  messages are counted and discarded instead of queued on a memory channel
+  (nobody reads them), pongs and the end of the connection are reported to a
+  :class:`Listener` instead of waking per-ping events, and the handshake
+  leftovers are dropped after the upgrade. That removes a task, a memory
+  channel, three events and an ordered dict per connection.
+- The pinned trio-websocket range (``<0.13``) is what this was written against;
+  ``tests/test_websocket.py`` exercises every path.
 """
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 import trio_websocket
+import wsproto
+import wsproto.events
+from trio_websocket._impl import CloseReason, Future
 from trio_websocket._impl import ConnectionClosed as _TwConnectionClosed
-
-#: Client messages are read and discarded one at a time, so the library needs
-#: no queue of its own beyond one message in hand.
-_CLIENT_QUEUE: Final = 1
+from wsproto.connection import ConnectionType
 
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE: Final = 1006
+
+#: A server ping with an empty payload: unmasked, FIN, opcode 0x9, length 0.
+PING_FRAME: Final = b"\x89\x00"
+
+#: Bytes read from the socket at a time once upgraded. Clients send little
+#: (pongs, the odd message); a small buffer keeps idle connections cheap.
+_RECEIVE_BYTES: Final = 4096
 
 
 class WsClosed(Exception):
@@ -38,6 +54,17 @@ class WsClosed(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
         super().__init__(f"websocket closed ({code})")
+
+
+class Listener(Protocol):
+    """What the WebSocket layer reports to its connection. Called from the
+    library's reader task; must not block."""
+
+    def on_client_message(self) -> None: ...
+
+    def on_pong(self) -> None: ...
+
+    def on_closed(self, code: int) -> None: ...
 
 
 class PrefixedStream(trio.abc.Stream):
@@ -71,17 +98,40 @@ class PrefixedStream(trio.abc.Stream):
         await self.stream.aclose()
 
 
-class _NoHandshake:
-    """Stands in for wsproto's finished ``H11Handshake`` after the upgrade:
-    ``WSConnection.events()`` still asks it for events; it has none."""
+class _Inert:
+    """Stands in, shared by all connections, for what a hub connection never
+    uses: the client-message channel, the handshake state machine after the
+    upgrade, and events only tests of the library wait on."""
 
     __slots__ = ()
+
+    async def __aenter__(self) -> _Inert:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def set(self) -> None:
+        pass
 
     def events(self) -> tuple[()]:
         return ()
 
 
-_NO_HANDSHAKE: Final = _NoHandshake()
+_INERT: Final = _Inert()
+
+
+class _EventQueue(list):  # type: ignore[type-arg]
+    """wsproto's per-connection event queue, as a list: it holds at most the
+    events of one read, and an empty list is a tenth of an empty deque."""
+
+    __slots__ = ()
+
+    def popleft(self) -> object:
+        return self.pop(0)
 
 
 def _code(reason: Any) -> int:
@@ -89,12 +139,79 @@ def _code(reason: Any) -> int:
     return code if isinstance(code, int) else ABNORMAL_CLOSURE
 
 
+class _LeanConnection(trio_websocket.WebSocketConnection):
+    """A server-side WebSocketConnection that keeps only what the hub uses.
+
+    ``__init__`` deliberately does not call the base one: it sets the
+    attributes the base class's methods read, with shared inert objects where
+    the base would allocate a channel or an event nobody waits on.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, max_message_size: int) -> None:
+        self._close_reason: CloseReason | None = None
+        self._id = 0
+        self._stream = stream
+        self._stream_lock = trio.StrictFIFOLock()
+        self._wsproto = wsproto.WSConnection(ConnectionType.SERVER)
+        self._message_size = 0
+        self._message_parts: list[bytes | str] = []
+        self._max_message_size = max_message_size
+        self._receive_buffer_size = _RECEIVE_BYTES
+        self._reader_running = True
+        self._initial_request = None
+        self._path: str | None = None
+        self._subprotocol: str | None = None
+        self._handshake_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._reject_status = 0
+        self._reject_headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._reject_body = b""
+        self._send_channel = self._recv_channel = _INERT  # type: ignore[assignment]
+        self._pings = None  # type: ignore[assignment]
+        self._connection_proposal: Future[Any] | None = Future()
+        self._open_handshake = _INERT  # type: ignore[assignment]
+        self._close_handshake = trio.Event()
+        self._for_testing_peer_closed_connection = _INERT  # type: ignore[assignment]
+        self.listener: Listener | None = None
+
+    def __str__(self) -> str:
+        return "websocket"
+
+    async def _handle_message_event(
+        self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
+    ) -> None:
+        """Count and discard client messages; 1009 past the size limit."""
+        self._message_size += len(event.data)
+        if self._message_size > self._max_message_size:
+            err = f"Exceeded maximum message size: {self._max_message_size} bytes"
+            self._message_size = 0
+            self._close_reason = CloseReason(1009, err)
+            self._reader_running = False
+            try:
+                await self._send(wsproto.events.CloseConnection(code=1009, reason=err))
+            finally:  # the close frame first: reporting ends the connection
+                if self.listener is not None:
+                    self.listener.on_closed(1009)
+        elif event.message_finished:
+            self._message_size = 0
+            if self.listener is not None:
+                self.listener.on_client_message()
+
+    async def _handle_pong_event(self, event: wsproto.events.Pong) -> None:
+        if self.listener is not None:
+            self.listener.on_pong()
+
+    async def _close_web_socket(self, code: int, reason: str | None = None) -> None:
+        self._close_reason = CloseReason(code, reason)
+        if self.listener is not None:
+            self.listener.on_closed(code)
+
+
 class ServerWebSocket:
     """A server-side WebSocket after a successful upgrade."""
 
     __slots__ = ("_ws",)
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def __init__(self, ws: _LeanConnection) -> None:
         self._ws = ws
 
     @classmethod
@@ -113,37 +230,38 @@ class ServerWebSocket:
         refuses never produces a request. Raises :class:`WsClosed` when the
         peer goes away during the upgrade.
         """
-        request = await trio_websocket.wrap_server_stream(
-            nursery,
-            PrefixedStream(stream, head),
-            message_queue_size=_CLIENT_QUEUE,
-            max_message_size=max_message_size,
-        )
+        ws = _LeanConnection(PrefixedStream(stream, head), max_message_size)
+        nursery.start_soon(ws._reader_task)
+        request = await ws._get_request()
         try:
-            ws = await request.accept()
+            await request.accept()
         except _TwConnectionClosed as exc:
             raise WsClosed(_code(exc.reason)) from None
         # Leftovers of the upgrade, never used again (see module docstring).
-        ws._wsproto.handshake = _NO_HANDSHAKE  # type: ignore[assignment]
-        ws._handshake_headers = ()
+        ws._wsproto.handshake = _INERT  # type: ignore[assignment]
+        proto = ws._wsproto.connection
+        if proto is not None and not proto._events:
+            proto._events = _EventQueue()  # type: ignore[assignment]
         ws._connection_proposal = None
         return cls(ws)
+
+    def listen(self, listener: Listener) -> None:
+        """Report client messages, pongs and the end of the connection to
+        ``listener`` from now on."""
+        self._ws.listener = listener
+        reason = self._ws._close_reason
+        if reason is not None:
+            listener.on_closed(_code(reason))
 
     @property
     def close_code(self) -> int | None:
         """The close code once closing started (ours or the peer's), else None."""
-        reason = self._ws.closed
+        reason = self._ws._close_reason
         return None if reason is None else _code(reason)
 
-    async def receive(self) -> str | bytes:
-        """The next client message. Raises :class:`WsClosed`."""
-        try:
-            return await self._ws.get_message()
-        except _TwConnectionClosed as exc:
-            raise WsClosed(_code(exc.reason)) from None
-
     async def send_frames(self, data: bytes) -> None:
-        """Write ready-made server frames (see :mod:`smapws._core.frames`).
+        """Write ready-made server frames (see :mod:`smapws._core.frames`,
+        :data:`PING_FRAME`).
 
         Raises :class:`WsClosed` when closing has started or the peer is gone.
         """
@@ -156,13 +274,6 @@ class ServerWebSocket:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await ws._abort_web_socket()
                 raise WsClosed(ABNORMAL_CLOSURE) from None
-
-    async def ping(self) -> None:
-        """Send a ping and wait for its pong. Raises :class:`WsClosed`."""
-        try:
-            await self._ws.ping()
-        except _TwConnectionClosed as exc:
-            raise WsClosed(_code(exc.reason)) from None
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame and wait for the peer's; closes the TCP

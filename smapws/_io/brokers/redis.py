@@ -1,97 +1,326 @@
-"""The Redis subscriber: ``PSUBSCRIBE {prefix}*`` through trio-asyncio.
+"""The Redis subscriber: ``PSUBSCRIBE {prefix}*`` through trio-asyncio, proven
+alive by probes, reconnecting with capped backoff, optionally via Sentinel.
 
-The read loop runs on the asyncio side of the bridge and hands each message to
-trio with ``send_nowait``: crossing the bridge once per message costs ~4x more
-(DESIGN.md §1). Each bounded call across the bridge (connect, publish) has a
-deadline. When the subscription fails the trio side closes the client, waits a
-capped, jittered exponential backoff and connects again with a new client; it
-never falls back to the in-process broker.
+Shape of one subscription ("session")::
+
+    run (trio, the broker task)                 reconnect loop, backoff, status
+    └── session nursery
+        ├── pump (asyncio side, via aio_as_trio) reads pmessages -> send_nowait
+        └── watch_probes (trio)                 PUBLISH a probe every interval,
+                                                raise ProbeLost when one is late
+
+- The read loop runs on the asyncio side of the bridge and hands each message
+  to trio with ``send_nowait``: crossing the bridge once per message costs ~4x
+  more (DESIGN.md §1).
+- **Liveness.** A half-open TCP link (peer gone, no RST) gives redis-py no error
+  and no message for as long as it lasts. So the subscribing connection also
+  ``SUBSCRIBE``\\ s ``smapws:probe:<node id>``, and every ``probe_interval`` the
+  hub ``PUBLISH``\\ es a probe there (on a second connection of the same
+  client). A probe that has not come back through the subscription within one
+  ``probe_interval`` of being sent, while nothing else came through either,
+  ends the session (:class:`ProbeLost`): a link that goes silent is dropped
+  within two intervals. A probe late behind a backlog of messages that are
+  still arriving is waited for (the link is slow, not dead; Redis's
+  output-buffer limit bounds that case). The subscription counts as
+  ``connected`` (and ``/ready`` is 200) only once a probe has made the round
+  trip.
+- **Reconnect.** When a session ends for any link reason the trio side closes
+  its clients, waits :func:`backoff_delay` (capped, jittered, exponential) and
+  starts a new session with new clients. It never falls back to the
+  in-process broker.
+- **Gap notice.** When Redis confirms the ``PSUBSCRIBE`` of a session after an
+  earlier session's subscription was lost, ``on_resync`` is told how long the
+  hub was deaf (the app then offers every open connection a ``resync``
+  message). The pump calls it synchronously as it reads the confirmation,
+  before it can read any message of the new subscription: every message
+  queued after the resync was published after the subscription was back.
+- **Sentinel.** With a :class:`SentinelTarget` each session asks the Sentinels
+  for the current master (``redis.asyncio.sentinel``); after a failover the
+  old master's link fails (or its probes stop) and the next session finds the
+  new master.
+- **Deadlines.** Every bounded call across the bridge (connect + subscribe,
+  probe publish, publish, close) runs under ``trio.fail_after`` /
+  ``move_on_after``. The pump is the one unbounded call: it is a stream, and
+  the probe watchdog next to it cancels it when the link goes quiet.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import Any, Final
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, NoReturn
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import trio
 import trio_asyncio
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from smapws._config import redact_url
 from smapws._io.brokers import BrokerError, Item
 from smapws._log import fields, logger
 
-#: First reconnect delay; doubles per failed attempt up to ``reconnect_max``.
-BACKOFF_BASE: Final = 0.5
+#: First reconnect delay ceiling; doubles per failed attempt up to
+#: ``reconnect_max``. Small, so that a one-off drop (``CLIENT KILL``, a
+#: proxy restart) costs ~0.1 s of deafness; repeated failures back off.
+BACKOFF_BASE: Final = 0.1
+
+#: A session that stayed up this long resets the backoff. A shorter one does
+#: not: a link that connects and dies at once (Redis killing us for a full
+#: output buffer, a flapping proxy) keeps backing off instead of reconnecting
+#: ten times a second.
+STABLE_AFTER: Final = 10.0
+
+#: Channel namespace of the liveness probes; a node id is appended.
+PROBE_CHANNEL_PREFIX: Final = "smapws:probe:"
+
+#: The ``reason`` of the resync notice sent after a subscriber outage.
+RESYNC_REASON: Final = "subscriber_reconnected"
+
+
+class ProbeLost(Exception):
+    """A liveness probe did not come back through the subscription within
+    its deadline: the link is considered dead (it may be half-open)."""
+
+
+class _SubscriptionEnded(Exception):
+    """The pump returned: redis-py ended the subscription without an error."""
+
 
 #: Errors that mean "the Redis link failed", as opposed to a bug of ours.
-_LINK_ERRORS: Final = (redis.exceptions.RedisError, OSError, EOFError, trio.TooSlowError)
+_LINK_ERRORS: Final = (
+    redis.exceptions.RedisError,
+    OSError,
+    EOFError,
+    trio.TooSlowError,
+    ProbeLost,
+    _SubscriptionEnded,
+)
 
 
 def backoff_delay(attempt: int, *, cap: float, rng: Callable[[], float] = random.random) -> float:
     """Delay before reconnect attempt ``attempt`` (0-based): "equal jitter",
     half fixed and half random, of ``min(cap, BACKOFF_BASE * 2**attempt)``.
 
-    The fixed half guarantees no busy loop; the random half spreads the
-    reconnects of many pods after a shared Redis restart."""
+    Guarantees ``ceiling / 2 <= delay <= ceiling <= cap``: the fixed half
+    rules out a busy loop (at most ``2 / cap`` attempts a second once
+    capped); the random half spreads the reconnects of many pods after a
+    shared Redis restart."""
     ceiling = min(cap, BACKOFF_BASE * (2 ** min(attempt, 30)))
     return float(ceiling / 2 + rng() * ceiling / 2)
 
 
+@dataclass(frozen=True)
+class SentinelTarget:
+    """Find the master through Sentinel: ``sentinels`` are ``(host, port)``
+    pairs, ``master`` the monitored name; ``password`` and ``db`` apply to the
+    master (the Sentinels themselves are reached without a password)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master: str
+    password: str | None = field(default=None, repr=False)
+    db: int = 0
+
+    @property
+    def display(self) -> str:
+        """``sentinel://host:port,.../master``: no secret, safe to log."""
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
+        return f"sentinel://{hosts}/{self.master}"
+
+
+class Progress:
+    """How many messages the pump has read; the pump counts, the prober
+    compares (one integer increment per message)."""
+
+    __slots__ = ("messages",)
+
+    def __init__(self) -> None:
+        self.messages = 0
+
+
+class ProbeTracker:
+    """The trio side's view of the probes of one session.
+
+    :meth:`seen` is called by the pump (asyncio side, same thread) with each
+    message that arrives on the probe channel; the prober waits on
+    :meth:`wait_answer`. Only the probe most recently sent counts: a late
+    answer to an older one proves nothing about the link now."""
+
+    def __init__(self, tag: str) -> None:
+        self._tag = tag
+        self._seq = 0
+        self._expected: bytes | None = None
+        self._answered = trio.Event()
+
+    def next(self) -> bytes:
+        """The payload of a new probe, which becomes the one awaited."""
+        self._seq += 1
+        self._expected = f"{self._tag}:{self._seq}".encode()
+        self._answered = trio.Event()
+        return self._expected
+
+    def seen(self, data: bytes) -> None:
+        """A message arrived on the probe channel."""
+        if data == self._expected:
+            self._answered.set()
+
+    @property
+    def answered(self) -> bool:
+        return self._answered.is_set()
+
+    async def wait_answer(self) -> None:
+        """Until the probe last made by :meth:`next` has come back."""
+        await self._answered.wait()
+
+
+async def watch_probes(
+    publish: Callable[[bytes], Awaitable[object]],
+    tracker: ProbeTracker,
+    *,
+    interval: float,
+    on_answer: Callable[[float], None],
+    progress: Progress | None = None,
+) -> NoReturn:
+    """Prove a subscription alive, forever: every ``interval`` seconds
+    ``publish`` a probe and wait for it to come back through the subscription.
+
+    Each probe has ``interval`` from being sent to come back, the publish
+    included. When that passes unanswered but ``progress`` shows messages
+    arrived during it, the link is carrying a backlog ahead of the probe, and
+    the probe gets one more interval, as long as that keeps being so.
+    ``on_answer(rtt)`` is called for each probe that came back.
+
+    Raises :class:`ProbeLost` when the publish takes longer than
+    ``interval``, or at a deadline that passes with no answer and no message:
+    a link that stops carrying bytes is given up between one and two
+    intervals after it stopped. Errors of ``publish`` propagate. Time is read
+    only through ``trio.current_time()``."""
+    progress = progress or Progress()
+    while True:
+        sent_at = trio.current_time()
+        deadline = sent_at + interval
+        token = tracker.next()
+        seen = progress.messages
+        with trio.move_on_at(deadline) as publishing:
+            await publish(token)
+        if publishing.cancelled_caught:
+            raise ProbeLost(f"probe publish took over {interval:g} s")
+        while True:
+            with trio.move_on_at(deadline):
+                await tracker.wait_answer()
+            if tracker.answered:
+                break
+            if progress.messages == seen:
+                raise ProbeLost(f"probe not answered within {interval:g} s")
+            seen = progress.messages
+            deadline += interval
+        on_answer(trio.current_time() - sent_at)
+        await trio.sleep_until(sent_at + interval)
+
+
 class RedisBroker:
-    """Subscriber and publisher on one Redis URL."""
+    """Subscriber and publisher on one Redis (a URL, or a master found
+    through Sentinel).
+
+    ``status`` is ``connecting`` while a session is being set up and until
+    its first probe has come back, ``connected`` from then on, ``down``
+    between sessions (waiting out the backoff). Callbacks run on the trio
+    thread and must not block or raise: ``on_reconnect()`` before each
+    reconnect attempt, ``on_drop()`` per message dropped because the
+    router's queue was full, ``on_resync(reason, down_s)`` when Redis
+    confirms a new subscription after one was lost ``down_s`` seconds
+    earlier (called from the pump, before any message of the new
+    subscription is handed on).
+    """
 
     backend = "redis"
 
     def __init__(
         self,
-        url: str,
+        target: str | SentinelTarget,
         pattern: str,
         *,
         timeout: float,
         reconnect_max: float,
+        probe_interval: float = 5.0,
         on_reconnect: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
+        on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
+        node_id: str | None = None,
     ) -> None:
-        self._url = url
+        self._target = target
+        self._where = target.display if isinstance(target, SentinelTarget) else redact_url(target)
         self._pattern = pattern
         self._timeout = timeout
         self._reconnect_max = reconnect_max
+        self._probe_interval = probe_interval
         self._on_reconnect = on_reconnect
         self._on_drop = on_drop
+        self._on_resync = on_resync
+        self.node_id = node_id or secrets.token_hex(6)
+        self.probe_channel = (PROBE_CHANNEL_PREFIX + self.node_id).encode()
         self._status = "connecting"
         self._reconnects = 0
         self._last_error: str | None = None
         self._connected_at: float | None = None
-        self._publisher: aioredis.Redis | None = None
+        self._subscribed_at: float | None = None
+        self._lost_at: float | None = None
+        self._server: str | None = None
+        self._probe_rtt: float | None = None
+        self._publisher: _Clients | None = None
 
     @property
     def status(self) -> str:
         return self._status
 
     def info(self) -> dict[str, Any]:
-        up = self._connected_at
+        """The ``subscriber`` object of ``/health``; never holds a password."""
+        now = trio.current_time()
+        up, lost = self._connected_at, self._lost_at
         return {
             "backend": self.backend,
             "status": self._status,
-            "url": redact_url(self._url),
+            "url": self._where,
+            "server": self._server,
             "pattern": self._pattern,
             "reconnects": self._reconnects,
             "last_error": self._last_error,
-            "connected_for_s": None if up is None else round(trio.current_time() - up, 3),
+            "connected_for_s": None if up is None else round(now - up, 3),
+            "down_for_s": None if lost is None else round(now - lost, 3),
+            "probe_interval_s": self._probe_interval,
+            "probe_rtt_ms": None if self._probe_rtt is None else round(self._probe_rtt * 1e3, 3),
         }
 
-    def _client(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(
-            self._url,
-            socket_connect_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=False,
+    def _clients(self) -> _Clients:
+        """New, unconnected clients for the configured target (no I/O)."""
+        # No retries inside redis-py: the reconnect policy is ours alone.
+        common: dict[str, Any] = {
+            "socket_connect_timeout": self._timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": False,
+        }
+        target = self._target
+        if isinstance(target, str):
+            return _Clients(aioredis.Redis.from_url(target, **common), None)
+        # Asking every Sentinel in turn must fit the connect deadline.
+        per_sentinel = self._timeout / max(1, len(target.sentinels))
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(target.sentinels),
+            sentinel_kwargs={
+                "socket_timeout": per_sentinel,
+                "socket_connect_timeout": per_sentinel,
+                "retry": Retry(NoBackoff(), 0),
+            },
         )
+        client = sentinel.master_for(
+            target.master, password=target.password, db=target.db, **common
+        )
+        return _Clients(client, sentinel)
 
     async def run(
         self,
@@ -99,90 +328,248 @@ class RedisBroker:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        """Subscribe and feed ``sink`` until cancelled, reconnecting forever.
+        Reports started at once. Raises only on a bug (link errors are
+        retried)."""
         task_status.started()
         attempt = 0
         while True:
             self._status = "connecting"
-            client = self._client()
-            pubsub = client.pubsub()
+            clients = self._clients()
             try:
-                with trio.fail_after(self._timeout):
-                    await trio_asyncio.aio_as_trio(pubsub.psubscribe)(self._pattern)
-                self._status = "connected"
-                self._connected_at = trio.current_time()
-                self._last_error = None
-                attempt = 0
-                logger.info(
-                    "Redis subscribed",
-                    extra=fields(url=redact_url(self._url), pattern=self._pattern),
-                )
-                await trio_asyncio.aio_as_trio(_pump)(pubsub, sink, self._on_drop)
-                self._last_error = "subscription ended"
-            except _LINK_ERRORS as exc:
-                self._last_error = f"{type(exc).__name__}: {_safe_error(exc, self._url)}"
+                await self._session(clients, sink)
+            except* _LINK_ERRORS as group:
+                exc = _first(group)
+                self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
             finally:
                 self._status = "down"
-                self._connected_at = None
+                self._server = None
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
-                    await trio_asyncio.aio_as_trio(_close)(pubsub, client)
+                    await clients.aclose()
+            now = trio.current_time()
+            self._connected_at = None
+            since, self._subscribed_at = self._subscribed_at, None
+            if since is not None:  # messages may be missed from now on
+                self._lost_at = now
+                if now - since >= STABLE_AFTER:
+                    attempt = 0
             delay = backoff_delay(attempt, cap=self._reconnect_max)
             attempt += 1
             self._reconnects += 1
             self._on_reconnect()
             logger.warning(
                 "Redis subscription down, reconnecting",
-                extra=fields(error=self._last_error, retry_in_s=round(delay, 2)),
+                extra=fields(error=self._last_error, retry_in_s=round(delay, 3)),
             )
             await trio.sleep(delay)
 
+    async def _session(self, clients: _Clients, sink: trio.MemorySendChannel[Item]) -> NoReturn:
+        """One subscription, from connect to failure. Always raises."""
+        pubsub = clients.client.pubsub()
+        clients.pubsub = pubsub
+        tracker = ProbeTracker(secrets.token_hex(4))
+        progress = Progress()
+        subscribed = trio.Event()
+        probe = self.probe_channel
+        pattern = self._pattern.encode()
+
+        def on_control(kind: str, channel: bytes) -> None:
+            if kind == "psubscribe" and channel == pattern:
+                self._pattern_subscribed()
+            elif kind == "subscribe" and channel == probe:
+                subscribed.set()
+
+        with trio.fail_after(self._timeout):
+            await trio_asyncio.aio_as_trio(_subscribe)(pubsub, self._pattern, probe)
+        self._server = _address(pubsub)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, pubsub, sink, progress, tracker.seen, on_control)
+            # The probe channel is subscribed after the pattern on the same
+            # connection, so its confirmation proves both are in place.
+            with trio.fail_after(self._timeout):
+                await subscribed.wait()
+            publish = partial(trio_asyncio.aio_as_trio(clients.client.publish), probe)
+            await watch_probes(
+                publish,
+                tracker,
+                interval=self._probe_interval,
+                on_answer=self._probe_answered,
+                progress=progress,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _pump(
+        self,
+        pubsub: aioredis.client.PubSub,
+        sink: trio.MemorySendChannel[Item],
+        progress: Progress,
+        on_probe: Callable[[bytes], None],
+        on_control: Callable[[str, bytes], None],
+    ) -> NoReturn:
+        await trio_asyncio.aio_as_trio(_pump)(
+            pubsub, sink, self._on_drop, progress, self.probe_channel, on_probe, on_control
+        )
+        raise _SubscriptionEnded("subscription ended")
+
+    def _pattern_subscribed(self) -> None:
+        """Redis confirmed the users' pattern: messages flow from here on."""
+        now = self._subscribed_at = trio.current_time()
+        lost, self._lost_at = self._lost_at, None
+        if lost is not None:
+            self._on_resync(RESYNC_REASON, now - lost)
+
+    def _probe_answered(self, rtt: float) -> None:
+        self._probe_rtt = rtt
+        if self._status == "connected":
+            return
+        now = trio.current_time()
+        self._status = "connected"
+        self._connected_at = now
+        self._last_error = None
+        logger.info(
+            "Redis subscribed",
+            extra=fields(
+                url=self._where,
+                server=self._server,
+                pattern=self._pattern,
+                probe_rtt_ms=round(rtt * 1e3, 3),
+            ),
+        )
+
+    def _safe_error(self, exc: BaseException) -> str:
+        """The error text with any URL password removed, should redis-py or
+        the OS ever quote the URL."""
+        text = str(exc)
+        target = self._target
+        if isinstance(target, str):
+            text = text.replace(target, redact_url(target))
+        elif target.password:
+            text = text.replace(target.password, "***")
+        return text[:200]
+
     async def publish(self, channel: bytes, data: bytes) -> int:
-        if self._publisher is None:
-            self._publisher = self._client()
+        """PUBLISH through a long-lived client, under ``timeout``. Raises
+        :class:`BrokerError` (no credentials in it) when Redis fails; the
+        client is then replaced, so the next call reconnects (and, with
+        Sentinel, finds the current master)."""
+        clients = self._publisher
+        if clients is None:
+            clients = self._publisher = self._clients()
         try:
             with trio.fail_after(self._timeout):
-                n = await trio_asyncio.aio_as_trio(self._publisher.publish)(channel, data)
+                n = await trio_asyncio.aio_as_trio(clients.client.publish)(channel, data)
         except _LINK_ERRORS as exc:
+            if self._publisher is clients:
+                self._publisher = None
+                with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
+                    await clients.aclose()
             raise BrokerError(f"Redis publish failed: {type(exc).__name__}") from None
         return int(n)
 
     async def aclose(self) -> None:
         """Close the publishing client (the subscriber closes its own)."""
         if self._publisher is not None:
-            publisher, self._publisher = self._publisher, None
+            clients, self._publisher = self._publisher, None
             with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
-                await trio_asyncio.aio_as_trio(publisher.aclose)()
+                await clients.aclose()
 
 
-def _safe_error(exc: BaseException, url: str) -> str:
-    """The error text with the URL's password removed, should redis-py or the
-    OS ever quote the URL."""
-    text = str(exc)
-    return text.replace(url, redact_url(url))[:200]
+class _Clients:
+    """What one session (or the publisher) owns: a client, perhaps its
+    subscription, perhaps the Sentinel client that found its master."""
+
+    def __init__(self, client: aioredis.Redis, sentinel: Sentinel | None) -> None:
+        self.client = client
+        self.sentinel = sentinel
+        self.pubsub: aioredis.client.PubSub | None = None
+
+    async def aclose(self) -> None:
+        """Close everything, ignoring link errors (the link may be what
+        failed). Callers bound it with a deadline."""
+        await trio_asyncio.aio_as_trio(_close)(self.pubsub, self.client, self.sentinel)
 
 
-async def _close(pubsub: aioredis.client.PubSub, client: aioredis.Redis) -> None:
-    """asyncio side: close the subscription and its client, ignoring link
-    errors (the link may be what failed)."""
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first leaf exception of a (possibly nested) group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, Exception)
+    return exc
+
+
+def _address(pubsub: aioredis.client.PubSub) -> str | None:
+    """``host:port`` (or the socket path) the subscription is connected to."""
+    conn = pubsub.connection
+    if conn is None:
+        return None
+    host, port = getattr(conn, "host", None), getattr(conn, "port", None)
+    if host is not None:
+        return f"{host}:{port}"
+    path = getattr(conn, "path", None)
+    return str(path) if path else None
+
+
+# -- asyncio side ---------------------------------------------------------
+
+
+async def _subscribe(pubsub: aioredis.client.PubSub, pattern: str, probe: bytes) -> None:
+    """Connect, PSUBSCRIBE the users' pattern, then SUBSCRIBE the probe
+    channel (in this order: the probe's confirmation proves both)."""
+    await pubsub.psubscribe(pattern)
+    await pubsub.subscribe(probe)
+
+
+async def _close(
+    pubsub: aioredis.client.PubSub | None, client: aioredis.Redis, sentinel: Sentinel | None
+) -> None:
     try:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-    finally:
-        await client.aclose()
+        try:
+            if pubsub is not None:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        finally:
+            try:
+                await client.aclose()
+            finally:
+                if sentinel is not None:
+                    await sentinel.aclose()
+    except (redis.exceptions.RedisError, OSError):
+        pass
 
 
 async def _pump(
     pubsub: aioredis.client.PubSub,
     sink: trio.MemorySendChannel[Item],
     on_drop: Callable[[], None],
+    progress: Progress,
+    probe: bytes,
+    on_probe: Callable[[bytes], None],
+    on_control: Callable[[str, bytes], None],
 ) -> None:
-    """asyncio side: read pmessages and hand them to trio without waiting.
-    Returns or raises when the connection fails."""
+    """asyncio side: read the subscription and hand pmessages to trio without
+    waiting, counting them in ``progress``. Messages on the probe channel go
+    to ``on_probe(data)`` (never to users); (un)subscribe confirmations to
+    ``on_control(kind, channel)``, synchronously, so that whatever it does
+    happens before the next message is read. Returns or raises when the
+    connection fails."""
     get = pubsub.get_message
     send = sink.send_nowait
     while True:
-        msg = await get(ignore_subscribe_messages=True, timeout=None)
-        if msg is None or msg.get("type") != "pmessage":
+        msg = await get(timeout=None)
+        if msg is None:
             continue
-        try:
-            send((msg["channel"], msg["data"]))
-        except trio.WouldBlock:
-            on_drop()
+        kind = msg["type"]
+        if kind == "pmessage":
+            progress.messages += 1
+            channel = msg["channel"]
+            if channel == probe:  # only when the user prefix covers it
+                continue
+            try:
+                send((channel, msg["data"]))
+            except trio.WouldBlock:
+                on_drop()
+        elif kind == "message":
+            if msg["channel"] == probe:
+                on_probe(msg["data"])
+        else:
+            on_control(kind, msg["channel"])

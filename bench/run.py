@@ -251,6 +251,11 @@ def _clean_env(port: int, redis_port: int, secret: str) -> dict[str, str]:
         JWT_SECRET=secret,
         SMAPWS_LOG_LEVEL="warning",
         PYTHONPATH=str(REPO_DIR),
+        # Capacity is measured, so smapws's admission limits (operator policy,
+        # defaults 1000 upgrades/s and 10,000 connections) are lifted; the
+        # baseline has none. Everything else stays at its default.
+        SMAPWS_MAX_ACCEPT_RATE="0",
+        SMAPWS_MAX_CONNECTIONS="20000",
     )
     return env
 

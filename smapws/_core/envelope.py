@@ -83,11 +83,21 @@ class Envelope:
         return self.frame[2 if n < 126 else 4 if n == 126 else 10 :]
 
 
+_second_cache: tuple[int, str] = (-1, "")
+
+
 def rfc3339_ms(epoch_seconds: float) -> str:
     """Format a POSIX timestamp as RFC 3339 UTC with milliseconds, e.g.
-    ``2026-11-26T04:40:21.123Z``."""
-    dt = datetime.fromtimestamp(epoch_seconds, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    ``2026-11-26T04:40:21.123Z``. (The part up to the second is computed once
+    per second: this runs for every message.)"""
+    global _second_cache
+    whole = int(epoch_seconds // 1)
+    millis = int((epoch_seconds - whole) * 1000)
+    second, prefix = _second_cache
+    if second != whole:
+        prefix = datetime.fromtimestamp(whole, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second_cache = (whole, prefix)
+    return f"{prefix}{millis:03d}Z"
 
 
 def parse(

@@ -37,7 +37,7 @@ from smapws._core.http import (
 from smapws._io import connection
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
-from smapws._io.ws import ServerWebSocket, WsClosed
+from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
 from smapws._log import fields, logger
 
 _RECEIVE_BYTES: Final = 4096
@@ -82,12 +82,15 @@ class _Upgrade:
     """An upgrade that passed every check: what the WebSocket phase needs, and
     nothing of the request head (an idle connection keeps this alive)."""
 
-    __slots__ = ("data", "expires_at", "remote", "user_id")
+    __slots__ = ("expires_at", "key", "remote", "trailing", "user_id")
 
-    def __init__(self, user_id: str, expires_at: float, data: bytes, remote: str) -> None:
+    def __init__(
+        self, user_id: str, expires_at: float, key: str, trailing: bytes, remote: str
+    ) -> None:
         self.user_id = user_id
         self.expires_at = expires_at
-        self.data = data
+        self.key = key
+        self.trailing = trailing
         self.remote = remote
 
 
@@ -151,7 +154,8 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
                 "deprecated query token used; send the access_token cookie instead",
                 extra=fields(user=user_id, remote=remote),
             )
-        return _Upgrade(user_id, expires_at, bytes(buf), remote)
+        key = head.header("sec-websocket-key") or ""
+        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote)
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     else:
@@ -207,7 +211,7 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
         raise _Refused(400, "bad_request")
     if head.header("sec-websocket-version") != "13":
         raise _Refused(426, "bad_version", (("Sec-WebSocket-Version", "13"),))
-    if not head.header("sec-websocket-key"):
+    if not valid_key(head.header("sec-websocket-key") or ""):
         raise _Refused(400, "bad_request")
     if app.draining:
         raise _Refused(503, "draining", (("Retry-After", str(RETRY_AFTER_S)),))
@@ -245,7 +249,11 @@ async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> No
         try:
             with trio.fail_after(cfg.handshake_timeout):
                 ws = await ServerWebSocket.accept(
-                    nursery, stream, upgrade.data, max_message_size=cfg.max_client_message_bytes
+                    nursery,
+                    stream,
+                    upgrade.key,
+                    upgrade.trailing,
+                    max_message_size=cfg.max_client_message_bytes,
                 )
         except (trio.TooSlowError, WsClosed):
             _reject_log(app, "handshake_failed", 400, upgrade.remote)
@@ -253,7 +261,7 @@ async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> No
             return
         finally:
             app.upgrade_finished()
-        upgrade.data = b""
+        upgrade.trailing = b""
         conn = connection.Connection(
             app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
         )

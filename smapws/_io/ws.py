@@ -4,16 +4,18 @@ Everything else in smapws sees :class:`ServerWebSocket`, :class:`Listener` and
 :class:`WsClosed`, so the WebSocket library can be swapped (for instance for
 ``websockets.trio``) by rewriting this file alone.
 
-trio-websocket does the upgrade handshake, runs the reader task (parsing
-client frames with wsproto, answering pings, the close handshake, the 1009
-size limit) and closes. Three things here go past its public API, on purpose,
-because a hub holds thousands of idle connections (DESIGN.md §4):
+trio-websocket runs the reader task (parsing client frames with wsproto,
+answering pings, the close handshake, the 1009 size limit) and closes. What
+goes past its public API does so on purpose, because a hub holds thousands
+of idle connections and writes each message to many of them (DESIGN.md §4):
 
 - :meth:`ServerWebSocket.send_frames` writes frames that the router encoded
   once for all connections (server frames are unmasked, so the bytes are the
   same for every socket), under the library's own stream lock so that they
   never interleave with its control frames. One writer sends everything
   queued in one ``send_all``.
+- The upgrade is answered here from the head the front door already parsed
+  (no second parse by h11), and wsproto starts in the OPEN state.
 - :class:`_LeanConnection` keeps only the state a hub connection uses: client
   messages are counted and discarded instead of queued on a memory channel
   (nobody reads them), pongs and the end of the connection are reported to a
@@ -26,14 +28,17 @@ because a hub holds thousands of idle connections (DESIGN.md §4):
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import socket
 from typing import Any, Final, Protocol
 
 import trio
 import trio_websocket
 import wsproto
+import wsproto.connection
 import wsproto.events
-from trio_websocket._impl import CloseReason, Future
-from trio_websocket._impl import ConnectionClosed as _TwConnectionClosed
+from trio_websocket._impl import CloseReason
 from wsproto.connection import ConnectionType
 
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
@@ -67,35 +72,24 @@ class Listener(Protocol):
     def on_closed(self, code: int) -> None: ...
 
 
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns ``prefix`` (bytes the front door already
-    read) and then reads ``stream``. Writes go straight to ``stream``."""
+#: RFC 6455 §1.3: the GUID appended to the client's key for the accept hash.
+_WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-    __slots__ = ("_prefix", "stream")
 
-    def __init__(self, stream: trio.abc.Stream, prefix: bytes) -> None:
-        self.stream = stream
-        self._prefix: bytes | None = prefix or None
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key``."""
+    digest = hashlib.sha1(key.encode("ascii") + _WS_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        prefix = self._prefix
-        if prefix is not None:
-            await trio.lowlevel.checkpoint()
-            if max_bytes is None or max_bytes >= len(prefix):
-                self._prefix = None
-                return prefix
-            self._prefix = prefix[max_bytes:]
-            return prefix[:max_bytes]
-        return bytes(await self.stream.receive_some(max_bytes))
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
+def valid_key(key: str) -> bool:
+    """Whether ``key`` is a base64-encoded 16-byte nonce (RFC 6455 §4.1)."""
+    if len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
 
 
 class _Inert:
@@ -147,12 +141,22 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
     the base would allocate a channel or an event nobody waits on.
     """
 
-    def __init__(self, stream: trio.abc.Stream, max_message_size: int) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, max_message_size: int, trailing_data: bytes
+    ) -> None:
         self._close_reason: CloseReason | None = None
         self._id = 0
         self._stream = stream
         self._stream_lock = trio.StrictFIFOLock()
+        # The upgrade is already done (see ServerWebSocket.accept): wsproto
+        # starts in the OPEN state, with any bytes the client sent after its
+        # request head, and no handshake machine at all.
         self._wsproto = wsproto.WSConnection(ConnectionType.SERVER)
+        self._wsproto.handshake = _INERT  # type: ignore[assignment]
+        proto = wsproto.connection.Connection(ConnectionType.SERVER, None, trailing_data)
+        if not proto._events:
+            proto._events = _EventQueue()  # type: ignore[assignment]
+        self._wsproto.connection = proto
         self._message_size = 0
         self._message_parts: list[bytes | str] = []
         self._max_message_size = max_message_size
@@ -167,7 +171,7 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
         self._reject_body = b""
         self._send_channel = self._recv_channel = _INERT  # type: ignore[assignment]
         self._pings = None  # type: ignore[assignment]
-        self._connection_proposal: Future[Any] | None = Future()
+        self._connection_proposal = None
         self._open_handshake = _INERT  # type: ignore[assignment]
         self._close_handshake = trio.Event()
         self._for_testing_peer_closed_connection = _INERT  # type: ignore[assignment]
@@ -209,40 +213,47 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
 class ServerWebSocket:
     """A server-side WebSocket after a successful upgrade."""
 
-    __slots__ = ("_ws",)
+    __slots__ = ("_sock", "_ws")
 
     def __init__(self, ws: _LeanConnection) -> None:
         self._ws = ws
+        # The OS socket, for writes that need no waiting (see try_send).
+        sock = getattr(getattr(ws._stream, "socket", None), "_sock", None)
+        self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
 
     @classmethod
     async def accept(
         cls,
         nursery: trio.Nursery,
         stream: trio.abc.Stream,
-        head: bytes,
+        key: str,
+        trailing_data: bytes,
         *,
         max_message_size: int,
     ) -> ServerWebSocket:
-        """Complete the upgrade whose request ``head`` was already read from
-        ``stream``. The library's reader task runs in ``nursery``.
+        """Answer an upgrade request that the front door already parsed and
+        checked (``key`` is its ``Sec-WebSocket-Key``, ``trailing_data`` what
+        the client sent after the head) with ``101 Switching Protocols``, and
+        start the library's reader task in ``nursery``.
 
-        The caller must bound this with a deadline: a handshake wsproto
-        refuses never produces a request. Raises :class:`WsClosed` when the
-        peer goes away during the upgrade.
+        The request head is not parsed a second time (by h11 inside wsproto):
+        that halves the cost of a handshake and keeps no handshake state.
+        No extension (permessage-deflate) and no subprotocol is negotiated.
+        The caller bounds this with a deadline. Raises :class:`WsClosed` when
+        the peer is gone.
         """
-        ws = _LeanConnection(PrefixedStream(stream, head), max_message_size)
-        nursery.start_soon(ws._reader_task)
-        request = await ws._get_request()
+        response = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + accept_key(key).encode("ascii")
+            + b"\r\n\r\n"
+        )
         try:
-            await request.accept()
-        except _TwConnectionClosed as exc:
-            raise WsClosed(_code(exc.reason)) from None
-        # Leftovers of the upgrade, never used again (see module docstring).
-        ws._wsproto.handshake = _INERT  # type: ignore[assignment]
-        proto = ws._wsproto.connection
-        if proto is not None and not proto._events:
-            proto._events = _EventQueue()  # type: ignore[assignment]
-        ws._connection_proposal = None
+            await stream.send_all(response)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise WsClosed(ABNORMAL_CLOSURE) from None
+        ws = _LeanConnection(stream, max_message_size, trailing_data)
+        nursery.start_soon(ws._reader_task)
         return cls(ws)
 
     def listen(self, listener: Listener) -> None:
@@ -258,6 +269,23 @@ class ServerWebSocket:
         """The close code once closing started (ours or the peer's), else None."""
         reason = self._ws._close_reason
         return None if reason is None else _code(reason)
+
+    def try_send(self, data: bytes) -> int:
+        """Write what the socket takes *now*, without waiting or yielding:
+        the number of bytes written (0 when its buffer is full), or -1 when
+        this cannot be done synchronously (no OS socket, the library is
+        writing a control frame, or closing started). Most deliveries finish
+        here, with one system call and no task switch."""
+        ws = self._ws
+        sock = self._sock
+        if sock is None or ws._close_reason is not None or ws._stream_lock.locked():
+            return -1
+        try:
+            return sock.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return -1  # the writer's path meets the error and ends the connection
 
     async def send_frames(self, data: bytes) -> None:
         """Write ready-made server frames (see :mod:`smapws._core.frames`,

@@ -7,17 +7,20 @@ fixed sets (reasons, close codes); there is never a per-user label.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # The *_created series double the exposition for no operational value.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -39,6 +42,56 @@ LATENCY_BUCKETS = (
     1.0,
     2.5,
 )
+
+
+class FastCounter:
+    """A counter for the per-message hot path: a plain integer add, read by
+    Prometheus at scrape time (prometheus-client's counters take a lock on
+    every increment, which was 6% of the hub's CPU at 20,000 deliveries/s).
+    Used from the trio thread only."""
+
+    __slots__ = ("documentation", "name", "value")
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def collect(self) -> list[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation)
+        family.add_metric([], self.value)
+        return [family]
+
+
+class FastHistogram:
+    """A histogram for the per-message hot path (see :class:`FastCounter`):
+    ``observe`` is one C bisect and two adds."""
+
+    __slots__ = ("_bounds", "_counts", "_sum", "documentation", "name")
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = list(buckets)
+        self._counts = [0] * (len(buckets) + 1)  # the last one is +Inf
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def collect(self) -> list[Metric]:
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip([*self._bounds, math.inf], self._counts, strict=True):
+            running += count
+            cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], cumulative, sum_value=self._sum)
+        return [family]
 
 
 class Metrics:
@@ -73,22 +126,22 @@ class Metrics:
             ["cause"],
             registry=r,
         )
-        self.messages_sent = Counter(
+        self.messages_sent = FastCounter(
             "websocket_messages_sent",
             "Messages written to a WebSocket (one per connection reached).",
-            registry=r,
         )
+        r.register(self.messages_sent)
         self.messages_failed = Counter(
             "websocket_messages_failed",
             "Messages meant for a connection that could not be written "
             "(queue full, or the connection closed before they were sent).",
             registry=r,
         )
-        self.broker_received = Counter(
+        self.broker_received = FastCounter(
             "websocket_broker_messages_received",
             "Messages received from the broker.",
-            registry=r,
         )
+        r.register(self.broker_received)
         self.broker_invalid = Counter(
             "websocket_broker_messages_invalid",
             "Broker messages dropped as invalid, by reason.",
@@ -105,12 +158,12 @@ class Metrics:
             "Valid messages for a user with no connection on this node.",
             registry=r,
         )
-        self.delivery_latency = Histogram(
+        self.delivery_latency = FastHistogram(
             "websocket_delivery_latency_seconds",
             "Time from broker receipt to the socket write that carried the message.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
         )
+        r.register(self.delivery_latency)
         self.slow_consumer_closes = Counter(
             "websocket_slow_consumer_closes",
             "Connections closed with 1013 because their send queue was full.",

@@ -101,3 +101,29 @@ def test_public_key_algorithms() -> None:
 
 def test_repr_hides_the_key() -> None:
     assert KEY not in repr(CFG)
+
+
+def test_verified_tokens_are_remembered_but_expire() -> None:
+    from smapws._core.auth import VerifiedTokens
+
+    tokens = VerifiedTokens(CFG, max_entries=2)
+    a = mint("a", key=KEY, now=NOW, ttl=60)
+    assert tokens.verify(a, now=NOW).user_id == "a"
+    assert len(tokens) == 1
+    assert tokens.verify(a, now=NOW + 30).user_id == "a"  # a hit
+    with pytest.raises(AuthError, match="expired"):
+        tokens.verify(a, now=NOW + 60)  # a hit still checks the expiry
+    assert len(tokens) == 0
+    # Failures are not remembered; one changed byte is another token.
+    forged = a[:-2] + ("A" if a[-2] != "A" else "B") + a[-1]
+    with pytest.raises(AuthError):
+        tokens.verify(forged, now=NOW)
+    assert len(tokens) == 0
+    # Bounded: the least recently used goes.
+    b, c = (mint(u, key=KEY, now=NOW, ttl=60) for u in "bc")
+    tokens.verify(a, now=NOW)
+    tokens.verify(b, now=NOW)
+    tokens.verify(a, now=NOW)
+    tokens.verify(c, now=NOW)
+    assert len(tokens) == 2
+    assert list(tokens._cache) == [a, c]

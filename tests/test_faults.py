@@ -240,6 +240,36 @@ async def test_a_probe_behind_a_flowing_backlog_is_waited_for(autojump_clock: An
     assert trio.current_time() - start == pytest.approx(5.0)
 
 
+async def test_a_slow_publish_while_messages_flow_is_retried(autojump_clock: Any) -> None:
+    tracker = ProbeTracker("t")
+    progress = Progress()
+    start = trio.current_time()
+    calls: list[float] = []
+
+    async def publish(token: bytes) -> None:
+        calls.append(trio.current_time() - start)
+        if len(calls) == 1:
+            await trio.sleep_forever()  # this reply never comes
+        tracker.seen(token)
+
+    async def flowing() -> None:
+        while True:
+            await trio.sleep(0.5)
+            progress.messages += 1
+
+    rtts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flowing)
+        with trio.move_on_after(7.0):
+            await watch_probes(
+                publish, tracker, interval=5.0, on_answer=rtts.append, progress=progress
+            )
+        nursery.cancel_scope.cancel()
+    # Cut off at 5 s while messages flowed: published again, answered at once.
+    assert calls == pytest.approx([0.0, 5.0, 5.0])
+    assert rtts == pytest.approx([5.0, 0.0])
+
+
 def test_only_the_latest_probe_counts() -> None:
     tracker = ProbeTracker("t")
     old = tracker.next()

@@ -8,6 +8,7 @@ Error messages and reasons never contain the token or the key.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -144,3 +145,43 @@ def mint(
     if extra:
         claims.update(extra)
     return jwt.encode(claims, key, algorithm=algorithm)
+
+
+class VerifiedTokens:
+    """A bounded memory of tokens already verified, so that a reconnect storm
+    (every tab of every user coming back with the same cookie) does not pay
+    for the signature again: on a hit only the expiry is checked against
+    ``now``. (``nbf`` needs no second look: it passed once, time only moves
+    on.) Tokens that fail are never remembered. Least recently used first
+    out; at most ``max_entries`` (about 0.4 KiB each).
+
+    Sound because the key is the exact token string: a token whose claims or
+    signature differ in any byte is a different key and is verified in full.
+    """
+
+    __slots__ = ("_cache", "config", "max_entries")
+
+    def __init__(self, config: AuthConfig, max_entries: int = 10_000) -> None:
+        self.config = config
+        self.max_entries = max_entries
+        self._cache: OrderedDict[str, Claims] = OrderedDict()
+
+    def verify(self, token: str, *, now: float) -> Claims:
+        """As :func:`verify`, remembering successes. Raises :class:`AuthError`."""
+        cache = self._cache
+        claims = cache.get(token)
+        if claims is not None:
+            if now >= claims.expires_at:
+                del cache[token]
+                raise AuthError("expired")
+            cache.move_to_end(token)
+            return claims
+        claims = verify(token, self.config, now=now)
+        if self.max_entries > 0:
+            cache[token] = claims
+            if len(cache) > self.max_entries:
+                cache.popitem(last=False)
+        return claims
+
+    def __len__(self) -> int:
+        return len(self._cache)

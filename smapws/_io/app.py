@@ -7,6 +7,7 @@ into one :class:`App`, all on the trio thread.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ import trio
 
 from smapws import _version
 from smapws._config import Config
+from smapws._core.auth import VerifiedTokens
 from smapws._core.envelope import InvalidMessage, encode_message, parse, user_from_channel
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
@@ -27,6 +29,10 @@ from smapws.metrics import Metrics
 #: At most one "invalid broker message" log line per reason per this many
 #: seconds; the rest are counted (metric) and summarised in the next line.
 INVALID_LOG_INTERVAL = 1.0
+
+#: Most messages the router handles between two checkpoints (so that a
+#: burst cannot keep other tasks, the writers included, waiting long).
+ROUTER_BATCH = 64
 
 #: Granularity of pings, pong deadlines and token expiry: one task visits every
 #: connection this often (a few ms for 10,000 connections), instead of one
@@ -64,12 +70,17 @@ class App:
             self.metrics.snapshot_entries.set_function(lambda: len(snapshots))
         self.prefix = config.channel_prefix.encode()
         self.draining = False
+        assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
+        self.tokens = VerifiedTokens(config.auth)
         rate = config.max_accept_rate
         self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
         self.pending_upgrades = 0
         self.started_at = trio.current_time()
         self._invalid_log: dict[str, tuple[float, int]] = {}
         self._empty = trio.Event()
+        #: Whether per-message debug lines are wanted (read once: the check
+        #: costs more than routing a message to a connection).
+        self.debug = logger.isEnabledFor(logging.DEBUG)
 
     # -- connections -----------------------------------------------------
 
@@ -185,16 +196,12 @@ class App:
                     m.progress_conflated.inc()
                 if result & HIGH_WATER:
                     m.queue_high_water.inc()
-        if self._debug:
+        if self.debug:
             logger.debug(
                 "Routed message",
                 extra=fields(user=user, type=env.type, connections=queued),
             )
         return queued
-
-    @property
-    def _debug(self) -> bool:
-        return logger.isEnabledFor(10)
 
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:
         last, suppressed = self._invalid_log.get(reason, (-1e18, 0))
@@ -213,10 +220,22 @@ class App:
         )
 
     async def router(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
-        """The router task: drain the broker's queue into connections."""
+        """The router task: drain the broker's queue into connections.
+
+        Messages that arrived together are routed together, up to
+        :data:`ROUTER_BATCH`, with one clock reading and one checkpoint:
+        they were received in the same instant."""
         route = self.route
+        receive_nowait = receive.receive_nowait
         async for channel, data in receive:
-            route(channel, data, wall_time=time.time(), now=trio.current_time())
+            wall, now = time.time(), trio.current_time()
+            route(channel, data, wall_time=wall, now=now)
+            for _ in range(ROUTER_BATCH):
+                try:
+                    channel, data = receive_nowait()
+                except trio.WouldBlock:
+                    break
+                route(channel, data, wall_time=wall, now=now)
 
     async def maintain(self) -> None:
         """The hub's periodic duties, in one task: a heartbeat tick for every

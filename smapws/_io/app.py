@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import trio
@@ -16,7 +17,13 @@ import trio
 from smapws import _version
 from smapws._config import Config
 from smapws._core.auth import VerifiedTokens
-from smapws._core.envelope import InvalidMessage, encode_message, parse, user_from_channel
+from smapws._core.envelope import (
+    Envelope,
+    InvalidMessage,
+    encode_message,
+    parse,
+    user_from_channel,
+)
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
 from smapws._core.ratelimit import TokenBucket
@@ -144,10 +151,7 @@ class App:
         that a frontend can refetch its state. Returns how many were queued."""
         data = encode_message("resync", {"reason": reason, "down_s": round(down_s, 3)})
         env = parse(data, wall_time=time.time(), received_at=trio.current_time())
-        queued = 0
-        for conn in self.hub.all_connections():
-            if conn.offer(env) & QUEUED:
-                queued += 1
+        queued = self._offer_all(self.hub.all_connections(), env)
         self.metrics.resync_messages.inc(queued)
         if queued:
             logger.info("resync sent", extra=fields(reason=reason, connections=queued))
@@ -180,8 +184,20 @@ class App:
         if not conns:
             m.messages_unrouted.inc()
             return 0
+        queued = self._offer_all(tuple(conns), env)
+        if self.debug:
+            logger.debug(
+                "Routed message",
+                extra=fields(user=user, type=env.type, connections=queued),
+            )
+        return queued
+
+    def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:
+        """Offer ``env`` to each of ``conns`` and count what happened; return
+        how many queued (or wrote) it."""
+        m = self.metrics
         queued = 0
-        for conn in tuple(conns):
+        for conn in conns:
             result = conn.offer(env)
             if result == QUEUED:  # the common case: nothing else to count
                 queued += 1
@@ -196,11 +212,6 @@ class App:
                     m.progress_conflated.inc()
                 if result & HIGH_WATER:
                     m.queue_high_water.inc()
-        if self.debug:
-            logger.debug(
-                "Routed message",
-                extra=fields(user=user, type=env.type, connections=queued),
-            )
         return queued
 
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:

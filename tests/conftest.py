@@ -13,7 +13,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,23 @@ async def redis_hub(nursery: trio.Nursery, redis_server: RedisServer) -> Server:
     server: Server = await nursery.start(serve, make_config(REDIS_URL=redis_server.url))
     await wait_ready(server)
     return server
+
+
+async def wait_port_ready(
+    port: int, timeout: float = 20, *, exited: Callable[[], object] = lambda: None
+) -> None:
+    """Until a hub in another process answers ``/ready`` with 200. Fails
+    at once when ``exited()`` returns an exit code (the process died)."""
+    with trio.fail_after(timeout):
+        while True:
+            code = exited()
+            assert code is None, f"the hub exited with {code}"
+            try:
+                if (await http(port, "GET", "/ready")).status == 200:
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.05)
 
 
 async def wait_ready(server: Server, timeout: float = 10) -> None:

@@ -53,7 +53,16 @@ from smapws._io import frontdoor, sdnotify
 from smapws._io.sdnotify import Notifier, Status
 from smapws._io.server import stop_budget
 
-from .conftest import SECRET, RedisServer, connect, free_port, http, make_config, receive_json
+from .conftest import (
+    SECRET,
+    RedisServer,
+    connect,
+    free_port,
+    http,
+    make_config,
+    receive_json,
+    wait_port_ready,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "smapws.service"
@@ -557,15 +566,7 @@ async def test_the_hub_runs_under_memory_deny_write_execute(redis_server: RedisS
     async with trio.open_nursery() as nursery:
         run = partial(trio.run_process, [sys.executable, "-c", MDWE_LAUNCHER], env=env, check=False)
         proc: trio.Process = await nursery.start(run)
-        with trio.fail_after(20):
-            while True:
-                assert proc.returncode is None, f"the hub exited with {proc.returncode}"
-                try:
-                    if (await http(port, "GET", "/ready")).status == 200:
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.05)
+        await wait_port_ready(port, 20, exited=lambda: proc.returncode)
         async with connect(port, "mdwe-user") as ws:
             with trio.fail_after(5):
                 while (
@@ -640,15 +641,7 @@ async def test_the_hub_makes_no_system_call_its_unit_filters_out(
     async with trio.open_nursery() as nursery:
         run = partial(trio.run_process, argv, env=env, check=False)
         strace: trio.Process = await nursery.start(run)
-        with trio.fail_after(30):
-            while True:
-                assert strace.returncode is None, "the hub exited"
-                try:
-                    if (await http(port, "GET", "/ready")).status == 200:
-                        break
-                except OSError:
-                    pass
-                await trio.sleep(0.1)
+        await wait_port_ready(port, 30, exited=lambda: strace.returncode)
         async with connect(port, "traced-user") as ws:
             with trio.fail_after(10):
                 message = {"type": "notification", "payload": {}}

@@ -25,6 +25,7 @@ from .conftest import (
     make_config,
     token,
     wait_connections,
+    wait_port_ready,
 )
 from .test_websocket import UPGRADE_HEAD, raw_upgrade
 
@@ -86,14 +87,7 @@ def test_sigterm_drains_and_exits_0(redis_server: RedisServer) -> None:
 
 
 async def _sigterm_scenario(proc: subprocess.Popen[str], port: int) -> list[int | None]:
-    with trio.fail_after(20):
-        while True:
-            try:
-                if (await http(port, "GET", "/ready")).status == 200:
-                    break
-            except OSError:
-                pass
-            await trio.sleep(0.05)
+    await wait_port_ready(port, 20, exited=proc.poll)
     codes = []
     async with connect(port, "u1") as a, connect(port, "u1") as b:
         health = (await http(port, "GET", "/health")).json()

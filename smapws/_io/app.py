@@ -29,7 +29,7 @@ from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxL
 from smapws._core.ratelimit import TokenBucket
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item
-from smapws._io.connection import GOING_AWAY, Connection
+from smapws._io.connection import Connection
 from smapws._log import fields, logger
 from smapws.metrics import Metrics
 
@@ -124,7 +124,7 @@ class App:
             if state:
                 self.metrics.snapshot_sent.inc(len(state))
         if self.draining:
-            conn.request_close(GOING_AWAY, "server shutting down", cause="drain")
+            conn.go_away()
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.hub.remove(conn.user_id, conn)

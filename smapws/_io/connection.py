@@ -143,6 +143,10 @@ class Connection:
             self.cause = cause
             self._wake()
 
+    def go_away(self) -> None:
+        """Ask for a close with 1001: the hub is draining for shutdown."""
+        self.request_close(GOING_AWAY, "server shutting down", cause="drain")
+
     def heartbeat(self, now: float, ping_interval: float, pong_wait: float) -> None:
         """One heartbeat tick (see the module docstring)."""
         if self.close_code is not None:

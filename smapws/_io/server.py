@@ -32,7 +32,6 @@ from smapws._io.app import App
 from smapws._io.brokers import Broker, Item
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.brokers.redis import RedisBroker, SentinelTarget
-from smapws._io.connection import GOING_AWAY
 from smapws._log import fields, logger
 from smapws.metrics import Metrics
 
@@ -119,7 +118,7 @@ class Server:
             elapsed = trio.current_time() - start
             due = n if rate is None else min(n, int(elapsed * rate) + 1)
             for conn in conns[closed:due]:
-                conn.request_close(GOING_AWAY, "server shutting down", cause="drain")
+                conn.go_away()
             closed = max(closed, due)
             if closed >= n:
                 return

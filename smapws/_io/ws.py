@@ -264,12 +264,6 @@ class ServerWebSocket:
         if reason is not None:
             listener.on_closed(_code(reason))
 
-    @property
-    def close_code(self) -> int | None:
-        """The close code once closing started (ours or the peer's), else None."""
-        reason = self._ws._close_reason
-        return None if reason is None else _code(reason)
-
     def try_send(self, data: bytes) -> int:
         """Write what the socket takes *now*, without waiting or yielding:
         the number of bytes written (0 when its buffer is full), or -1 when

@@ -72,14 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(config: Config) -> int:
     import trio
 
-    from smapws._io.server import serve
+    from smapws._io.server import ListenError, serve
 
     _log.configure(config.log_level, config.log_format)
     _tune_gc()
     try:
         trio.run(lambda: serve(config, handle_signals=True))
-    except OSError as exc:
-        print(f"smapws: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+    except ListenError as exc:
+        print(f"smapws: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130

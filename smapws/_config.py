@@ -186,6 +186,21 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("api_key", "SMAPWS_API_KEY", _str, None, "bearer key for POST /api/publish", True),
     _Option("max_connections", "SMAPWS_MAX_CONNECTIONS", _positive_int, 10000, "connection cap"),
     _Option(
+        "max_connections_per_user",
+        "SMAPWS_MAX_CONNECTIONS_PER_USER",
+        _positive_int,
+        64,
+        "open connections one user may hold on this hub (more get 429)",
+    ),
+    _Option(
+        "max_pending_requests",
+        "SMAPWS_MAX_PENDING_REQUESTS",
+        _positive_int,
+        1024,
+        "accepted sockets still sending their request head; past it the oldest is "
+        "answered 408 and closed",
+    ),
+    _Option(
         "max_accept_rate",
         "SMAPWS_MAX_ACCEPT_RATE",
         _non_negative_float,
@@ -198,6 +213,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _positive_int,
         65536,
         "largest broker message delivered",
+    ),
+    _Option(
+        "max_json_depth",
+        "SMAPWS_MAX_JSON_DEPTH",
+        _positive_int,
+        32,
+        "deepest nesting of arrays/objects in a broker message or publish body",
     ),
     _Option(
         "max_client_message_bytes",
@@ -320,8 +342,11 @@ class Config:
     drain_timeout: float = 30.0
     api_key: str | None = field(default=None, repr=False)
     max_connections: int = 10000
+    max_connections_per_user: int = 64
+    max_pending_requests: int = 1024
     max_accept_rate: float = 1000.0
     max_message_bytes: int = 65536
+    max_json_depth: int = 32
     max_client_message_bytes: int = 4096
     send_queue_high_water: int = 32
     send_queue_messages: int = 256

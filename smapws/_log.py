@@ -7,14 +7,22 @@ rejected``, ``Redis connected``, ``Routed message``) and data as fields::
 
 Nothing here knows about tokens: call sites never pass one. The formatter
 also refuses to print any field whose name looks like a secret.
+
+Every record is one line, whatever it carries: in the text format, control
+characters (CR, LF, ESC, NUL, ...) in any value are escaped, so a user id or
+a channel cannot forge a line or a terminal sequence; an exception is one
+record with its traceback in the ``exc`` field (escaped in text, a string in
+JSON).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import traceback
 from typing import Any, Final
 
 logger: Final = logging.getLogger("smapws")
@@ -34,11 +42,42 @@ def _safe(name: str, value: Any) -> Any:
     return value
 
 
+#: What forces a text value into quotes: separators, quotes, backslashes and
+#: every C0/C1 control character, DEL and the Unicode line separators.
+_NEEDS_QUOTES: Final = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+#: Anything shaped like a JWT (three base64url parts, the first a JSON
+#: object): redacted wherever it appears, exception texts included.
+_JWT: Final = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
+
+
 def _quote(v: Any) -> str:
     s = str(v)
-    if s == "" or any(c in s for c in ' "=\n\t'):
+    if s == "" or _NEEDS_QUOTES.search(s):
+        # JSON string escaping: \n, \r, \u001b, \u0000 ... and, with
+        # ensure_ascii, lone surrogates as \udXXX rather than an encoding error.
         return json.dumps(s)
     return s
+
+
+class RateLimitedLog:
+    """At most one record per key per ``interval`` seconds; the rest are
+    counted and the count is given to the next record that is let through.
+
+    Time is what the caller passes (``trio.current_time()`` in the hub)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def allow(self, key: str, now: float) -> int | None:
+        """``None`` to suppress this record, else how many records of
+        ``key`` were suppressed since the last one allowed."""
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return None
+        self._last[key] = (now, 0)
+        return suppressed
 
 
 class _Formatter(logging.Formatter):
@@ -57,7 +96,10 @@ class _Formatter(logging.Formatter):
         }
         data.update((k, _safe(k, v)) for k, v in kv.items())
         if record.exc_info and record.exc_info[0] is not None:
-            data["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+            error = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+            exc = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            data["error"] = _JWT.sub("[redacted]", error)
+            data["exc"] = _JWT.sub("[redacted]", exc)
         if self.as_json:
             return json.dumps(data, default=str)
         return " ".join(f"{k}={_quote(v)}" for k, v in data.items())

@@ -225,6 +225,28 @@ class Metrics:
         self.draining = Gauge(
             "websocket_draining", "1 while the hub drains for shutdown.", registry=r
         )
+        self.internal_errors = Counter(
+            "websocket_internal_errors",
+            "Unexpected exceptions caught at a barrier, by where: route (one "
+            "message dropped), connection (one connection closed), heartbeat, "
+            "broker (the subscription restarted). Each is a bug to report.",
+            ["where"],
+            registry=r,
+        )
+        for where in ("route", "connection", "heartbeat", "broker"):
+            self.internal_errors.labels(where)
+        self.accept_errors = Counter(
+            "websocket_accept_errors",
+            "accept() failures for lack of resources (EMFILE, ENFILE, ENOMEM, "
+            "ENOBUFS), by errno name; the listener pauses 100 ms after each.",
+            ["errno"],
+            registry=r,
+        )
+        self.pending_heads = Gauge(  # read from the front door at scrape time
+            "websocket_pending_requests",
+            "Accepted sockets still sending their request head.",
+            registry=r,
+        )
 
     def bind_gauges(self, connections: Callable[[], float], users: Callable[[], float]) -> None:
         """Read the connection gauges from the hub at scrape time, so they can

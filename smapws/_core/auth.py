@@ -8,9 +8,10 @@ Error messages and reasons never contain the token or the key.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import jwt
 
@@ -23,6 +24,22 @@ PUBLIC_KEY_ALGORITHMS: Final = frozenset(
 
 #: User ids become part of a Redis channel name and of log lines; bound them.
 MAX_USER_ID_LENGTH: Final = 256
+
+#: Characters no user id may hold: C0 and C1 controls, DEL, and UTF-16
+#: surrogates (a JSON string can carry a lone one as an escape; it has no
+#: UTF-8 encoding, so it could name no channel).
+_NOT_IN_USER_ID: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def valid_user_id(user: object) -> TypeGuard[str]:
+    """Whether ``user`` can be a user id: a non-empty string of at most
+    :data:`MAX_USER_ID_LENGTH` characters, none of them a control character
+    or a surrogate. The same rule for a token's claim and a publish request."""
+    return (
+        isinstance(user, str)
+        and 0 < len(user) <= MAX_USER_ID_LENGTH
+        and _NOT_IN_USER_ID.search(user) is None
+    )
 
 
 class AuthError(Exception):
@@ -64,7 +81,8 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
     header's ``alg`` is never trusted beyond that list); ``exp`` is present and
     in the future (``nbf`` respected when present); ``iss``/``aud`` match when
     configured; the user id (``config.user_claim``, falling back to
-    ``user_id``) is a non-empty string (or integer) of bounded length.
+    ``user_id``) is a :func:`valid_user_id`, or an integer (taken as its
+    decimal string).
 
     Raises :class:`AuthError`.
     """
@@ -76,6 +94,10 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         "verify_nbf": False,
         "verify_iat": False,
         "verify_aud": config.audience is not None,
+        # PyJWT (>= 2.10) refuses a non-string ``sub``; the user claim is
+        # checked below instead, where an integer id is accepted as its
+        # decimal string (backends with numeric user ids mint such tokens).
+        "verify_sub": False,
         "verify_iss": config.issuer is not None,
     }
     try:
@@ -122,7 +144,7 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         user = str(user)
     if user is None:
         raise AuthError("missing_claim")
-    if not isinstance(user, str) or not user or len(user) > MAX_USER_ID_LENGTH:
+    if not valid_user_id(user):
         raise AuthError("bad_user")
     return Claims(user_id=user, expires_at=float(exp) + config.leeway)
 

@@ -14,10 +14,13 @@ fixed ``reason`` suitable for a metric label.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from smapws._core.auth import valid_user_id
 from smapws._core.frames import text_frame
 
 #: Default bound on one broker message, in bytes. Seed payloads are ~200 B; a
@@ -25,15 +28,25 @@ from smapws._core.frames import text_frame
 #: dropped (and counted) rather than copied to thousands of sockets.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 
+#: Default bound on the nesting of arrays and objects in a broker message or a
+#: publish body (``SMAPWS_MAX_JSON_DEPTH``). The seed's messages nest 2 deep;
+#: CPython's parser raises ``RecursionError`` somewhere near 1,000, and a
+#: browser's ``JSON.parse`` has a limit of its own: a bound well under both.
+DEFAULT_MAX_JSON_DEPTH: Final = 32
+
 #: The reasons :class:`InvalidMessage` may carry; they are metric label values.
 INVALID_REASONS: Final = (
     "too_large",
     "not_utf8",
     "not_json",
+    "too_deep",
+    "bad_number",
+    "bad_unicode",
     "not_object",
     "bad_type",
     "bad_payload",
     "bad_channel",
+    "bad_user_id",
 )
 
 
@@ -100,32 +113,93 @@ def rfc3339_ms(epoch_seconds: float) -> str:
     return f"{prefix}{millis:03d}Z"
 
 
+def _no_constant(name: str) -> Any:
+    raise InvalidMessage("bad_number", name)
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):  # 1e999 parses as infinity
+        raise InvalidMessage("bad_number")
+    return x
+
+
+#: A JSON string (with its escapes), and the brackets outside strings.
+_STRING: Final = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS: Final = re.compile(r"[\[\]{}]")
+#: An escaped UTF-16 surrogate: ``\ud800``-``\udfff``, any case.
+_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in ``text`` (JSON or not)."""
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """Parse ``raw`` as strict JSON (RFC 8259) that any browser's
+    ``JSON.parse`` takes back as it was sent.
+
+    Guarantees: UTF-8 text; no ``NaN``/``Infinity``, and no number that only
+    parses as infinity (``1e999``); no lone UTF-16 surrogate (``"\ud800"``)
+    in any string or key; arrays and objects nested at most ``max_depth``
+    deep, checked before parsing, so that no input reaches the parser's
+    recursion limit. Raises :class:`InvalidMessage` (``not_utf8``,
+    ``not_json``, ``too_deep``, ``bad_number``, ``bad_unicode``) and nothing
+    else.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("not_utf8") from None
+    # Counting brackets is an upper bound of the depth, at C speed: the exact
+    # (slower) count runs only for messages with many brackets.
+    if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
+        raise InvalidMessage("too_deep", f"deeper than {max_depth}")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except InvalidMessage:
+        raise
+    except (ValueError, RecursionError):
+        raise InvalidMessage("not_json") from None
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
+        # Paired escapes decode to one character; a lone one stays a
+        # surrogate, which no UTF-8 encoder takes.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidMessage("bad_unicode") from None
+    return obj
+
+
 def parse(
     raw: bytes,
     *,
     wall_time: float,
     received_at: float,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> Envelope:
     """Validate one broker message and build its :class:`Envelope`.
 
     ``wall_time`` (POSIX seconds) is used for the ``timestamp`` field when the
     publisher did not set one; ``received_at`` is stored as is.
 
-    Raises :class:`InvalidMessage` when the message is over ``max_bytes``, not
-    UTF-8, not JSON, not an object, has no non-empty string ``type`` or a
-    ``payload`` that is not an object.
+    Raises :class:`InvalidMessage` when the message is over ``max_bytes``, is
+    not strict JSON nested at most ``max_depth`` deep (:func:`loads_strict`),
+    is not an object, has no non-empty string ``type`` or a ``payload`` that
+    is not an object; and nothing else.
     """
     if len(raw) > max_bytes:
         raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidMessage("not_utf8") from None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        raise InvalidMessage("not_json") from None
+    obj = loads_strict(raw, max_depth=max_depth)
     if not isinstance(obj, dict):
         raise InvalidMessage("not_object")
     mtype = obj.get("type")
@@ -151,6 +225,34 @@ def parse(
         stamp = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
         body = body[:-1] + stamp
     return Envelope(type=mtype, kind=kind, key=key, frame=text_frame(body), received_at=received_at)
+
+
+def parse_publish_body(
+    body: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_depth: int = DEFAULT_MAX_JSON_DEPTH,
+) -> tuple[str, bytes]:
+    """Validate a publish request, ``{"user_id": "u1", "message": {...}}``,
+    and return ``(user_id, message)``: the message encoded as compact UTF-8
+    JSON, exactly what is then published on the user's channel.
+
+    One validation for both ways in: the body is held to the same strict
+    JSON as a broker message (one level deeper, for the wrapper), the user
+    id to :func:`~smapws._core.auth.valid_user_id`, and the message is then
+    checked by :func:`parse` exactly as the router will check it. Raises
+    :class:`InvalidMessage` (any reason of :func:`parse`, or ``bad_user_id``)
+    and nothing else.
+    """
+    req = loads_strict(body, max_depth=max_depth + 1)
+    if not isinstance(req, dict):
+        raise InvalidMessage("not_object")
+    user_id = req.get("user_id")
+    if not valid_user_id(user_id):
+        raise InvalidMessage("bad_user_id")
+    message = json.dumps(req.get("message"), separators=(",", ":"), ensure_ascii=False).encode()
+    parse(message, wall_time=0.0, received_at=0.0, max_bytes=max_bytes, max_depth=max_depth)
+    return user_id, message
 
 
 def user_from_channel(channel: bytes, prefix: bytes) -> str:

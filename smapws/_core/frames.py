@@ -29,3 +29,15 @@ def text_frame(payload: bytes) -> bytes:
     else:
         header = struct.pack("!BBQ", _FIN_TEXT, 127, n)
     return header + payload
+
+
+_FIN_CLOSE = 0x88  # FIN bit + opcode 0x8 (close)
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    """Return an unmasked close frame with ``code`` and ``reason`` (RFC 6455
+    §5.5.1: a control frame's payload is at most 125 bytes, so the reason is
+    cut to fit, never inside a UTF-8 sequence)."""
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    payload = struct.pack("!H", code) + text
+    return bytes((_FIN_CLOSE, len(payload))) + payload

@@ -7,12 +7,14 @@ into one :class:`App`, all on the trio thread.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import trio
+from trio_util import AsyncValue
 
 from smapws import _version
 from smapws._config import Config
@@ -29,13 +31,19 @@ from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxL
 from smapws._core.ratelimit import TokenBucket
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item
+from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
-from smapws._log import fields, logger
+from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
-#: At most one "invalid broker message" log line per reason per this many
-#: seconds; the rest are counted (metric) and summarised in the next line.
+#: At most one "invalid broker message" log line per reason, and one
+#: "internal error" record per barrier, per this many seconds; the rest are
+#: counted (metrics) and summarised in the next line.
 INVALID_LOG_INTERVAL = 1.0
+
+#: How long the oldest socket still sending its request head is left alone
+#: once ``SMAPWS_MAX_PENDING_REQUESTS`` is reached, before a new one evicts it.
+HEAD_EVICT_AGE = 2.0
 
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
@@ -82,8 +90,17 @@ class App:
         rate = config.max_accept_rate
         self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
         self.pending_upgrades = 0
+        self._pending_by_user: dict[str, int] = {}
+        #: The sockets still sending their request head, oldest first: each
+        #: one's cancel scope and the time it was accepted (bounded by
+        #: ``SMAPWS_MAX_PENDING_REQUESTS``, see :meth:`head_slot`), and their
+        #: number as an observable value for the listeners to wait on.
+        self.pending_heads: dict[int, tuple[trio.CancelScope, float]] = {}
+        self.pending_head_count = AsyncValue(0)
+        self.metrics.pending_heads.set_function(lambda: len(self.pending_heads))
         self.started_at = trio.current_time()
-        self._invalid_log: dict[str, tuple[float, int]] = {}
+        self._invalid_log = RateLimitedLog(INVALID_LOG_INTERVAL)
+        self._error_log = RateLimitedLog(INVALID_LOG_INTERVAL)
         self._empty = trio.Event()
         #: Whether per-message debug lines are wanted (read once: the check
         #: costs more than routing a message to a connection).
@@ -94,6 +111,50 @@ class App:
     def at_capacity(self) -> bool:
         return self.hub.active_connections + self.pending_upgrades >= self.config.max_connections
 
+    def user_at_limit(self, user_id: str) -> bool:
+        """Whether ``user_id`` holds ``SMAPWS_MAX_CONNECTIONS_PER_USER``
+        connections on this hub, open or being upgraded."""
+        held = len(self.hub.connections(user_id)) + self._pending_by_user.get(user_id, 0)
+        return held >= self.config.max_connections_per_user
+
+    async def head_slot(self) -> None:
+        """Until one more accepted socket may read its request head: fewer
+        than ``SMAPWS_MAX_PENDING_REQUESTS`` are doing so. The listeners call
+        this before each ``accept()``, so that a burst waits in the kernel's
+        backlog rather than in the hub's memory. When the bound is reached
+        and the oldest has been at it :data:`HEAD_EVICT_AGE` s or more, that
+        one is evicted (its task answers 408 at once): a browser sends its
+        head as soon as it connects, so slow or silent sockets cannot hold
+        the slots against new clients."""
+        limit = self.config.max_pending_requests
+        pending = self.pending_heads
+        while len(pending) >= limit:
+            key = next(iter(pending))
+            scope, accepted_at = pending[key]
+            wait = accepted_at + HEAD_EVICT_AGE - trio.current_time()
+            if wait <= 0:
+                del pending[key]
+                self.pending_head_count.value = len(pending)
+                scope.cancel()
+                continue
+            with trio.move_on_after(wait):
+                await self.pending_head_count.wait_value(lambda n: n < limit)
+
+    @contextlib.contextmanager
+    def reading_head(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Count this socket among those still sending their request head
+        while the block runs (see :meth:`head_slot`); ``scope`` is what an
+        eviction cancels."""
+        pending = self.pending_heads
+        key = id(scope)
+        pending[key] = (scope, trio.current_time())
+        self.pending_head_count.value = len(pending)
+        try:
+            yield
+        finally:
+            if pending.pop(key, None) is not None:
+                self.pending_head_count.value = len(pending)
+
     async def wait_empty(self) -> None:
         """Until no connection is open and no upgrade is under way."""
         while self.hub.active_connections or self.pending_upgrades:
@@ -101,11 +162,15 @@ class App:
                 self._empty = trio.Event()
             await self._empty.wait()
 
-    def upgrade_started(self) -> None:
+    def upgrade_started(self, user_id: str) -> None:
         self.pending_upgrades += 1
+        self._pending_by_user[user_id] = self._pending_by_user.get(user_id, 0) + 1
 
-    def upgrade_finished(self) -> None:
+    def upgrade_finished(self, user_id: str) -> None:
         self.pending_upgrades -= 1
+        n = self._pending_by_user.pop(user_id) - 1
+        if n:
+            self._pending_by_user[user_id] = n
         self._maybe_empty()
 
     def _maybe_empty(self) -> None:
@@ -157,13 +222,40 @@ class App:
             logger.info("resync sent", extra=fields(reason=reason, connections=queued))
         return queued
 
+    # -- barriers ----------------------------------------------------------
+
+    def internal_error(self, where: str, exc: BaseException, **context: object) -> None:
+        """What every barrier does with an unexpected exception (a bug, or an
+        input no parser foresaw): count it in
+        ``websocket_internal_errors_total{where}`` and log it as one record
+        with its traceback, at most once a second per ``where``. The caller
+        then drops what failed (a message, a connection) and goes on."""
+        self.metrics.internal_errors.labels(where).inc()
+        suppressed = self._error_log.allow(where, trio.current_time())
+        if suppressed is None:
+            return
+        logger.error(
+            "internal error",
+            exc_info=exc,
+            extra=fields(where=where, suppressed_since_last=suppressed, **context),
+        )
+
     # -- routing ---------------------------------------------------------
 
     def route(self, channel: bytes, data: bytes, *, wall_time: float, now: float) -> int:
         """Deliver one broker message to every connection of its user.
 
         Returns the number of connections it was queued for. An invalid
-        message is counted and logged (rate-limited) and dropped."""
+        message is counted and logged (rate-limited) and dropped. This is a
+        barrier: any other exception while routing drops this message alone
+        (:meth:`internal_error`, ``where="route"``) and returns 0."""
+        try:
+            return self._route(channel, data, wall_time, now)
+        except Exception as exc:
+            self.internal_error("route", exc, channel=channel[:300].decode("utf-8", "replace"))
+            return 0
+
+    def _route(self, channel: bytes, data: bytes, wall_time: float, now: float) -> int:
         m = self.metrics
         m.broker_received.inc()
         try:
@@ -173,6 +265,7 @@ class App:
                 wall_time=wall_time,
                 received_at=now,
                 max_bytes=self.config.max_message_bytes,
+                max_depth=self.config.max_json_depth,
             )
         except InvalidMessage as exc:
             m.broker_invalid.labels(exc.reason).inc()
@@ -215,11 +308,9 @@ class App:
         return queued
 
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:
-        last, suppressed = self._invalid_log.get(reason, (-1e18, 0))
-        if now - last < INVALID_LOG_INTERVAL:
-            self._invalid_log[reason] = (last, suppressed + 1)
+        suppressed = self._invalid_log.allow(reason, now)
+        if suppressed is None:
             return
-        self._invalid_log[reason] = (now, 0)
         logger.warning(
             "invalid broker message dropped",
             extra=fields(
@@ -262,7 +353,11 @@ class App:
             await trio.sleep_until(next_tick)
             now = trio.current_time()
             for conn in self.hub.all_connections():
-                conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)
+                try:
+                    conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)
+                except Exception as exc:  # a barrier: this connection alone
+                    self.internal_error("heartbeat", exc, user=conn.user_id)
+                    conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
             if now >= next_sweep and self.snapshots is not None:
                 self.snapshots.sweep(now)
                 next_sweep = now + SWEEP_INTERVAL

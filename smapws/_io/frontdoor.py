@@ -14,6 +14,7 @@ every non-upgrade request with 400), then:
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import random
@@ -23,7 +24,8 @@ from typing import Final
 import trio
 
 from smapws._core.auth import AuthError
-from smapws._core.envelope import InvalidMessage, parse
+from smapws._core.envelope import InvalidMessage, parse_publish_body
+from smapws._core.frames import close_frame
 from smapws._core.http import (
     MAX_HEAD_BYTES,
     HttpError,
@@ -37,6 +39,7 @@ from smapws._core.http import (
 from smapws._io import connection
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
+from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
 from smapws._log import fields, logger
 
@@ -71,10 +74,18 @@ def _peer(stream: trio.abc.Stream) -> str:
 class _Refused(Exception):
     """Refuse a request: answer ``status`` and log/count ``reason``."""
 
-    def __init__(self, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        **detail: object,
+    ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
+        #: More fields for the log line (never a secret).
+        self.detail = detail
         super().__init__(reason)
 
 
@@ -102,13 +113,28 @@ class _Upgrade:
 
 
 async def handle(app: App, stream: trio.abc.Stream) -> None:
-    """Serve one accepted TCP connection until it is done; always closes it."""
+    """Serve one accepted TCP connection until it is done; always closes it.
+
+    This is the connection's barrier: an unexpected exception ends this
+    connection alone, answered 500 before the upgrade or closed with 1011
+    after it, counted as ``websocket_internal_errors_total{where="connection"}``
+    and logged once with its traceback. Only cancellation goes further."""
+    upgraded: list[ServerWebSocket] = []
     try:
         upgrade = await _front(app, stream)
         if upgrade is not None:
-            await _websocket(app, stream, upgrade)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await _websocket(app, stream, upgrade, upgraded)
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
+    except* Exception as group:
+        app.internal_error("connection", group, remote=_peer(stream))
+        farewell = close_frame(INTERNAL_ERROR, "internal error") if upgraded else response(500)
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_LINGER_S),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(farewell)
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
@@ -126,7 +152,7 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
     deadline = trio.current_time() + cfg.handshake_timeout
     end = -1
     try:
-        with trio.CancelScope(deadline=deadline):
+        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope):
             while (end := head_end(buf)) < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise HttpError(431, "request head too large")
@@ -135,6 +161,11 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
                     return None
                 buf += chunk
         if end < 0:
+            if trio.current_time() < deadline:  # evicted by a newer socket
+                _reject_log(app, "head_evicted", 408, remote)
+                with trio.move_on_after(_LINGER_S):  # no lingering read
+                    await stream.send_all(response(408))
+                return None
             _reject_log(app, "handshake_timeout", 408, remote)
             await _send(stream, response(408))
             return None
@@ -157,7 +188,7 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
         try:
             user_id, expires_at, query_used = _check_upgrade(app, head)
         except _Refused as r:
-            _reject_log(app, r.reason, r.status, remote)
+            _reject_log(app, r.reason, r.status, remote, **r.detail)
             await _send(stream, response(r.status, headers=r.headers))
             return None
         if query_used:
@@ -204,9 +235,12 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
             discarded += len(chunk)
 
 
-def _reject_log(app: App, reason: str, status: int, remote: str) -> None:
+def _reject_log(app: App, reason: str, status: int, remote: str, **detail: object) -> None:
     app.metrics.connections_rejected.labels(reason).inc()
-    logger.info("connection rejected", extra=fields(reason=reason, status=status, remote=remote))
+    logger.info(
+        "connection rejected",
+        extra=fields(reason=reason, status=status, remote=remote, **detail),
+    )
 
 
 # -- WebSocket upgrade ---------------------------------------------------------
@@ -229,12 +263,12 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
         raise _Refused(503, "draining", (("Retry-After", str(RETRY_AFTER_S)),))
     if app.at_capacity():
         raise _Refused(503, "capacity", (("Retry-After", str(RETRY_AFTER_S)),))
-    bucket = app.accept_bucket
-    if not bucket.take(trio.current_time()):
-        wait = bucket.retry_after(random.random())
-        raise _Refused(503, "rate_limited", (("Retry-After", str(wait)),))
-    if not origin_allowed(head.header("origin"), head.header("host"), app.config.allowed_origins):
-        raise _Refused(403, "origin")
+    # Origin and token before the accept-rate budget: only upgrades that
+    # would be served spend it, so a flood of invalid ones (refused here,
+    # counted under their own reasons) cannot starve valid users.
+    origin = head.header("origin")
+    if not origin_allowed(origin, head.header("host"), app.config.allowed_origins):
+        raise _Refused(403, "origin", origin=(origin or "")[:200])
     token = parse_cookies(head.header("cookie")).get("access_token")
     query_used = False
     if not token:
@@ -244,17 +278,31 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
         claims = app.tokens.verify(token or "", now=time.time())
     except AuthError as exc:
         raise _Refused(401, exc.reason) from None
+    if app.user_at_limit(claims.user_id):
+        raise _Refused(
+            429,
+            "user_limit",
+            (("Retry-After", str(RETRY_AFTER_S)),),
+            user=claims.user_id,
+        )
+    bucket = app.accept_bucket
+    if not bucket.take(trio.current_time()):
+        wait = bucket.retry_after(random.random())
+        raise _Refused(503, "rate_limited", (("Retry-After", str(wait)),))
     return claims.user_id, claims.expires_at, query_used
 
 
-async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> None:
+async def _websocket(
+    app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[ServerWebSocket]
+) -> None:
     """Complete the upgrade and serve the connection until it ends. This task
-    becomes the connection's writer."""
+    becomes the connection's writer. The WebSocket is appended to
+    ``upgraded`` once the 101 is sent (for the barrier in :func:`handle`)."""
     cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
     expiry = now + (upgrade.expires_at - time.time())
-    app.upgrade_started()
+    app.upgrade_started(upgrade.user_id)
     async with trio.open_nursery() as nursery:
         ws = None
         try:
@@ -269,11 +317,12 @@ async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> No
         except WsClosed:
             pass
         finally:
-            app.upgrade_finished()
+            app.upgrade_finished(upgrade.user_id)
         if ws is None:
             _reject_log(app, "handshake_failed", 400, upgrade.remote)
             nursery.cancel_scope.cancel()
             return
+        upgraded.append(ws)
         upgrade.trailing = b""
         conn = connection.Connection(
             app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
@@ -317,10 +366,11 @@ async def _publish_inner(
         raise _Refused(401, "bad_api_key", (("WWW-Authenticate", 'Bearer realm="smapws"'),))
     if "chunked" in (head.header("transfer-encoding") or "").lower():
         raise _Refused(411, "length_required")
-    try:
-        length = int(head.header("content-length") or "")
-    except ValueError:
-        raise _Refused(411, "length_required") from None
+    declared = head.header("content-length") or ""
+    # Digits only: int() would also take "+66", " 66", "6_6" and "٦٦".
+    if not (declared.isascii() and declared.isdigit()) or len(declared) > 12:
+        raise _Refused(411, "length_required")
+    length = int(declared)
     limit = cfg.max_message_bytes + 1024  # the message plus the user_id wrapper
     if length < 0 or length > limit:
         raise _Refused(413, "too_large")
@@ -334,23 +384,14 @@ async def _publish_inner(
     if scope.cancelled_caught:
         raise _Refused(408, "body_timeout")
     try:
-        req = json.loads(bytes(data[:length]))
-    except ValueError:
-        raise _Refused(400, "not_json") from None
-    if not isinstance(req, dict):
-        raise _Refused(400, "not_object")
-    user_id = req.get("user_id")
-    message = req.get("message")
-    if not isinstance(user_id, str) or not user_id or len(user_id) > 256:
-        raise _Refused(400, "bad_user_id")
-    encoded = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
-    try:
-        parse(encoded, wall_time=0.0, received_at=0.0, max_bytes=cfg.max_message_bytes)
+        user_id, message = parse_publish_body(
+            bytes(data[:length]), max_bytes=cfg.max_message_bytes, max_depth=cfg.max_json_depth
+        )
     except InvalidMessage as exc:
         raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from None
     channel = app.prefix + user_id.encode()
     try:
-        receivers = await app.broker.publish(channel, encoded)
+        receivers = await app.broker.publish(channel, message)
     except BrokerError:
         raise _Refused(503, "broker_unavailable") from None
     return 202, {"status": "accepted", "receivers": receivers}

@@ -18,9 +18,10 @@ returns when the last one has gone or ``SMAPWS_DRAIN_TIMEOUT`` has passed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Final
 
@@ -32,7 +33,7 @@ from smapws._io.app import App
 from smapws._io.brokers import Broker, Item
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.brokers.redis import RedisBroker, SentinelTarget
-from smapws._log import fields, logger
+from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
 #: Listen backlog: a reconnect storm of thousands of tabs arrives within a
@@ -48,6 +49,19 @@ STOP_MARGIN_S: Final = 5.0
 #: this often to close the next batch.
 MIN_DRAIN_RATE: Final = 100.0
 DRAIN_TICK: Final = 0.05
+
+
+#: accept() errors that mean "no resources now" (trio's list): the listener
+#: logs one line (at most every ACCEPT_ERROR_LOG_INTERVAL), counts, pauses
+#: ACCEPT_PAUSE and tries again; the pending connections wait in the backlog.
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE: Final = 0.1
+ACCEPT_ERROR_LOG_INTERVAL: Final = 10.0
+
+
+class ListenError(Exception):
+    """The hub cannot listen: the message names the address and the reason,
+    in one line."""
 
 
 def stop_budget(config: Config) -> float:
@@ -129,10 +143,12 @@ def make_broker(
     config: Config,
     metrics: Metrics,
     on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
+    on_error: Callable[[BaseException], object] = lambda exc: None,
 ) -> Broker:
     """The broker the configuration asks for; never memory when Redis is set.
     ``on_resync(reason, down_s)`` is called when a Redis subscription is back
-    after an outage."""
+    after an outage, ``on_error(exc)`` when its read loop caught an
+    unexpected exception (and restarted the subscription)."""
     if config.broker == "redis":
         target: str | SentinelTarget
         if config.redis_sentinels:
@@ -155,6 +171,7 @@ def make_broker(
             on_reconnect=metrics.subscriber_reconnects.inc,
             on_drop=metrics.broker_dropped.inc,
             on_resync=on_resync,
+            on_error=on_error,
         )
     return MemoryBroker()
 
@@ -207,27 +224,84 @@ async def serve(
     if config.auth is None:
         raise ValueError("serve() needs config.auth (JWT_SECRET or JWT_PUBLIC_KEY_FILE)")
     metrics = metrics or Metrics()
-    # The broker calls app.resync only once running, after `app` exists.
-    broker = make_broker(config, metrics, lambda reason, down_s: app.resync(reason, down_s))
+    # The broker calls into `app` only once running, after `app` exists.
+    broker = make_broker(
+        config,
+        metrics,
+        on_resync=lambda reason, down_s: app.resync(reason, down_s),
+        on_error=lambda exc: app.internal_error("broker", exc),
+    )
     app = App(config, broker, metrics)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
-    async with _bridge(config), trio.open_nursery() as root:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host, backlog=BACKLOG)
-        port = listeners[0].socket.getsockname()[1]
-        server = Server(app, port, root.cancel_scope)
-        await root.start(broker.run, send)
-        root.start_soon(app.router, receive)
-        root.start_soon(app.maintain)
-        root.start_soon(server._drain_when_asked)
-        if handle_signals:
-            root.start_soon(_watch_signals, server)
-        if handle_signals if notify_systemd is None else notify_systemd:
-            _start_systemd_notify(root, server)
-        try:
-            await _listen(config, app, server, listeners, task_status)
-        finally:
-            if isinstance(broker, RedisBroker):
-                await broker.aclose()
+    listeners = await _open_listeners(config.host, config.port)
+    try:
+        async with _bridge(config), trio.open_nursery() as root:
+            port = listeners[0].socket.getsockname()[1]
+            server = Server(app, port, root.cancel_scope)
+            await root.start(broker.run, send)
+            root.start_soon(app.router, receive)
+            root.start_soon(app.maintain)
+            root.start_soon(server._drain_when_asked)
+            if handle_signals:
+                root.start_soon(_watch_signals, server)
+            if handle_signals if notify_systemd is None else notify_systemd:
+                _start_systemd_notify(root, server)
+            try:
+                await _listen(config, app, server, listeners, task_status)
+            finally:
+                if isinstance(broker, RedisBroker):
+                    await broker.aclose()
+    finally:
+        with trio.CancelScope(shield=True):  # however serve ends
+            for listener in listeners:
+                await listener.aclose()
+
+
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``host:port``; raises :class:`ListenError` (one line)."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+async def _accept_loop(
+    app: App,
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[object]],
+    nursery: trio.Nursery,
+) -> None:
+    """``trio.serve_listeners`` for one listener, minus its traceback per
+    failed accept: when the process is out of file descriptors (or memory),
+    one line every :data:`ACCEPT_ERROR_LOG_INTERVAL` s with the count, the
+    ``websocket_accept_errors_total{errno}`` metric, and a pause of
+    :data:`ACCEPT_PAUSE` s while the backlog holds the callers."""
+    log = RateLimitedLog(ACCEPT_ERROR_LOG_INTERVAL)
+    async with listener:
+        while True:
+            await app.head_slot()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                name = errno.errorcode.get(exc.errno, str(exc.errno))
+                app.metrics.accept_errors.labels(name).inc()
+                suppressed = log.allow(name, trio.current_time())
+                if suppressed is not None:
+                    logger.error(
+                        "accept failed, pausing",
+                        extra=fields(
+                            errno=name,
+                            pause_s=ACCEPT_PAUSE,
+                            suppressed_since_last=suppressed,
+                            open_connections=app.hub.active_connections,
+                        ),
+                    )
+                await trio.sleep(ACCEPT_PAUSE)
+            else:
+                nursery.start_soon(handler, stream)
 
 
 def _start_systemd_notify(root: trio.Nursery, server: Server) -> None:
@@ -256,14 +330,10 @@ async def _listen(
 ) -> None:
     broker = app.broker
     async with trio.open_nursery() as connections:
-        connections.start_soon(
-            partial(
-                trio.serve_listeners,
-                partial(frontdoor.handle, app),
-                listeners,
-                handler_nursery=connections,
+        for listener in listeners:
+            connections.start_soon(
+                _accept_loop, app, listener, partial(frontdoor.handle, app), connections
             )
-        )
         logger.info(
             "listening",
             extra=fields(

@@ -255,6 +255,7 @@ class RedisBroker:
         on_reconnect: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
         on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
+        on_error: Callable[[BaseException], object] = lambda exc: None,
         node_id: str | None = None,
     ) -> None:
         self._target = target
@@ -266,6 +267,7 @@ class RedisBroker:
         self._on_reconnect = on_reconnect
         self._on_drop = on_drop
         self._on_resync = on_resync
+        self._on_error = on_error
         self.node_id = node_id or secrets.token_hex(6)
         self.probe_channel = (PROBE_CHANNEL_PREFIX + self.node_id).encode()
         self._status = "connecting"
@@ -333,8 +335,10 @@ class RedisBroker:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Subscribe and feed ``sink`` until cancelled, reconnecting forever.
-        Reports started at once. Raises only on a bug (link errors are
-        retried)."""
+        Reports started at once. Never raises but for cancellation: link
+        errors are retried, and so is anything unexpected (a bug, or a reply
+        no parser foresaw), after ``on_error(exc)`` (this loop is the
+        broker's barrier)."""
         task_status.started()
         attempt = 0
         while True:
@@ -345,6 +349,10 @@ class RedisBroker:
             except* _LINK_ERRORS as group:
                 exc = _first(group)
                 self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
+            except* Exception as group:
+                exc = _first(group)
+                self._last_error = f"internal error: {type(exc).__name__}"
+                self._on_error(group)
             finally:
                 self._status = "down"
                 self._server = None

@@ -35,19 +35,23 @@ def fields(**kv: Any) -> dict[str, Any]:
     return {"smapws_fields": kv}
 
 
+#: Anything shaped like a JWT (three base64url parts, the first a JSON
+#: object): redacted wherever it appears, exception texts included.
+_JWT: Final = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
+
+
 def _safe(name: str, value: Any) -> Any:
     low = name.lower()
     if any(w in low for w in _SECRET_WORDS) and not low.endswith(("_used", "_source")):
         return "[redacted]"
+    if isinstance(value, str) and "eyJ" in value:
+        return _JWT.sub("[redacted]", value)
     return value
 
 
 #: What forces a text value into quotes: separators, quotes, backslashes and
 #: every C0/C1 control character, DEL and the Unicode line separators.
 _NEEDS_QUOTES: Final = re.compile(r'[\s"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
-#: Anything shaped like a JWT (three base64url parts, the first a JSON
-#: object): redacted wherever it appears, exception texts included.
-_JWT: Final = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]*")
 
 
 def _quote(v: Any) -> str:

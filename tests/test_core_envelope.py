@@ -111,3 +111,49 @@ def test_any_valid_message_round_trips(mtype: str, payload: dict[str, object], w
     assert obj["payload"] == payload
     assert obj["timestamp"] == rfc3339_ms(WALL)
     assert parse_frames(env.frame) == [(0x1, env.text)]
+
+
+# -- strict JSON (issue 8) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"type":"x","payload":{"v":NaN}}', "bad_number"),
+        (b'{"type":"x","payload":{"v":-Infinity}}', "bad_number"),
+        (b'{"type":"x","payload":{"v":1e999}}', "bad_number"),
+        (b'{"type":"x","payload":{"v":-1e400}}', "bad_number"),
+        (b'{"type":"x","payload":{"v":"\\ud800"}}', "bad_unicode"),
+        (b'{"type":"x","payload":{"\\udc00":1}}', "bad_unicode"),
+        (b'{"type":"x","payload":{"v":"\\uDBFF\\u0041"}}', "bad_unicode"),
+        (b'{"type":"x","payload":{"a":' + b"[" * 1000 + b"]" * 1000 + b"}}", "too_deep"),
+        (b"[" * 60_000, "too_deep"),
+        (b"{" * 60_000, "too_deep"),
+        (b'{"type":"x","payload":{"v":' + b"9" * 5000 + b"}}", "not_json"),
+    ],
+)
+def test_strict_json_refuses_what_a_browser_would_not_take_back(raw: bytes, reason: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        parse(raw, wall_time=WALL, received_at=0)
+    assert info.value.reason == reason
+
+
+def test_strict_json_takes_what_is_valid() -> None:
+    # A paired surrogate escape is one character; an escaped backslash before
+    # "ud800" is text, not an escape; brackets inside strings are not nesting.
+    raw = (
+        b'{"type":"x","payload":{"emoji":"\\ud83d\\ude00","text":"\\\\ud800",'
+        b'"brackets":"' + b"[" * 100 + b'","n":1.5e300,"deep":' + b"[" * 30 + b"]" * 30 + b"}}"
+    )
+    obj = json.loads(parse(raw, wall_time=WALL, received_at=0).text)
+    assert obj["payload"]["emoji"] == "\U0001f600"
+    assert obj["payload"]["text"] == "\\ud800"
+
+
+def test_depth_bound_is_exact() -> None:
+    from smapws._core.envelope import loads_strict
+
+    assert loads_strict(b"[" * 5 + b"]" * 5, max_depth=5) == [[[[[]]]]]
+    with pytest.raises(InvalidMessage) as info:
+        loads_strict(b"[" * 6 + b"]" * 6, max_depth=5)
+    assert info.value.reason == "too_deep"

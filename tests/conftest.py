@@ -29,6 +29,13 @@ from smapws._core.auth import mint
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 API_KEY = "test-api-key"
+#: The headers of a valid WebSocket upgrade, for ``http(..., "GET", "/ws")``.
+UPGRADE_HEADERS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 def free_port() -> int:

@@ -23,6 +23,7 @@ from smapws._io.brokers.memory import MemoryBroker
 from .conftest import (
     API_KEY,
     SECRET,
+    UPGRADE_HEADERS,
     RedisServer,
     connect,
     free_port,
@@ -57,10 +58,7 @@ async def test_invalid_upgrades_do_not_spend_the_accept_budget(nursery: trio.Nur
             "GET",
             "/ws",
             headers={
-                "Upgrade": "websocket",
-                "Connection": "Upgrade",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                **UPGRADE_HEADERS,
                 "Origin": "https://evil.example",
                 "Cookie": f"access_token={token('u1')}",
             },

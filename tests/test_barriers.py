@@ -23,6 +23,7 @@ from smapws._io.connection import Connection
 
 from .conftest import (
     API_KEY,
+    UPGRADE_HEADERS,
     RedisServer,
     close_code,
     connect,
@@ -129,12 +130,7 @@ async def test_a_request_that_fails_before_the_upgrade_gets_500_alone(
             memory_hub.port,
             "GET",
             "/ws",
-            headers={
-                "Upgrade": "websocket",
-                "Connection": "Upgrade",
-                "Sec-WebSocket-Version": "13",
-                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            },
+            headers=UPGRADE_HEADERS,
         )
         assert r.status == 500
         await _publish(memory_hub, "bystander", {"type": "alert", "payload": {}})

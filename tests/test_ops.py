@@ -1053,10 +1053,10 @@ def test_kubernetes_paths_ports_and_variables_exist_in_the_code() -> None:
     for probe, path in probes.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, f"{probe} must use {path}"
-        assert "GET" in frontdoor._HTTP_ROUTES[get["path"]]
+        assert "GET" in frontdoor.ALL_ROUTES[get["path"]]
         assert ports.get(get["port"], get["port"]) == default_port
     annotations = k["Deployment"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] in frontdoor._HTTP_ROUTES
+    assert annotations["prometheus.io/path"] in frontdoor.ALL_ROUTES
     assert int(annotations["prometheus.io/port"]) == default_port
 
     names = set(k["ConfigMap"]["data"]) | {e["name"] for e in container["env"]}

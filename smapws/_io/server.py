@@ -7,7 +7,8 @@
     ├── broker subscriber  Redis PSUBSCRIBE via trio-asyncio, or the in-process broker
     ├── router             broker queue -> App.route -> connection outboxes
     ├── systemd notify     READY/STATUS/WATCHDOG on $NOTIFY_SOCKET (``smapws serve``)
-    └── listener           front door; each TCP connection's task in `connections`
+    └── listeners          front door; each TCP connection's task in `connections`
+        │                  (with SMAPWS_INTERNAL_PORT a second listener, same nursery)
         └── per connection: writer (its own task), reader, heartbeat
 
 Shutdown (:meth:`Server.drain`): ``/ready`` turns 503 and new upgrades get 503
@@ -59,9 +60,18 @@ def stop_budget(config: Config) -> float:
 class Server:
     """A running hub, as ``nursery.start(serve, config)`` returns it."""
 
-    def __init__(self, app: App, port: int, cancel_scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        app: App,
+        port: int,
+        cancel_scope: trio.CancelScope,
+        *,
+        internal_port: int | None = None,
+    ) -> None:
         self.app = app
         self.port = port
+        #: The bound ``SMAPWS_INTERNAL_PORT``, or ``None`` (all on ``port``).
+        self.internal_port = internal_port
         self._cancel_scope = cancel_scope
         self._drain_started = trio.Event()
         #: systemd's notify socket (disabled unless ``serve`` talks to systemd).
@@ -194,9 +204,10 @@ async def serve(
 ) -> None:
     """Run the hub until drained (or cancelled).
 
-    Reports a :class:`Server` (with the bound port) to ``nursery.start`` once
-    it is listening. The broker may still be connecting then: ``/ready``
-    says when it is.
+    Reports a :class:`Server` (with the bound ports) to ``nursery.start``
+    once it is listening. The broker may still be connecting then: ``/ready``
+    says when it is. Raises :class:`OSError` if it cannot listen, with the
+    address it could not bind as ``filename`` (``host:port``).
 
     ``notify_systemd`` (default: the same as ``handle_signals``, i.e. when
     the hub owns the process) speaks systemd's notify protocol on
@@ -211,10 +222,15 @@ async def serve(
     broker = make_broker(config, metrics, lambda reason, down_s: app.resync(reason, down_s))
     app = App(config, broker, metrics)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
+    # Before any task: a port in use is a plain OSError, not an exception group.
+    public, internal = await _open_all(config)
     async with _bridge(config), trio.open_nursery() as root:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host, backlog=BACKLOG)
-        port = listeners[0].socket.getsockname()[1]
-        server = Server(app, port, root.cancel_scope)
+        server = Server(
+            app,
+            _bound_port(public),
+            root.cancel_scope,
+            internal_port=_bound_port(internal) if internal else None,
+        )
         await root.start(broker.run, send)
         root.start_soon(app.router, receive)
         root.start_soon(app.maintain)
@@ -224,10 +240,45 @@ async def serve(
         if handle_signals if notify_systemd is None else notify_systemd:
             _start_systemd_notify(root, server)
         try:
-            await _listen(config, app, server, listeners, task_status)
+            await _listen(config, app, server, public, internal, task_status)
         finally:
+            _close(public + internal)
             if isinstance(broker, RedisBroker):
                 await broker.aclose()
+
+
+async def _open_all(
+    config: Config,
+) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+    """The public listeners and the internal ones (none without
+    ``SMAPWS_INTERNAL_PORT``); all or nothing."""
+    public = await _open_listeners(config.host, config.port)
+    if config.internal_address is None:
+        return public, []
+    try:
+        return public, await _open_listeners(*config.internal_address)
+    except BaseException:
+        _close(public)
+        raise
+
+
+async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """Listen on ``host:port``; an :class:`OSError` names that address as
+    its ``filename``."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), f"{host}:{port}") from exc
+
+
+def _bound_port(listeners: list[trio.SocketListener]) -> int:
+    return int(listeners[0].socket.getsockname()[1])
+
+
+def _close(listeners: list[trio.SocketListener]) -> None:
+    """Close listening sockets (idempotent; ``serve_listeners`` may have)."""
+    for listener in listeners:
+        listener.socket.close()
 
 
 def _start_systemd_notify(root: trio.Nursery, server: Server) -> None:
@@ -251,24 +302,34 @@ async def _listen(
     config: Config,
     app: App,
     server: Server,
-    listeners: list[trio.SocketListener],
+    public: list[trio.SocketListener],
+    internal: list[trio.SocketListener],
     task_status: trio.TaskStatus[Server],
 ) -> None:
+    """Serve both listeners' connections in one nursery, so a drain or a
+    cancel ends them alike; ``internal`` may be empty."""
     broker = app.broker
+    served = [(public, frontdoor.PUBLIC_ROUTES if internal else frontdoor.ALL_ROUTES)]
+    where: dict[str, object] = {}
+    if internal and config.internal_address is not None:
+        served.append((internal, frontdoor.INTERNAL_ROUTES))
+        where = {"internal_host": config.internal_address[0], "internal_port": server.internal_port}
     async with trio.open_nursery() as connections:
-        connections.start_soon(
-            partial(
-                trio.serve_listeners,
-                partial(frontdoor.handle, app),
-                listeners,
-                handler_nursery=connections,
+        for listeners, routes in served:
+            connections.start_soon(
+                partial(
+                    trio.serve_listeners,
+                    partial(frontdoor.handle, app, routes=routes),
+                    listeners,
+                    handler_nursery=connections,
+                )
             )
-        )
         logger.info(
             "listening",
             extra=fields(
                 host=config.host,
                 port=server.port,
+                **where,
                 broker=broker.backend,
                 redis=config.redis_url_redacted or "-",
             ),

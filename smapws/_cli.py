@@ -179,8 +179,10 @@ def _publish(config: Config, user: str, mtype: str, payload_text: str, url: str 
             file=sys.stderr,
         )
         return 2
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
-    base = url or f"http://{host}:{config.port}"
+    # The publish API is on the internal port when there is one.
+    host, port = config.internal_address or (config.host, config.port)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    base = url or f"http://{host}:{port}"
     body = json.dumps({"user_id": user, "message": json.loads(data)}).encode()
     req = urllib.request.Request(
         base.rstrip("/") + "/api/publish",

@@ -136,6 +136,21 @@ class _Option:
 OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
     _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
+    _Option(
+        "internal_port",
+        "SMAPWS_INTERNAL_PORT",
+        _port,
+        None,
+        "second port serving /metrics and /api/publish (then 404 on SMAPWS_PORT) and "
+        "/health, /ready; never /ws (0: any free port; unset: all on SMAPWS_PORT)",
+    ),
+    _Option(
+        "internal_host",
+        "SMAPWS_INTERNAL_HOST",
+        _str,
+        None,
+        "listening address of SMAPWS_INTERNAL_PORT (default: SMAPWS_HOST)",
+    ),
     _Option("redis_url", "REDIS_URL", _str, None, "redis:// rediss:// or unix:// URL", True),
     _Option("redis_host", "REDIS_HOST", _str, None, "Redis host (when REDIS_URL is unset)"),
     _Option("redis_port", "REDIS_PORT", _port, 6379, "Redis port"),
@@ -326,6 +341,8 @@ class Config:
 
     host: str = "0.0.0.0"
     port: int = 8081
+    internal_port: int | None = None
+    internal_host: str | None = None
     redis_url: str | None = field(default=None, repr=False)
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str | None = None
@@ -361,6 +378,14 @@ class Config:
     probe_interval: float = 5.0
     log_level: str = "info"
     log_format: str = "text"
+
+    @property
+    def internal_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the internal listener, or ``None`` when one
+        port serves everything."""
+        if self.internal_port is None:
+            return None
+        return (self.internal_host or self.host, self.internal_port)
 
     @property
     def broker(self) -> str:
@@ -485,6 +510,20 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
     )
 
 
+def _check_internal(v: dict[str, Any]) -> None:
+    if v["internal_host"] and v["internal_port"] is None:
+        raise ConfigError(
+            "SMAPWS_INTERNAL_PORT: required when SMAPWS_INTERNAL_HOST is set "
+            "(the port that serves /metrics and /api/publish)"
+        )
+    same_host = (v["internal_host"] or v["host"]) == v["host"]
+    if same_host and v["port"] != 0 and v["internal_port"] == v["port"]:
+        raise ConfigError(
+            f"SMAPWS_INTERNAL_PORT: must differ from SMAPWS_PORT ({v['port']}); "
+            "unset it to serve everything on one port"
+        )
+
+
 def load(
     env: Mapping[str, str],
     flags: Mapping[str, Any] | None = None,
@@ -518,6 +557,7 @@ def load(
             "REDIS_SENTINELS: required when REDIS_SENTINEL_MASTER is set "
             "(comma list of Sentinel host:port)"
         )
+    _check_internal(v)
     fields = {f for f in Config.__dataclass_fields__}
     kwargs = {k: val for k, val in v.items() if k in fields}
     # Sentinel wins: the master's address comes from the Sentinels, never a URL.

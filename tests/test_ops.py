@@ -12,7 +12,9 @@ installs it), and always by reading its directives. The Containerfile cannot be
 built here (no container engine): its instructions are read, its health check
 command is run against a live hub, and the package list ``pip install .`` uses
 is compared with the source tree. The Kubernetes manifests are parsed and
-every path, port and variable they name is looked up in the code.
+every path, port and variable they name is looked up in the code; then a hub
+run with their ConfigMap's settings answers each request they send on the
+port they send it to.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from smapws._config import load as load_config
 from smapws._io import frontdoor, sdnotify
 from smapws._io.sdnotify import Notifier, Status
 from smapws._io.server import stop_budget
+from smapws._version import __version__
 
 from .conftest import (
     SECRET,
@@ -996,14 +999,20 @@ async def test_container_healthcheck_passes_on_a_live_hub_and_fails_without() ->
 
 
 def kube() -> dict[str, dict[str, Any]]:
-    """Every manifest in deploy/kubernetes/ by kind."""
-    by_kind: dict[str, dict[str, Any]] = {}
+    """Every manifest in deploy/kubernetes/, keyed by kind, or by
+    ``Kind/name`` for a kind with several (the two Services)."""
+    docs = []
     for path in sorted(KUBE.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                assert doc["kind"] not in by_kind, f"two {doc['kind']}s"
-                by_kind[doc["kind"]] = doc | {"_file": path.name}
-    return by_kind
+        docs += [doc | {"_file": path.name} for doc in yaml.safe_load_all(path.read_text()) if doc]
+    kinds = [doc["kind"] for doc in docs]
+    by_key: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        key = doc["kind"]
+        if kinds.count(key) > 1:
+            key += "/" + doc["metadata"]["name"]
+        assert key not in by_key, f"two {key}s"
+        by_key[key] = doc
+    return by_key
 
 
 def _container(k: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -1016,9 +1025,28 @@ def _configmap_config(k: dict[str, dict[str, Any]]) -> Config:
     return load_config({**k["ConfigMap"]["data"], "JWT_SECRET": SECRET})
 
 
+def _container_port(k: dict[str, dict[str, Any]], port: int | str) -> int:
+    """The container port a probe or a Service's ``targetPort`` names."""
+    ports = {p["name"]: p["containerPort"] for p in _container(k)["ports"]}
+    return ports[port] if isinstance(port, str) else port
+
+
+def _service_ports(k: dict[str, dict[str, Any]], service: str) -> dict[str, int]:
+    """A Service's ports by name, each as the container port it reaches."""
+    spec = k[f"Service/{service}"]["spec"]
+    return {p["name"]: _container_port(k, p["targetPort"]) for p in spec["ports"]}
+
+
 def test_kubernetes_manifests_fit_together() -> None:
     k = kube()
-    assert set(k) >= {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget"}
+    assert set(k) >= {
+        "Deployment",
+        "Service/smapws",
+        "Service/smapws-internal",
+        "Ingress",
+        "ConfigMap",
+        "PodDisruptionBudget",
+    }
     kustomization = k.pop("Kustomization")
     assert sorted(kustomization["resources"]) == sorted(d["_file"] for d in k.values())
 
@@ -1026,25 +1054,29 @@ def test_kubernetes_manifests_fit_together() -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
-    assert k["Service"]["spec"]["selector"].items() <= pod_labels.items()
+    for service in ("smapws", "smapws-internal"):
+        assert k[f"Service/{service}"]["spec"]["selector"].items() <= pod_labels.items()
     assert k["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
     container = _container(k)
     assert container["envFrom"] == [{"configMapRef": {"name": k["ConfigMap"]["metadata"]["name"]}}]
-    port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
-    target = k["Service"]["spec"]["ports"][0]["targetPort"]
-    assert port_names.get(target, target) == 8081
 
 
 def test_kubernetes_paths_ports_and_variables_exist_in_the_code() -> None:
     k = kube()
     container = _container(k)
     config = _configmap_config(k)  # also: every value in the ConfigMap is valid
-    default_port = defaults().port
+    assert config.port == defaults().port == 8081
+    assert config.internal_port is not None, "metrics and publish off the public port"
+    public, internal = config.port, config.internal_port
 
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert set(ports.values()) == {default_port} == {config.port}
-    assert k["Service"]["spec"]["ports"][0]["port"] == default_port
+    # Each port is where the code serves it: the container declares both, the
+    # public Service reaches only the public port, the internal one only the
+    # internal port.
+    assert sorted(p["containerPort"] for p in container["ports"]) == sorted((public, internal))
+    assert set(_service_ports(k, "smapws").values()) == {public}
+    assert set(_service_ports(k, "smapws-internal").values()) == {internal}
+    served = {public: frontdoor.PUBLIC_ROUTES, internal: frontdoor.INTERNAL_ROUTES}
 
     probes = {
         "livenessProbe": "/health",
@@ -1053,11 +1085,14 @@ def test_kubernetes_paths_ports_and_variables_exist_in_the_code() -> None:
     for probe, path in probes.items():
         get = container[probe]["httpGet"]
         assert get["path"] == path, f"{probe} must use {path}"
-        assert "GET" in frontdoor._HTTP_ROUTES[get["path"]]
-        assert ports.get(get["port"], get["port"]) == default_port
+        # On the public port: the listener the clients use is the one to probe.
+        assert _container_port(k, get["port"]) == public, probe
+        assert "GET" in served[public][path]
     annotations = k["Deployment"]["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/path"] in frontdoor._HTTP_ROUTES
-    assert int(annotations["prometheus.io/port"]) == default_port
+    scraped = int(annotations["prometheus.io/port"])
+    assert scraped == internal, "/metrics is 404 on the public port"
+    assert "GET" in served[scraped][annotations["prometheus.io/path"]]
+    assert annotations["prometheus.io/path"] not in served[public]
 
     names = set(k["ConfigMap"]["data"]) | {e["name"] for e in container["env"]}
     assert {"REDIS_HOST", "REDIS_PORT", "REDIS_DB"} <= names, "the seed's variable names"
@@ -1066,7 +1101,114 @@ def test_kubernetes_paths_ports_and_variables_exist_in_the_code() -> None:
     secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert secret_env["JWT_SECRET"]["key"] == "JWT_SECRET"
     assert "optional" not in secret_env["JWT_SECRET"], "the hub cannot start without it"
+    # The publish API behind smapws-internal: off (404) until the Secret has a key.
+    assert secret_env["SMAPWS_API_KEY"] == {
+        "name": "smapws-secrets",
+        "key": "SMAPWS_API_KEY",
+        "optional": True,
+    }
     assert not {"JWT_SECRET", "REDIS_PASSWORD", "SMAPWS_API_KEY"} & set(k["ConfigMap"]["data"])
+
+
+def _ingress_paths(ingress: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = ingress["spec"]
+    assert "defaultBackend" not in spec, "everything else must not reach the hub"
+    return [path for rule in spec["rules"] for path in rule["http"]["paths"]]
+
+
+def test_kubernetes_ingress_routes_only_the_websocket_with_long_timeouts() -> None:
+    k = kube()
+    ingress = k["Ingress"]
+    config = _configmap_config(k)
+    assert ingress["apiVersion"] == "networking.k8s.io/v1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+
+    paths = _ingress_paths(ingress)
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/ws", "Exact")]
+    backend = paths[0]["backend"]["service"]
+    assert backend["name"] == k["Service/smapws"]["metadata"]["name"]
+    port = backend["port"].get("name") or backend["port"]["number"]
+    services = {p["name"]: p for p in k["Service/smapws"]["spec"]["ports"]}
+    by_number = {p["port"]: p for p in services.values()}
+    target = (services.get(port) or by_number[port])["targetPort"]
+    assert _container_port(k, target) == config.port
+    assert "GET" in frontdoor.PUBLIC_ROUTES["/ws"]
+    assert "/ws" not in frontdoor.INTERNAL_ROUTES
+
+    # The WebSocket upgrade needs HTTP/1.1 to the pod; the proxy must keep a
+    # connection open longer than the hub may stay silent on it (the seed:
+    # idle timeout above PongWait).
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-http-version"] == "1.1"
+    for timeout in ("proxy-read-timeout", "proxy-send-timeout"):
+        seconds = int(notes[f"nginx.ingress.kubernetes.io/{timeout}"])
+        assert seconds > max(config.pong_wait, config.ping_interval), timeout
+        assert seconds >= 3600, "the figure README and service.yaml name"
+    tls_hosts = {h for t in ingress["spec"]["tls"] for h in t["hosts"]}
+    assert {r["host"] for r in ingress["spec"]["rules"]} <= tls_hosts, "TLS ends here"
+
+
+def test_kubernetes_image_is_the_one_the_readme_builds() -> None:
+    k = kube()
+    image = _container(k)["image"]
+    (override,) = k["Kustomization"]["images"]
+    assert image.partition(":")[0] == override["name"]
+    assert override["newTag"] == __version__
+    pushed = f"{override['newName']}:{override['newTag']}"
+    assert "/" in override["newName"], "a registry: a cluster cannot pull a local image"
+    readme = (ROOT / "README.rst").read_text()
+    assert f"build -t {pushed} -f Containerfile ." in readme
+    assert f"push {pushed}" in readme
+    assert f"kustomize edit set image {override['name']}={pushed}" in readme
+
+
+async def test_kubernetes_routes_answer_on_the_ports_the_manifests_name(
+    nursery: trio.Nursery,
+) -> None:
+    """A hub run with the ConfigMap's settings (loopback, free ports, the
+    in-process broker): every request the manifests send reaches a route on
+    the port they send it to, and what they keep off a port is 404 there."""
+    k = kube()
+    container = _container(k)
+    data = {key: v for key, v in k["ConfigMap"]["data"].items() if not key.startswith("REDIS_")}
+    config = _configmap_config(k)
+    assert config.internal_port is not None
+    local = data | {
+        "SMAPWS_HOST": "127.0.0.1",
+        "SMAPWS_PORT": "0",
+        "SMAPWS_INTERNAL_PORT": "0",
+        "SMAPWS_ALLOWED_ORIGINS": "",
+        "SMAPWS_LOG_LEVEL": "warning",
+        "JWT_SECRET": SECRET,
+        "SMAPWS_API_KEY": "k8s-test-key",
+    }
+    server: Server = await nursery.start(serve, load_config(local))
+    assert server.internal_port is not None
+    bound = {config.port: server.port, config.internal_port: server.internal_port}
+
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        r = await http(bound[_container_port(k, get["port"])], "GET", get["path"])
+        assert r.status == 200, probe
+    annotations = k["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    r = await http(bound[int(annotations["prometheus.io/port"])], "GET", "/metrics")
+    assert r.status == 200 and b"websocket_active_connections" in r.body
+
+    (ws_path,) = _ingress_paths(k["Ingress"])
+    assert ws_path["path"] == "/ws", "the path connect() asks for"
+    public = bound[_service_ports(k, "smapws")["http"]]
+    internal = bound[_service_ports(k, "smapws-internal")["internal"]]
+    async with connect(public, "u1") as ws:
+        body = json.dumps(
+            {"user_id": "u1", "message": {"type": "notification", "payload": {"n": 1}}}
+        ).encode()
+        auth = {"Authorization": "Bearer k8s-test-key"}
+        assert (await http(public, "POST", "/api/publish", body=body, headers=auth)).status == 404
+        r = await http(internal, "POST", "/api/publish", body=body, headers=auth)
+        assert r.status == 202
+        assert (await receive_json(ws))["payload"] == {"n": 1}
+    assert (await http(public, "GET", "/metrics")).status == 404
+    assert (await http(internal, "GET", "/ws")).status == 404
 
 
 def test_kubernetes_grace_period_covers_the_drain() -> None:

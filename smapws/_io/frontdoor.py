@@ -1,4 +1,4 @@
-"""One port for HTTP and WebSocket.
+"""One port for HTTP and WebSocket (two with ``SMAPWS_INTERNAL_PORT``).
 
 The front door reads the request head itself (trio-websocket would answer
 every non-upgrade request with 400), then:
@@ -10,6 +10,10 @@ every non-upgrade request with 400), then:
   WebSocket layer together with the bytes already read;
 - anything else gets 404/405/400, and a client that has not sent its head
   within ``SMAPWS_HANDSHAKE_TIMEOUT`` gets 408.
+
+Each listener serves its own routes (:data:`ALL_ROUTES` on the one port, or
+:data:`PUBLIC_ROUTES` and :data:`INTERNAL_ROUTES`); a path the listener does
+not serve is 404, as if it did not exist.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import hmac
 import json
 import random
 import time
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, TypeAlias
 
 import trio
 
@@ -52,13 +57,23 @@ _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds a refused client is told to wait (503), so reconnect storms spread.
 RETRY_AFTER_S: Final = 5
 
-#: Paths served as plain HTTP, with their allowed methods.
-_HTTP_ROUTES: Final = {
+#: Paths a listener serves, with their allowed methods.
+Routes: TypeAlias = Mapping[str, tuple[str, ...]]
+#: Every path: what the one port serves when ``SMAPWS_INTERNAL_PORT`` is unset.
+ALL_ROUTES: Final[Routes] = {
     "/health": ("GET", "HEAD"),
     "/ready": ("GET", "HEAD"),
     "/metrics": ("GET", "HEAD"),
     "/api/publish": ("POST",),
     "/ws": ("GET",),
+}
+#: With ``SMAPWS_INTERNAL_PORT``, the public port: browsers and probes only.
+PUBLIC_ROUTES: Final[Routes] = {p: ALL_ROUTES[p] for p in ("/health", "/ready", "/ws")}
+#: The internal port: probes, the scraper, the publishers. No ``/ws`` (404,
+#: like any path a port does not serve): browsers come in only through the
+#: public port and what fronts it (TLS, the ingress and its timeouts).
+INTERNAL_ROUTES: Final[Routes] = {
+    p: ALL_ROUTES[p] for p in ("/health", "/ready", "/metrics", "/api/publish")
 }
 
 
@@ -112,8 +127,9 @@ class _Upgrade:
         self.remote = remote
 
 
-async def handle(app: App, stream: trio.abc.Stream) -> None:
+async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES) -> None:
     """Serve one accepted TCP connection until it is done; always closes it.
+    Paths outside ``routes`` (the listener's) are 404.
 
     This is the connection's barrier: an unexpected exception ends this
     connection alone, answered 500 before the upgrade or closed with 1011
@@ -121,7 +137,7 @@ async def handle(app: App, stream: trio.abc.Stream) -> None:
     and logged once with its traceback. Only cancellation goes further."""
     upgraded: list[ServerWebSocket] = []
     try:
-        upgrade = await _front(app, stream)
+        upgrade = await _front(app, stream, routes)
         if upgrade is not None:
             await _websocket(app, stream, upgrade, upgraded)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -140,7 +156,7 @@ async def handle(app: App, stream: trio.abc.Stream) -> None:
             await stream.aclose()
 
 
-async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
+async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade | None:
     """Read the request head and answer it, unless it is an acceptable
     upgrade: that is returned for the WebSocket phase."""
     cfg = app.config
@@ -177,7 +193,7 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
         await _send(stream, response(exc.status))
         return None
 
-    methods = _HTTP_ROUTES.get(head.path)
+    methods = routes.get(head.path)
     if methods is None:
         await _send(stream, response(404))
     elif head.method not in methods:

@@ -7,7 +7,8 @@
     ├── broker subscriber  Redis PSUBSCRIBE via trio-asyncio, or the in-process broker
     ├── router             broker queue -> App.route -> connection outboxes
     ├── systemd notify     READY/STATUS/WATCHDOG on $NOTIFY_SOCKET (``smapws serve``)
-    └── listener           front door; each TCP connection's task in `connections`
+    └── listeners          front door; each TCP connection's task in `connections`
+        │                  (with SMAPWS_INTERNAL_PORT a second listener, same nursery)
         └── per connection: writer (its own task), reader, heartbeat
 
 Shutdown (:meth:`Server.drain`): ``/ready`` turns 503 and new upgrades get 503
@@ -73,9 +74,18 @@ def stop_budget(config: Config) -> float:
 class Server:
     """A running hub, as ``nursery.start(serve, config)`` returns it."""
 
-    def __init__(self, app: App, port: int, cancel_scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        app: App,
+        port: int,
+        cancel_scope: trio.CancelScope,
+        *,
+        internal_port: int | None = None,
+    ) -> None:
         self.app = app
         self.port = port
+        #: The bound ``SMAPWS_INTERNAL_PORT``, or ``None`` (all on ``port``).
+        self.internal_port = internal_port
         self._cancel_scope = cancel_scope
         self._drain_started = trio.Event()
         #: systemd's notify socket (disabled unless ``serve`` talks to systemd).
@@ -211,9 +221,10 @@ async def serve(
 ) -> None:
     """Run the hub until drained (or cancelled).
 
-    Reports a :class:`Server` (with the bound port) to ``nursery.start`` once
-    it is listening. The broker may still be connecting then: ``/ready``
-    says when it is.
+    Reports a :class:`Server` (with the bound ports) to ``nursery.start``
+    once it is listening. The broker may still be connecting then: ``/ready``
+    says when it is. Raises :class:`OSError` if it cannot listen, with the
+    address it could not bind as ``filename`` (``host:port``).
 
     ``notify_systemd`` (default: the same as ``handle_signals``, i.e. when
     the hub owns the process) speaks systemd's notify protocol on
@@ -233,11 +244,16 @@ async def serve(
     )
     app = App(config, broker, metrics)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
-    listeners = await _open_listeners(config.host, config.port)
+    # Before any task: a port in use is one line (ListenError), not a group.
+    public, internal = await _open_all(config)
     try:
         async with _bridge(config), trio.open_nursery() as root:
-            port = listeners[0].socket.getsockname()[1]
-            server = Server(app, port, root.cancel_scope)
+            server = Server(
+                app,
+                _bound_port(public),
+                root.cancel_scope,
+                internal_port=_bound_port(internal) if internal else None,
+            )
             await root.start(broker.run, send)
             root.start_soon(app.router, receive)
             root.start_soon(app.maintain)
@@ -247,14 +263,27 @@ async def serve(
             if handle_signals if notify_systemd is None else notify_systemd:
                 _start_systemd_notify(root, server)
             try:
-                await _listen(config, app, server, listeners, task_status)
+                await _listen(config, app, server, public, internal, task_status)
             finally:
                 if isinstance(broker, RedisBroker):
                     await broker.aclose()
     finally:
-        with trio.CancelScope(shield=True):  # however serve ends
-            for listener in listeners:
-                await listener.aclose()
+        _close(public + internal)  # however serve ends
+
+
+async def _open_all(
+    config: Config,
+) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
+    """The public listeners and the internal ones (none without
+    ``SMAPWS_INTERNAL_PORT``); all or nothing."""
+    public = await _open_listeners(config.host, config.port)
+    if config.internal_address is None:
+        return public, []
+    try:
+        return public, await _open_listeners(*config.internal_address)
+    except BaseException:
+        _close(public)
+        raise
 
 
 async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
@@ -276,7 +305,8 @@ async def _accept_loop(
     failed accept: when the process is out of file descriptors (or memory),
     one line every :data:`ACCEPT_ERROR_LOG_INTERVAL` s with the count, the
     ``websocket_accept_errors_total{errno}`` metric, and a pause of
-    :data:`ACCEPT_PAUSE` s while the backlog holds the callers."""
+    :data:`ACCEPT_PAUSE` s while the backlog holds the callers. Before each
+    accept it waits for a head slot (``SMAPWS_MAX_PENDING_REQUESTS``)."""
     log = RateLimitedLog(ACCEPT_ERROR_LOG_INTERVAL)
     async with listener:
         while True:
@@ -304,6 +334,16 @@ async def _accept_loop(
                 nursery.start_soon(handler, stream)
 
 
+def _bound_port(listeners: list[trio.SocketListener]) -> int:
+    return int(listeners[0].socket.getsockname()[1])
+
+
+def _close(listeners: list[trio.SocketListener]) -> None:
+    """Close listening sockets (idempotent; ``serve_listeners`` may have)."""
+    for listener in listeners:
+        listener.socket.close()
+
+
 def _start_systemd_notify(root: trio.Nursery, server: Server) -> None:
     notifier = sdnotify.Notifier.from_environ(os.environ)
     if not notifier.enabled:
@@ -325,20 +365,29 @@ async def _listen(
     config: Config,
     app: App,
     server: Server,
-    listeners: list[trio.SocketListener],
+    public: list[trio.SocketListener],
+    internal: list[trio.SocketListener],
     task_status: trio.TaskStatus[Server],
 ) -> None:
+    """Serve both listeners' connections in one nursery, so a drain or a
+    cancel ends them alike; ``internal`` may be empty."""
     broker = app.broker
+    served = [(public, frontdoor.PUBLIC_ROUTES if internal else frontdoor.ALL_ROUTES)]
+    where: dict[str, object] = {}
+    if internal and config.internal_address is not None:
+        served.append((internal, frontdoor.INTERNAL_ROUTES))
+        where = {"internal_host": config.internal_address[0], "internal_port": server.internal_port}
     async with trio.open_nursery() as connections:
-        for listener in listeners:
-            connections.start_soon(
-                _accept_loop, app, listener, partial(frontdoor.handle, app), connections
-            )
+        for listeners, routes in served:
+            handler = partial(frontdoor.handle, app, routes=routes)
+            for listener in listeners:
+                connections.start_soon(_accept_loop, app, listener, handler, connections)
         logger.info(
             "listening",
             extra=fields(
                 host=config.host,
                 port=server.port,
+                **where,
                 broker=broker.backend,
                 redis=config.redis_url_redacted or "-",
             ),

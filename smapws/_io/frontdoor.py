@@ -157,7 +157,9 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
         try:
             user_id, expires_at, query_used = _check_upgrade(app, head)
         except _Refused as r:
-            _reject_log(app, r.reason, r.status, remote)
+            # Name the refused Origin (cut short; the formatter escapes it).
+            seen = {"origin": (head.header("origin") or "")[:200]} if r.reason == "origin" else {}
+            _reject_log(app, r.reason, r.status, remote, **seen)
             await _send(stream, response(r.status, headers=r.headers))
             return None
         if query_used:
@@ -204,9 +206,11 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
             discarded += len(chunk)
 
 
-def _reject_log(app: App, reason: str, status: int, remote: str) -> None:
+def _reject_log(app: App, reason: str, status: int, remote: str, **more: str) -> None:
     app.metrics.connections_rejected.labels(reason).inc()
-    logger.info("connection rejected", extra=fields(reason=reason, status=status, remote=remote))
+    logger.info(
+        "connection rejected", extra=fields(reason=reason, status=status, remote=remote, **more)
+    )
 
 
 # -- WebSocket upgrade ---------------------------------------------------------

@@ -1,8 +1,10 @@
 """``smapws``: serve | publish | token.
 
-Every setting is an environment variable with a matching flag (``smapws serve
---help``); flags win. Exit codes: 0 success, 1 runtime failure, 2 usage or
-configuration error (one line on stderr naming the variable).
+Every setting is an environment variable with a matching flag of ``smapws
+serve`` (``smapws serve --help``); flags win. ``publish`` and ``token`` have
+only their own flags and read the settings they need from the environment.
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (one
+line on stderr naming the variable).
 """
 
 from __future__ import annotations
@@ -12,16 +14,33 @@ import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from smapws import _log
 from smapws._config import Config, ConfigError, add_arguments, load
 from smapws._core.auth import MAC_ALGORITHMS, mint
-from smapws._core.envelope import InvalidMessage, encode_message, parse
 from smapws._version import __version__
+from smapws.publisher import Publisher, PublishError
+
+#: What ``publish`` reads from the environment (it has no settings flags).
+_PUBLISH_ENV = """\
+environment (the hub's own variables):
+  Redis:  REDIS_URL, or REDIS_HOST, REDIS_PORT, REDIS_DB, REDIS_PASSWORD,
+          or REDIS_SENTINELS with REDIS_SENTINEL_MASTER
+  else the HTTP API of a hub: SMAPWS_API_KEY, at --url or SMAPWS_HOST:SMAPWS_PORT
+  both:   SMAPWS_CHANNEL_PREFIX, SMAPWS_REDIS_TIMEOUT (the publish timeout),
+          SMAPWS_MAX_MESSAGE_BYTES
+
+exit status: 0 published, 1 the server failed or refused, 2 bad input or settings
+"""
+
+#: What ``token`` reads from the environment.
+_TOKEN_ENV = """\
+environment (the hub's own variables):
+  JWT_SECRET (required), JWT_ALGORITHMS (the first, an HS* one, signs),
+  JWT_ISSUER, JWT_AUDIENCE, JWT_USER_CLAIM
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,36 +56,52 @@ def _parser() -> argparse.ArgumentParser:
     pub = sub.add_parser(
         "publish",
         help="publish a message through the configured broker",
-        description="Publish with Redis PUBLISH when Redis is configured, else through "
-        "the HTTP publish API of a running hub (needs SMAPWS_API_KEY).",
+        description="Publish with Redis PUBLISH when Redis is configured, else through\n"
+        "the HTTP publish API of a running hub (needs SMAPWS_API_KEY). The message\n"
+        "is checked as the hub checks it before it is sent.",
+        epilog=_PUBLISH_ENV,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pub.add_argument("--user", required=True, help="user id (channel = prefix + user)")
     pub.add_argument("--type", required=True, dest="mtype", help="message type")
-    pub.add_argument("--payload", default="{}", help="payload as a JSON object")
-    pub.add_argument("--url", default=None, help="hub base URL for the HTTP publish API")
-    add_arguments(pub)
+    pub.add_argument("--payload", default="{}", help="payload as a JSON object (default: {})")
+    pub.add_argument(
+        "--url",
+        default=None,
+        help="publish through the HTTP API of the hub at this base URL, even when Redis "
+        "is configured (default: SMAPWS_HOST:SMAPWS_PORT when Redis is not configured)",
+    )
 
-    tok = sub.add_parser("token", help="mint a development JWT signed with JWT_SECRET")
+    tok = sub.add_parser(
+        "token",
+        help="mint a development JWT signed with JWT_SECRET",
+        description="Print a JWT for USER, signed as the hub verifies it (for development\n"
+        "and tests).",
+        epilog=_TOKEN_ENV,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tok.add_argument("--user", required=True, help="user id (sub claim)")
-    tok.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds")
-    add_arguments(tok)
+    tok.add_argument(
+        "--ttl", type=float, default=3600.0, help="lifetime in seconds (default: 3600)"
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
+    if command == "publish":
+        return _publish(args.user, args.mtype, args.payload, args.url)
+    # serve's flags (token has no settings flags: it reads the environment).
     flags = {k: v for k, v in vars(args).items() if v is not None}
     try:
-        config = load(os.environ, flags, require_auth=command != "publish")
+        config = load(os.environ, flags)
     except ConfigError as exc:
         print(f"smapws: configuration error: {exc}", file=sys.stderr)
         return 2
-    if command == "serve":
-        return _serve(config)
     if command == "token":
         return _token(config, args.user, args.ttl)
-    return _publish(config, args.user, args.mtype, args.payload, args.url)
+    return _serve(config)
 
 
 def _serve(config: Config) -> int:
@@ -128,75 +163,28 @@ def _token(config: Config, user: str, ttl: float) -> int:
     return 0
 
 
-def _publish(config: Config, user: str, mtype: str, payload_text: str, url: str | None) -> int:
+def _publish(user: str, mtype: str, payload_text: str, url: str | None) -> int:
     try:
         payload = json.loads(payload_text)
     except ValueError:
-        print("smapws: --payload: expected a JSON object", file=sys.stderr)
-        return 2
+        payload = None
     if not isinstance(payload, dict):
         print("smapws: --payload: expected a JSON object", file=sys.stderr)
         return 2
-    data = encode_message(mtype, payload)
     try:
-        parse(data, wall_time=0, received_at=0, max_bytes=config.max_message_bytes)
-    except InvalidMessage as exc:
-        print(f"smapws: invalid message: {exc}", file=sys.stderr)
+        publisher = Publisher.from_env(os.environ, api_url=url)
+    except ValueError as exc:  # ConfigError, or a --url or REDIS_URL the client refuses
+        print(f"smapws: configuration error: {exc}", file=sys.stderr)
         return 2
-    if config.broker == "redis" and url is None:
-        import redis
-
-        client: redis.Redis
-        if config.redis_sentinels:
-            from redis.sentinel import Sentinel
-
-            sentinel = Sentinel(  # type: ignore[no-untyped-call]
-                list(config.redis_sentinels), socket_timeout=config.redis_timeout
-            )
-            client = sentinel.master_for(  # type: ignore[no-untyped-call]
-                str(config.redis_sentinel_master),
-                password=config.redis_password,
-                db=config.redis_db,
-                socket_timeout=config.redis_timeout,
-            )
-        else:
-            client = redis.Redis.from_url(
-                str(config.redis_url), socket_timeout=config.redis_timeout
-            )
+    with publisher:
         try:
-            n = client.publish(config.channel_prefix + user, data)
-        except redis.RedisError as exc:
-            print(f"smapws: Redis publish failed: {type(exc).__name__}", file=sys.stderr)
+            receivers = publisher.publish(user, mtype, payload)
+        except PublishError as exc:
+            print(f"smapws: {exc}", file=sys.stderr)
             return 1
-        finally:
-            client.close()
-        print(json.dumps({"status": "published", "receivers": n}))
-        return 0
-    if not config.api_key:
-        print(
-            "smapws: configuration error: SMAPWS_API_KEY: needed to publish through a hub's "
-            "HTTP API (or set REDIS_URL to publish to Redis)",
-            file=sys.stderr,
-        )
-        return 2
-    # The publish API is on the internal port when there is one.
-    host, port = config.internal_address or (config.host, config.port)
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    base = url or f"http://{host}:{port}"
-    body = json.dumps({"user_id": user, "message": json.loads(data)}).encode()
-    req = urllib.request.Request(
-        base.rstrip("/") + "/api/publish",
-        data=body,
-        method="POST",
-        headers={"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=config.redis_timeout) as resp:
-            print(resp.read().decode())
-    except urllib.error.HTTPError as exc:
-        print(f"smapws: publish refused: HTTP {exc.code} {exc.read().decode()}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"smapws: cannot reach {base}: {exc}", file=sys.stderr)
-        return 1
+        except ValueError as exc:  # InvalidMessage, or a user id no tab can have
+            print(f"smapws: invalid message: {exc}", file=sys.stderr)
+            return 2
+    status = "published" if publisher.transport == "redis" else "accepted"
+    print(json.dumps({"status": status, "receivers": receivers}))
     return 0

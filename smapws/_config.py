@@ -186,7 +186,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         True,
         "close a connection with 1008 when its token expires",
     ),
-    _Option("allowed_origins", "SMAPWS_ALLOWED_ORIGINS", _csv, (), "allowed Origin values"),
+    _Option(
+        "allowed_origins",
+        "SMAPWS_ALLOWED_ORIGINS",
+        _csv,
+        (),
+        "comma list of allowed Origin values (unset: the same host only)",
+    ),
     _Option("ping_interval", "SMAPWS_PING_INTERVAL", _positive_float, 54.0, "ping period (s)"),
     _Option("pong_wait", "SMAPWS_PONG_WAIT", _positive_float, 60.0, "pong deadline (s)"),
     _Option("write_wait", "SMAPWS_WRITE_WAIT", _positive_float, 10.0, "write deadline (s)"),
@@ -198,7 +204,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "deadline for a request head and the upgrade (s)",
     ),
     _Option("drain_timeout", "SMAPWS_DRAIN_TIMEOUT", _positive_float, 30.0, "drain deadline (s)"),
-    _Option("api_key", "SMAPWS_API_KEY", _str, None, "bearer key for POST /api/publish", True),
+    _Option(
+        "api_key",
+        "SMAPWS_API_KEY",
+        _str,
+        None,
+        "bearer key for POST /api/publish (unset: the API is off)",
+        True,
+    ),
     _Option("max_connections", "SMAPWS_MAX_CONNECTIONS", _positive_int, 10000, "connection cap"),
     _Option(
         "max_connections_per_user",
@@ -417,16 +430,33 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def shown_default(value: Any) -> str:
+    """A setting's default as ``--help`` and the README write it."""
+    if value is None or value == ():
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to ``parser`` (default: not given)."""
+    """Add one flag per setting to ``parser``. The parsed value is None when
+    the flag is not given (the environment, then the default, apply); the
+    help shows the default."""
     group = parser.add_argument_group("settings (each flag overrides its environment variable)")
     for opt in OPTIONS:
+        text = f"{opt.help} " if opt.help else ""
+        text += f"(default: {shown_default(opt.default)}) [env {opt.env}]"
         group.add_argument(
             opt.flag,
             dest=opt.field,
             default=None,
             metavar=opt.env,
-            help=f"{opt.help} [env {opt.env}]" if opt.help else f"[env {opt.env}]",
+            help=text.replace("%", "%%"),
         )
 
 

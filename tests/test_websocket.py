@@ -182,6 +182,28 @@ async def test_origin_is_checked(memory_hub: Server) -> None:
         await wait_connections(memory_hub, 1)
 
 
+async def test_an_origin_refusal_logs_the_origin(
+    memory_hub: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = "http://" + "a" * 300 + ".example"
+    with caplog.at_level(logging.INFO, logger="smapws"):
+        for origin in ("http://localhost:5173", long):
+            r = await raw_upgrade(memory_hub.port, user="u1", extra=f"Origin: {origin}\r\n")
+            assert r.status == 403
+    lines = [r for r in caplog.records if r.getMessage() == "connection rejected"]
+    logged = [r.smapws_fields for r in lines]  # type: ignore[attr-defined]
+    assert [(f["reason"], f["origin"]) for f in logged] == [
+        ("origin", "http://localhost:5173"),
+        ("origin", long[:200]),
+    ]
+    # Other refusals carry no origin field (here: no token, same-host Origin).
+    with caplog.at_level(logging.INFO, logger="smapws"):
+        same = "Origin: http://127.0.0.1\r\n"  # the Host header of raw_upgrade
+        assert (await raw_upgrade(memory_hub.port, extra=same)).status == 401
+    assert caplog.records[-1].smapws_fields["reason"] == "missing_token"  # type: ignore[attr-defined]
+    assert "origin" not in caplog.records[-1].smapws_fields  # type: ignore[attr-defined]
+
+
 async def test_allowed_origins_list(nursery: trio.Nursery) -> None:
     from smapws import serve
 

@@ -1,0 +1,184 @@
+"""The ``smapws`` command as a user runs it: help texts, ``token``, ``publish``.
+
+Each case runs the real console entry point in a child process with a
+controlled environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jwt
+import pytest
+import trio
+
+from smapws import Server, serve
+from smapws._cli import main
+from smapws._config import OPTIONS, shown_default
+
+from .conftest import (
+    API_KEY,
+    SECRET,
+    RedisServer,
+    connect,
+    free_port,
+    make_config,
+    receive_json,
+    wait_connections,
+)
+
+BASE_ENV = {"PATH": "/usr/bin:/bin"}
+
+
+def smapws(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "smapws", *args],
+        env={**BASE_ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def flags_in(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", help_text))
+
+
+def run_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str, **env: str
+) -> tuple[int, str, str]:
+    """``smapws *args`` in this process, with exactly ``env`` as the environment."""
+    monkeypatch.setattr(os, "environ", {**BASE_ENV, **env})
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # --help
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_serve_help_shows_every_default(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out, _ = run_main(capsys, monkeypatch, "serve", "--help")
+    assert code == 0
+    text = " ".join(out.split())  # argparse wraps lines
+    for opt in OPTIONS:
+        assert f"(default: {shown_default(opt.default)}) [env {opt.env}]" in text, opt.env
+    assert "(default: 54) [env SMAPWS_PING_INTERVAL]" in text
+
+
+def test_publish_and_token_help_list_only_their_own_options(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, publish, _ = run_main(capsys, monkeypatch, "publish", "--help")
+    assert flags_in(publish) == {"--help", "--user", "--type", "--payload", "--url"}
+    assert "REDIS_URL" in publish and "SMAPWS_API_KEY" in publish
+    _, token, _ = run_main(capsys, monkeypatch, "token", "--help")
+    assert flags_in(token) == {"--help", "--user", "--ttl"}
+    assert "JWT_SECRET" in token
+    assert "(default: 3600)" in token
+
+
+def test_token_reads_the_jwt_settings_from_the_environment() -> None:
+    out = smapws("token", "--user", "u9", "--ttl", "60", JWT_SECRET=SECRET, JWT_ISSUER="gw")
+    assert out.returncode == 0, out.stderr
+    claims = jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"], issuer="gw")
+    assert claims["sub"] == "u9"
+    assert claims["exp"] - claims["iat"] == 60
+    missing = smapws("token", "--user", "u9")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("smapws: configuration error: JWT_SECRET: required")
+
+
+def test_publish_with_the_seeds_redis_variables(redis_server: RedisServer) -> None:
+    with redis_server.client() as client:
+        pubsub = client.pubsub()
+        pubsub.psubscribe("user_noti:*")
+        assert pubsub.get_message(timeout=5) is not None
+        out = smapws(
+            "publish", "--user", "c1", "--type", "project_progress",
+            "--payload", '{"project_id": "p", "done": 1, "total": 2}',
+            REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_server.port), REDIS_DB="0",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"status": "published", "receivers": 1}
+        msg = pubsub.get_message(timeout=5)
+        pubsub.close()
+    assert msg is not None
+    assert (msg["channel"], msg["data"]) == (
+        b"user_noti:c1",
+        b'{"type":"project_progress","payload":{"project_id":"p","done":1,"total":2}}',
+    )
+
+
+def test_a_failed_redis_publish_names_the_server_and_the_reason() -> None:
+    port = free_port()
+    out = smapws(
+        "publish", "--user", "u1", "--type", "notification",
+        REDIS_URL=f"redis://:pw-hunter2@127.0.0.1:{port}/0", SMAPWS_REDIS_TIMEOUT="2",
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"smapws: publish to redis://:***@127.0.0.1:{port}/0 failed: ")
+    assert "ConnectionError" in lines[0] and "refused" in lines[0]
+    assert "hunter2" not in out.stderr + out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--payload", "[1]"], {}, "smapws: --payload: expected a JSON object"),
+        (["--type", ""], {}, "smapws: invalid message: bad_type"),
+        (
+            ["--payload", '{"x": "' + "y" * 200 + '"}'],
+            {"SMAPWS_MAX_MESSAGE_BYTES": "100"},
+            "smapws: invalid message: too_large: ",
+        ),
+        ([], {"REDIS_URL": "http://x"}, "smapws: configuration error: REDIS_URL: expected"),
+        ([], {"REDIS_URL": ""}, "smapws: configuration error: SMAPWS_API_KEY: needed"),
+    ],
+)
+def test_publish_input_errors_exit_2_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    base = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    code, out, err = run_main(
+        capsys, monkeypatch, "publish", "--user", "u1", "--type", "n", *args, **{**base, **env}
+    )
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1
+    assert err.startswith(message), err
+
+
+async def test_publish_through_a_hubs_http_api(nursery: trio.Nursery) -> None:
+    hub: Server = await nursery.start(serve, make_config())
+    url = f"http://127.0.0.1:{hub.port}"
+    async with connect(hub, "h1") as ws:
+        await wait_connections(hub, 1)
+        ok = await trio.to_thread.run_sync(
+            lambda: smapws(
+                "publish", "--user", "h1", "--type", "alert", "--payload", '{"title": "x"}',
+                "--url", url, SMAPWS_API_KEY=API_KEY,
+            )
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == {"status": "accepted", "receivers": 1}
+        assert (await receive_json(ws))["payload"] == {"title": "x"}
+    refused = await trio.to_thread.run_sync(
+        lambda: smapws(
+            "publish", "--user", "h1", "--type", "alert", "--url", url,
+            SMAPWS_API_KEY="wrong-key-77",
+        )
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert refused.stderr == f"smapws: publish to {url} refused: HTTP 401 bad_api_key\n"

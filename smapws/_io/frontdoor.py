@@ -24,6 +24,7 @@ import trio
 
 from smapws._core.auth import AuthError
 from smapws._core.envelope import InvalidMessage, parse
+from smapws._core.history import Resume, parse_resume
 from smapws._core.http import (
     MAX_HEAD_BYTES,
     HttpError,
@@ -82,7 +83,7 @@ class _Upgrade:
     """An upgrade that passed every check: what the WebSocket phase needs, and
     nothing of the request head (an idle connection keeps this alive)."""
 
-    __slots__ = ("deadline", "expires_at", "key", "remote", "trailing", "user_id")
+    __slots__ = ("deadline", "expires_at", "key", "remote", "resume", "trailing", "user_id")
 
     def __init__(
         self,
@@ -92,8 +93,10 @@ class _Upgrade:
         trailing: bytes,
         remote: str,
         deadline: float,
+        resume: Resume | None = None,
     ) -> None:
         self.deadline = deadline
+        self.resume = resume
         self.user_id = user_id
         self.expires_at = expires_at
         self.key = key
@@ -156,6 +159,7 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
     elif head.path == "/ws":
         try:
             user_id, expires_at, query_used = _check_upgrade(app, head)
+            resume = _resume(head)
         except _Refused as r:
             _reject_log(app, r.reason, r.status, remote)
             await _send(stream, response(r.status, headers=r.headers))
@@ -167,7 +171,7 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
                 extra=fields(user=user_id, remote=remote),
             )
         key = head.header("sec-websocket-key") or ""
-        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline)
+        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline, resume)
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     else:
@@ -247,6 +251,15 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
     return claims.user_id, claims.expires_at, query_used
 
 
+def _resume(head: RequestHead) -> Resume | None:
+    """``?since=<id>[&since_age=<s>]``: what the client saw last (400 when
+    it is not an id)."""
+    try:
+        return parse_resume(head.query)
+    except ValueError:
+        raise _Refused(400, "bad_since") from None
+
+
 async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> None:
     """Complete the upgrade and serve the connection until it ends. This task
     becomes the connection's writer."""
@@ -278,7 +291,7 @@ async def _websocket(app: App, stream: trio.abc.Stream, upgrade: _Upgrade) -> No
         conn = connection.Connection(
             app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
         )
-        await connection.run(app, nursery, ws, conn)
+        await connection.run(app, nursery, ws, conn, upgrade.resume)
 
 
 # -- publish API ---------------------------------------------------------------

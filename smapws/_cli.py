@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from smapws import _log
@@ -33,6 +35,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the hub (the default command)")
     add_arguments(serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the hub with a live demo page at /demo (embedded broker)",
+        description="Run the hub on the embedded broker with the demo page at /demo, a dev "
+        "login and a simulated Project service. Listens on 127.0.0.1 unless SMAPWS_HOST "
+        "says otherwise; a random JWT_SECRET is made when none is set. Never in production.",
+    )
+    add_arguments(demo)
 
     pub = sub.add_parser(
         "publish",
@@ -57,27 +68,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
     flags = {k: v for k, v in vars(args).items() if v is not None}
+    env: Mapping[str, str] = os.environ
+    if command == "demo":
+        env, flags = _demo_settings(env, flags)
     try:
-        config = load(os.environ, flags, require_auth=command != "publish")
+        config = load(env, flags, require_auth=command != "publish")
     except ConfigError as exc:
         print(f"smapws: configuration error: {exc}", file=sys.stderr)
         return 2
     if command == "serve":
         return _serve(config)
+    if command == "demo":
+        return _serve(config, demo_banner=True)
     if command == "token":
         return _token(config, args.user, args.ttl)
     return _publish(config, args.user, args.mtype, args.payload, args.url)
 
 
-def _serve(config: Config) -> int:
+def _demo_settings(
+    env: Mapping[str, str], flags: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """What ``smapws demo`` changes: the embedded broker (Redis settings are
+    dropped), the demo on, loopback unless a host is given, and a random
+    JWT_SECRET when none is set."""
+    redis = ("REDIS_", "redis_")
+    env = {k: v for k, v in env.items() if not k.startswith(redis)}
+    flags = {k: v for k, v in flags.items() if not k.startswith(redis)}
+    env["SMAPWS_DEMO"] = "true"
+    flags.pop("demo", None)
+    env.setdefault("SMAPWS_HOST", "127.0.0.1")
+    if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY_FILE"):
+        env["JWT_SECRET"] = secrets.token_hex(32)
+    return env, flags
+
+
+def _serve(config: Config, *, demo_banner: bool = False) -> int:
     import trio
 
     from smapws._io.server import serve
 
     _log.configure(config.log_level, config.log_format)
     _tune_gc()
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, config, handle_signals=True))
+            if demo_banner:
+                host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+                print(
+                    f"smapws demo: open http://{host}:{server.port}/demo (Ctrl-C stops)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
     try:
-        trio.run(lambda: serve(config, handle_signals=True))
+        trio.run(run)
     except OSError as exc:
         print(f"smapws: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1

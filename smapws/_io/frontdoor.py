@@ -35,7 +35,7 @@ from smapws._core.http import (
     parse_head,
     response,
 )
-from smapws._io import connection
+from smapws._io import assets, connection, demo
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
 from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
@@ -57,6 +57,7 @@ _HTTP_ROUTES: Final = {
     "/metrics": ("GET", "HEAD"),
     "/api/publish": ("POST",),
     "/ws": ("GET",),
+    assets.CLIENT_JS_PATH: ("GET", "HEAD"),
 }
 
 
@@ -150,6 +151,8 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
         return None
 
     methods = _HTTP_ROUTES.get(head.path)
+    if methods is None and app.config.demo:
+        methods = demo.ROUTES.get(head.path)
     if methods is None:
         await _send(stream, response(404))
     elif head.method not in methods:
@@ -174,6 +177,8 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
         return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline, resume)
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
+    elif head.path in demo.ROUTES:
+        await _send(stream, demo.respond(app, head))
     else:
         await _send(stream, _http_get(app, head))
     return None
@@ -181,6 +186,15 @@ async def _front(app: App, stream: trio.abc.Stream) -> _Upgrade | None:
 
 def _http_get(app: App, head: RequestHead) -> bytes:
     head_only = head.method == "HEAD"
+    if head.path == assets.CLIENT_JS_PATH:
+        # Public, and imported by pages of other origins (a dev server): CORS.
+        return response(
+            200,
+            assets.read(assets.CLIENT_JS),
+            content_type=assets.JAVASCRIPT,
+            headers=(("Access-Control-Allow-Origin", "*"),),
+            head_only=head_only,
+        )
     if head.path == "/metrics":
         return response(200, app.metrics.render(), content_type=_METRICS_TYPE, head_only=head_only)
     body = json.dumps(app.health()).encode()

@@ -40,7 +40,7 @@ class Hub:
         n = self.history.occurrence(user, digest, now)
         mid = message_id(digest, n)
         env = with_id(env, mid)
-        self.history.record(user, digest, n, mid, env, now)
+        self.history.record(user, digest, n, env, now)
         return mid, json.loads(env.text)
 
     def after(self, user: str, since: str, now: float, age: float | None = None) -> Any:

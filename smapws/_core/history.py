@@ -43,9 +43,9 @@ ID_HEX_CHARS: Final = 16
 _ID_CHARS: Final = frozenset("0123456789abcdef")
 
 #: Bytes an entry costs beyond its frame (the entry object, the window's
-#: bookkeeping, the envelope object): measured with tracemalloc by
-#: ``bench/history_memory.py`` (about 330 B on CPython 3.11), rounded up.
-ENTRY_OVERHEAD: Final = 400
+#: bookkeeping, the envelope object and its strings): measured with
+#: tracemalloc by ``bench/history_memory.py`` on CPython 3.11.
+ENTRY_OVERHEAD: Final = 590
 
 #: Seconds by which a tab may claim to have seen ``since`` before this hub
 #: received it (``since_age`` larger than the entry's age) and still be
@@ -116,24 +116,27 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
 
 
 class _Entry:
-    __slots__ = ("at", "digest", "envelope", "id", "n", "size", "user")
+    # Lean on purpose (there are tens of thousands): the user is the window's
+    # (one string per user, not per message) and the id is recomputed from
+    # digest and copy number when a tab resumes (rare) instead of stored.
+    __slots__ = ("at", "digest", "envelope", "n", "size", "window")
 
     def __init__(
-        self, user: str, digest: bytes, n: int, mid: str, envelope: Envelope, at: float
+        self, window: _UserWindow, digest: bytes, n: int, envelope: Envelope, at: float
     ) -> None:
-        self.user = user
+        self.window = window
         self.digest = digest
         self.n = n
-        self.id = mid
         self.envelope = envelope
         self.at = at
         self.size = len(envelope.frame) + ENTRY_OVERHEAD
 
 
 class _UserWindow:
-    __slots__ = ("entries", "latest")
+    __slots__ = ("entries", "latest", "user")
 
-    def __init__(self) -> None:
+    def __init__(self, user: str) -> None:
+        self.user = user
         self.entries: deque[_Entry] = deque()
         #: digest -> the newest entry with that digest (for the copy number).
         self.latest: dict[bytes, _Entry] = {}
@@ -166,16 +169,14 @@ class History:
         latest = window.latest.get(digest)
         return 0 if latest is None else latest.n + 1
 
-    def record(
-        self, user: str, digest: bytes, n: int, mid: str, envelope: Envelope, now: float
-    ) -> None:
+    def record(self, user: str, digest: bytes, n: int, envelope: Envelope, now: float) -> None:
         """Append a message (as delivered, id included) to ``user``'s window
         and enforce the bounds, oldest first."""
         lim = self._limits
         window = self._users.get(user)
         if window is None:
-            window = self._users[user] = _UserWindow()
-        entry = _Entry(user, digest, n, mid, envelope, now)
+            window = self._users[user] = _UserWindow(user)
+        entry = _Entry(window, digest, n, envelope, now)
         window.entries.append(entry)
         window.latest[digest] = entry
         self._order[entry] = None
@@ -196,7 +197,8 @@ class History:
             return None
         self._expire_user(window, now)
         entries = list(window.entries)
-        found = [i for i, entry in enumerate(entries) if entry.id == resume.since]
+        since = resume.since
+        found = [i for i, e in enumerate(entries) if message_id(e.digest, e.n) == since]
         if not found:
             return None
         i = found[0]  # ids are unique within a window
@@ -232,7 +234,7 @@ class History:
 
     def _forget(self, entry: _Entry) -> None:
         """Remove ``entry``, which is the oldest of its user's window."""
-        window = self._users[entry.user]
+        window = entry.window
         removed = window.entries.popleft()
         assert removed is entry
         if window.latest.get(entry.digest) is entry:
@@ -240,7 +242,7 @@ class History:
         del self._order[entry]
         self._bytes -= entry.size
         if not window.entries:
-            del self._users[entry.user]
+            del self._users[window.user]
 
     def __len__(self) -> int:
         return len(self._order)

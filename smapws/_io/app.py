@@ -251,7 +251,7 @@ class App:
         n = history.occurrence(user, digest, now)
         mid = message_id(digest, n)
         env = with_id(env, mid)
-        history.record(user, digest, n, mid, env, now)
+        history.record(user, digest, n, env, now)
         return env
 
     def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:

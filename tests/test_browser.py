@@ -378,3 +378,80 @@ def test_demo_page_bars_move(browser: Any, hubs: list[HubProcess], tmp_path: Pat
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
     page.context.close()
+
+
+# -- the client's own logic, against a scripted socket -----------------------------
+
+#: A WebSocket stand-in the page's client talks to: the test scripts what
+#: "the hub" sends on each connection and sees the URLs asked for.
+FAKE_SOCKET = """
+window.sockets = [];
+window.FakeSocket = class {
+  constructor(url) {
+    this.url = url;
+    window.sockets.push(this);
+    setTimeout(() => this.onopen(), 0);
+  }
+  deliver(messages) { for (const m of messages) this.onmessage({ data: JSON.stringify(m) }); }
+  drop(code = 1006) { this.onclose({ code }); }
+  close() {}
+  send() {}
+};
+true;
+"""
+
+
+def test_resuming_sends_since_and_delivers_each_message_once_in_order(
+    browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    hub = start_hub(hubs, tmp_path, pages)
+    page = open_test_page(browser, pages, hub.port, token("fake"))
+    page.evaluate(FAKE_SOCKET)
+    page.evaluate("makeClient({ WebSocket: FakeSocket, minDelay: 10, maxDelay: 10 })")
+    page.wait_for_function("window.sockets.length === 1 && window.clients[0].service.connected")
+    assert "since=" not in page.evaluate("sockets[0].url")
+
+    def note(mid: str, n: int) -> dict[str, Any]:
+        return {"type": "notification", "payload": {"n": n}, "id": mid}
+
+    ids = [f"{i:016x}" for i in range(10)]
+    page.evaluate(f"sockets[0].deliver({json.dumps([note(ids[i], i) for i in range(3)])})")
+    page.evaluate("sockets[0].drop(1001)")
+    page.wait_for_function("window.sockets.length === 2 && window.clients[0].service.connected")
+    url = page.evaluate("sockets[1].url")
+    assert f"since={ids[2]}" in url and "since_age=" in url
+    # A replay that repeats what was delivered (a hub that numbered a copy
+    # differently) is cut to the new messages; after the first new one,
+    # nothing is dropped, not even an id seen long ago (ids of identical
+    # messages come back once they left every window).
+    replay = [note(ids[1], 1), note(ids[2], 2), note(ids[3], 3), note(ids[4], 4), note(ids[0], 0)]
+    page.evaluate(f"sockets[1].deliver({json.dumps(replay)})")
+    assert notifications(page, 0) == [0, 1, 2, 3, 4, 0]
+    # A resync forgets: what follows is delivered whatever it repeats.
+    page.evaluate("sockets[1].drop(1013)")
+    page.wait_for_function("window.sockets.length === 3 && window.clients[0].service.connected")
+    assert f"since={ids[0]}" in page.evaluate("sockets[2].url")
+    gap = [{"type": "resync", "payload": {"reason": "history_gap"}}, note(ids[4], 4)]
+    page.evaluate(f"sockets[2].deliver({json.dumps(gap)})")
+    assert client(page, 0, "resyncs") == [{"reason": "history_gap"}]
+    assert notifications(page, 0) == [0, 1, 2, 3, 4, 0, 4]
+    page.context.close()
+
+
+def test_refused_upgrades_refresh_the_token_once_then_connect(
+    browser: Any, pages: PageServer, redis_server: RedisServer, hubs: list[HubProcess],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    # The laptop slept past the token's expiry: the hub answers 401 before
+    # the upgrade, which a page sees only as 1006. After two such failures
+    # the client asks onTokenExpired for a fresh cookie.
+    hub = start_hub(hubs, tmp_path, pages, REDIS_URL=redis_server.url)
+    page = open_test_page(browser, pages, hub.port, token("slept", ttl=-60), http_only=False)
+    page.evaluate(f"window.freshToken = {json.dumps(token('slept'))}")
+    page.evaluate("makeClient({ refresh: true, minDelay: 50, maxDelay: 50 })")
+    wait_for(lambda: client(page, 0, "service.state") == "open", 10, "open after a refresh")
+    assert page.evaluate("window.refreshes") == 1
+    failures = [s for s in client(page, 0, "states") if s["state"] == "reconnecting"]
+    assert len(failures) >= 2 and all(s["code"] == 1006 for s in failures)
+    assert metric(hub.port, "websocket_connections_total") == 1
+    page.context.close()

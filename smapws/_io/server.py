@@ -222,6 +222,10 @@ async def serve(
         if config.demo:
             from smapws._io import demo
 
+            logger.warning(
+                "demo mode: /demo and /demo/login (which hands out tokens) are served, "
+                "and a simulated Project service publishes for demo-* users; never in production"
+            )
             root.start_soon(demo.simulate, app)
         if handle_signals:
             root.start_soon(_watch_signals, server)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from smapws import _log
@@ -52,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the hub (the default command)")
     add_arguments(serve)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the hub with a live demo page at /demo (embedded broker)",
+        description="Run the hub on the embedded broker with the demo page at /demo, a dev "
+        "login and a simulated Project service. Listens on 127.0.0.1 unless SMAPWS_HOST "
+        "says otherwise; a random JWT_SECRET is made when none is set. Never in production.",
+    )
+    add_arguments(demo)
 
     pub = sub.add_parser(
         "publish",
@@ -94,31 +105,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _publish(args.user, args.mtype, args.payload, args.url)
     # serve's flags (token has no settings flags: it reads the environment).
     flags = {k: v for k, v in vars(args).items() if v is not None}
+    env: Mapping[str, str] = os.environ
+    if command == "demo":
+        env, flags = _demo_settings(env, flags)
     try:
-        config = load(os.environ, flags)
+        config = load(env, flags)
     except ConfigError as exc:
         print(f"smapws: configuration error: {exc}", file=sys.stderr)
         return 2
+    if command == "demo":
+        return _serve(config, demo_banner=True)
     if command == "token":
         return _token(config, args.user, args.ttl)
     return _serve(config)
 
 
-def _serve(config: Config) -> int:
+def _demo_settings(
+    env: Mapping[str, str], flags: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """What ``smapws demo`` changes: the embedded broker (Redis settings are
+    dropped), the demo on, loopback unless a host is given, and a random
+    JWT_SECRET when none is set."""
+    redis = ("REDIS_", "redis_")
+    env = {k: v for k, v in env.items() if not k.startswith(redis)}
+    flags = {k: v for k, v in flags.items() if not k.startswith(redis)}
+    env["SMAPWS_DEMO"] = "true"
+    flags.pop("demo", None)
+    env.setdefault("SMAPWS_HOST", "127.0.0.1")
+    if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY_FILE"):
+        env["JWT_SECRET"] = secrets.token_hex(32)
+    return env, flags
+
+
+def _serve(config: Config, *, demo_banner: bool = False) -> int:
     import trio
 
     from smapws._io.server import ListenError, serve
 
     _log.configure(config.log_level, config.log_format)
     _tune_gc()
+
+    async def run() -> None:
+        if not demo_banner:
+            await serve(config, handle_signals=True)
+            return
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(serve, config, handle_signals=True))
+            host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            print(
+                f"smapws demo: open http://{host}:{server.port}/demo (Ctrl-C stops)",
+                file=sys.stderr,
+                flush=True,
+            )
+
     try:
-        trio.run(lambda: serve(config, handle_signals=True))
-    except ListenError as exc:
-        print(f"smapws: {exc}", file=sys.stderr)
+        trio.run(run)
+    except (ListenError, ExceptionGroup) as exc:
+        # A group when the demo's nursery wraps it: still one line.
+        listen = exc if isinstance(exc, ListenError) else _leaf(exc, ListenError)
+        if listen is None:
+            raise
+        print(f"smapws: {listen}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130
     return 0
+
+
+def _leaf(group: BaseExceptionGroup[Any], kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` anywhere in ``group``."""
+    for exc in group.exceptions:
+        found = _leaf(exc, kind) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, kind):
+            return found
+    return None
 
 
 #: Young-generation threshold of the cyclic garbage collector. CPython's

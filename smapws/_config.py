@@ -306,6 +306,35 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "projects kept in all for new tabs (0: off)",
     ),
     _Option(
+        "history_ttl",
+        "SMAPWS_HISTORY_TTL",
+        _non_negative_float,
+        300.0,
+        "seconds each message is kept for ?since= recovery (0: off)",
+    ),
+    _Option(
+        "history_per_user",
+        "SMAPWS_HISTORY_PER_USER",
+        _non_negative_int,
+        100,
+        "messages kept per user for ?since= recovery (0: off)",
+    ),
+    _Option(
+        "history_max_bytes",
+        "SMAPWS_HISTORY_MAX_BYTES",
+        _non_negative_int,
+        32 * 1024 * 1024,
+        "bytes kept in all for ?since= recovery, oldest forgotten first (0: off)",
+    ),
+    _Option(
+        "demo",
+        "SMAPWS_DEMO",
+        _bool,
+        False,
+        "serve the demo page (/demo), its dev login and a simulated Project service; "
+        "never in production",
+    ),
+    _Option(
         "ingest_queue",
         "SMAPWS_INGEST_QUEUE",
         _positive_int,
@@ -385,6 +414,10 @@ class Config:
     snapshot_completed_ttl: float = 30.0
     snapshot_per_user: int = 32
     snapshot_max_entries: int = 20000
+    history_ttl: float = 300.0
+    history_per_user: int = 100
+    history_max_bytes: int = 32 * 1024 * 1024
+    demo: bool = False
     ingest_queue: int = 65536
     redis_timeout: float = 5.0
     reconnect_max: float = 1.0

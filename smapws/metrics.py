@@ -216,6 +216,28 @@ class Metrics:
             "connection per outage): the clients were told to refetch state.",
             registry=r,
         )
+        self.history_entries = Gauge(
+            "websocket_history_entries",
+            "Messages held in the replay window for ?since= recovery.",
+            registry=r,
+        )
+        self.history_bytes = Gauge(
+            "websocket_history_bytes",
+            "Bytes accounted to the replay window (frames plus bookkeeping).",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "websocket_resumes",
+            "Connections that asked for ?since=: replayed (the window had the id) "
+            "or gap (a resync with reason history_gap was sent instead).",
+            ["result"],
+            registry=r,
+        )
+        self.replayed_messages = Counter(
+            "websocket_replayed_messages",
+            "Messages queued from the replay window for resuming connections.",
+            registry=r,
+        )
         self.publish_requests = Counter(
             "websocket_publish_requests",
             "POST /api/publish requests, by HTTP status.",

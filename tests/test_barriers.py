@@ -102,10 +102,10 @@ async def test_a_connection_that_fails_after_the_upgrade_gets_1011_alone(
 ) -> None:
     real_run = connection_module.run
 
-    async def run(app: Any, nursery: Any, ws: Any, conn: Connection) -> None:
+    async def run(app: Any, nursery: Any, ws: Any, conn: Connection, *rest: Any) -> None:
         if conn.user_id == "victim":
             raise RuntimeError("injected fault in a connection")
-        await real_run(app, nursery, ws, conn)
+        await real_run(app, nursery, ws, conn, *rest)
 
     monkeypatch.setattr(connection_module, "run", run)
     async with connect(memory_hub, "bystander") as other:

@@ -147,7 +147,7 @@ async def test_a_stalled_tab_gets_the_latest_progress_and_every_event(
     assert positions == sorted(set(positions))
     # Every completion and notification.
     assert [m for m in got if m["type"] != "project_progress"] == [
-        {**m, "timestamp": g["timestamp"]}
+        {**m, "timestamp": g["timestamp"], "id": g["id"]}
         for m, g in zip(
             [m for m in published if m["type"] != "project_progress"],
             [m for m in got if m["type"] != "project_progress"],

@@ -272,3 +272,28 @@ def user_from_channel(channel: bytes, prefix: bytes) -> str:
 def encode_message(mtype: str, payload: dict[str, Any]) -> bytes:
     """Encode a broker message the way publishers do (compact JSON, UTF-8)."""
     return json.dumps({"type": mtype, "payload": payload}, separators=(",", ":")).encode()
+
+
+def with_id(envelope: Envelope, message_id: str) -> Envelope:
+    """``envelope`` with ``"id": message_id`` as the last field of the
+    delivered object (see :mod:`smapws._core.history`). A top-level ``id``
+    the publisher set is replaced (the rare case: the object is re-encoded);
+    otherwise the field is spliced in before the closing brace, one copy."""
+    text = envelope.text
+    field = b'"id":"' + message_id.encode("ascii") + b'"}'
+    if b'"id"' in text:
+        obj = json.loads(text)
+        if "id" in obj:
+            obj["id"] = message_id
+            body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        else:
+            body = text[:-1] + b"," + field
+    else:
+        body = text[:-1] + b"," + field
+    return Envelope(
+        type=envelope.type,
+        kind=envelope.kind,
+        key=envelope.key,
+        frame=text_frame(body),
+        received_at=envelope.received_at,
+    )

@@ -64,6 +64,10 @@ class Hub(Generic[C]):
         """Every live connection, as a snapshot safe to use while removing."""
         return iter([c for conns in self._users.values() for c in conns])
 
+    def users(self) -> list[str]:
+        """The users with at least one live connection (a snapshot)."""
+        return list(self._users)
+
     @property
     def active_connections(self) -> int:
         return self._count

@@ -25,6 +25,14 @@ from smapws._core.envelope import (
     encode_message,
     parse,
     user_from_channel,
+    with_id,
+)
+from smapws._core.history import (
+    History,
+    HistoryLimits,
+    Resume,
+    content_digest,
+    message_id,
 )
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
@@ -83,6 +91,16 @@ class App:
                 )
             )
             self.metrics.snapshot_entries.set_function(lambda: len(snapshots))
+        self.history: History | None = None
+        history_limits = HistoryLimits(
+            ttl=config.history_ttl,
+            per_user=config.history_per_user,
+            max_bytes=config.history_max_bytes,
+        )
+        if history_limits.enabled:
+            history = self.history = History(history_limits)
+            self.metrics.history_entries.set_function(lambda: len(history))
+            self.metrics.history_bytes.set_function(lambda: history.bytes)
         self.prefix = config.channel_prefix.encode()
         self.draining = False
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
@@ -177,19 +195,44 @@ class App:
         if not self.hub.active_connections and not self.pending_upgrades:
             self._empty.set()
 
-    def register(self, conn: Connection) -> None:
-        """Add ``conn`` to the hub and queue the user's current state for it,
-        before any live message can be queued (no await in between)."""
+    def register(self, conn: Connection, resume: Resume | None = None) -> None:
+        """Add ``conn`` to the hub and queue what it needs before any live
+        message can be queued (no await in between): with ``resume``
+        (``?since=``), what it missed from the replay window, or a ``resync``
+        (reason ``history_gap``) and the current state when the window
+        cannot tell; without, the user's current state."""
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
+        now = trio.current_time()
+        if resume is not None:
+            missed = None if self.history is None else self.history.after(conn.user_id, resume, now)
+            if missed is not None:
+                self.metrics.resumes.labels("replayed").inc()
+                for env in missed:
+                    conn.offer(env)
+                if missed:
+                    self.metrics.replayed_messages.inc(len(missed))
+            else:
+                self.metrics.resumes.labels("gap").inc()
+                conn.offer(self._resync_envelope("history_gap", now))
+                self._send_current_state(conn, now)
+        else:
+            self._send_current_state(conn, now)
+        if self.draining:
+            conn.go_away()
+
+    def _send_current_state(self, conn: Connection, now: float) -> None:
         if self.snapshots is not None:
-            state = self.snapshots.for_user(conn.user_id, trio.current_time())
+            state = self.snapshots.for_user(conn.user_id, now)
             for env in state:
                 conn.offer(env)
             if state:
                 self.metrics.snapshot_sent.inc(len(state))
-        if self.draining:
-            conn.go_away()
+
+    @staticmethod
+    def _resync_envelope(reason: str, now: float, **extra: Any) -> Envelope:
+        data = encode_message("resync", {"reason": reason, **extra})
+        return parse(data, wall_time=time.time(), received_at=now)
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.hub.remove(conn.user_id, conn)
@@ -214,8 +257,11 @@ class App:
         subscription was down for ``down_s`` seconds): one ``resync`` message,
         ``{"type": "resync", "payload": {"reason": ..., "down_s": ...}}``, so
         that a frontend can refetch its state. Returns how many were queued."""
-        data = encode_message("resync", {"reason": reason, "down_s": round(down_s, 3)})
-        env = parse(data, wall_time=time.time(), received_at=trio.current_time())
+        if self.history is not None:
+            # The window has a hole where the subscription was down: no
+            # replay may cross it, so forget what came before.
+            self.history.clear()
+        env = self._resync_envelope(reason, trio.current_time(), down_s=round(down_s, 3))
         queued = self._offer_all(self.hub.all_connections(), env)
         self.metrics.resync_messages.inc(queued)
         if queued:
@@ -271,6 +317,7 @@ class App:
             m.broker_invalid.labels(exc.reason).inc()
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
+        env = self._identify(user, channel, data, env, now)
         if env.kind and self.snapshots is not None:
             self.snapshots.observe(user, env, now)
         conns = self.hub.connections(user)
@@ -284,6 +331,21 @@ class App:
                 extra=fields(user=user, type=env.type, connections=queued),
             )
         return queued
+
+    def _identify(
+        self, user: str, channel: bytes, data: bytes, env: Envelope, now: float
+    ) -> Envelope:
+        """``env`` with its id (the same on every hub, see
+        :mod:`smapws._core.history`), recorded in the replay window."""
+        digest = content_digest(channel, data)
+        history = self.history
+        if history is None:
+            return with_id(env, message_id(digest, 0))
+        n = history.occurrence(user, digest, now)
+        mid = message_id(digest, n)
+        env = with_id(env, mid)
+        history.record(user, digest, n, env, now)
+        return env
 
     def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:
         """Offer ``env`` to each of ``conns`` and count what happened; return
@@ -358,8 +420,11 @@ class App:
                 except Exception as exc:  # a barrier: this connection alone
                     self.internal_error("heartbeat", exc, user=conn.user_id)
                     conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
-            if now >= next_sweep and self.snapshots is not None:
-                self.snapshots.sweep(now)
+            if now >= next_sweep:
+                if self.snapshots is not None:
+                    self.snapshots.sweep(now)
+                if self.history is not None:
+                    self.history.sweep(now)
                 next_sweep = now + SWEEP_INTERVAL
 
     # -- health ----------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from smapws._core.envelope import Envelope
+from smapws._core.history import Resume
 from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, Push
 from smapws._io.ws import PING_FRAME, ServerWebSocket, WsClosed
 from smapws._log import fields, logger
@@ -209,12 +210,19 @@ class Connection:
         return data, queued
 
 
-async def run(app: App, nursery: trio.Nursery, ws: ServerWebSocket, conn: Connection) -> None:
+async def run(
+    app: App,
+    nursery: trio.Nursery,
+    ws: ServerWebSocket,
+    conn: Connection,
+    resume: Resume | None = None,
+) -> None:
     """Serve ``conn`` until it closes: the writer runs in this task. Cancels
     ``nursery`` (the connection's own, where the library's reader runs) and
-    unregisters the connection before returning."""
+    unregisters the connection before returning. ``resume``: what the client
+    asked for with ``?since=``."""
     conn._ws = ws
-    app.register(conn)
+    app.register(conn, resume)
     ws.listen(conn)
     try:
         await _writer(app, ws, conn)

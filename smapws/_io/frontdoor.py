@@ -31,6 +31,7 @@ import trio
 from smapws._core.auth import AuthError
 from smapws._core.envelope import InvalidMessage, parse_publish_body
 from smapws._core.frames import close_frame
+from smapws._core.history import Resume, parse_resume
 from smapws._core.http import (
     MAX_HEAD_BYTES,
     HttpError,
@@ -41,7 +42,7 @@ from smapws._core.http import (
     parse_head,
     response,
 )
-from smapws._io import connection
+from smapws._io import assets, connection, demo
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
@@ -66,6 +67,7 @@ ALL_ROUTES: Final[Routes] = {
     "/metrics": ("GET", "HEAD"),
     "/api/publish": ("POST",),
     "/ws": ("GET",),
+    assets.CLIENT_JS_PATH: ("GET", "HEAD"),
 }
 #: With ``SMAPWS_INTERNAL_PORT``, the public port: browsers and probes only.
 PUBLIC_ROUTES: Final[Routes] = {p: ALL_ROUTES[p] for p in ("/health", "/ready", "/ws")}
@@ -108,7 +110,7 @@ class _Upgrade:
     """An upgrade that passed every check: what the WebSocket phase needs, and
     nothing of the request head (an idle connection keeps this alive)."""
 
-    __slots__ = ("deadline", "expires_at", "key", "remote", "trailing", "user_id")
+    __slots__ = ("deadline", "expires_at", "key", "remote", "resume", "trailing", "user_id")
 
     def __init__(
         self,
@@ -118,8 +120,10 @@ class _Upgrade:
         trailing: bytes,
         remote: str,
         deadline: float,
+        resume: Resume | None = None,
     ) -> None:
         self.deadline = deadline
+        self.resume = resume
         self.user_id = user_id
         self.expires_at = expires_at
         self.key = key
@@ -194,6 +198,8 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
         return None
 
     methods = routes.get(head.path)
+    if methods is None and app.config.demo and routes is not INTERNAL_ROUTES:
+        methods = demo.ROUTES.get(head.path)
     if methods is None:
         await _send(stream, response(404))
     elif head.method not in methods:
@@ -202,6 +208,7 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
         await _send(stream, response(405, headers=(("Allow", ", ".join(methods)),)))
     elif head.path == "/ws":
         try:
+            resume = _resume(head)  # before the checks that spend the budget
             user_id, expires_at, query_used = _check_upgrade(app, head)
         except _Refused as r:
             _reject_log(app, r.reason, r.status, remote, **r.detail)
@@ -214,9 +221,11 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
                 extra=fields(user=user_id, remote=remote),
             )
         key = head.header("sec-websocket-key") or ""
-        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline)
+        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline, resume)
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
+    elif head.path in demo.ROUTES:
+        await _send(stream, demo.respond(app, head))
     else:
         await _send(stream, _http_get(app, head))
     return None
@@ -224,6 +233,15 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
 
 def _http_get(app: App, head: RequestHead) -> bytes:
     head_only = head.method == "HEAD"
+    if head.path == assets.CLIENT_JS_PATH:
+        # Public, and imported by pages of other origins (a dev server): CORS.
+        return response(
+            200,
+            assets.read(assets.CLIENT_JS),
+            content_type=assets.JAVASCRIPT,
+            headers=(("Access-Control-Allow-Origin", "*"),),
+            head_only=head_only,
+        )
     if head.path == "/metrics":
         return response(200, app.metrics.render(), content_type=_METRICS_TYPE, head_only=head_only)
     body = json.dumps(app.health()).encode()
@@ -308,6 +326,15 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
     return claims.user_id, claims.expires_at, query_used
 
 
+def _resume(head: RequestHead) -> Resume | None:
+    """``?since=<id>[&since_age=<s>]``: what the client saw last (400 when
+    it is not an id)."""
+    try:
+        return parse_resume(head.query)
+    except ValueError:
+        raise _Refused(400, "bad_since") from None
+
+
 async def _websocket(
     app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[ServerWebSocket]
 ) -> None:
@@ -343,7 +370,7 @@ async def _websocket(
         conn = connection.Connection(
             app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
         )
-        await connection.run(app, nursery, ws, conn)
+        await connection.run(app, nursery, ws, conn, upgrade.resume)
 
 
 # -- publish API ---------------------------------------------------------------

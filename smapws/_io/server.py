@@ -258,6 +258,15 @@ async def serve(
             root.start_soon(app.router, receive)
             root.start_soon(app.maintain)
             root.start_soon(server._drain_when_asked)
+            if config.demo:
+                from smapws._io import demo
+
+                logger.warning(
+                    "demo mode: /demo and /demo/login (which hands out tokens) are served, "
+                    "and a simulated Project service publishes for demo-* users; "
+                    "never in production"
+                )
+                root.start_soon(demo.simulate, app)
             if handle_signals:
                 root.start_soon(_watch_signals, server)
             if handle_signals if notify_systemd is None else notify_systemd:

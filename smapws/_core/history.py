@@ -1,0 +1,268 @@
+"""Message ids and the per-user replay window behind ``/ws?since=<id>``.
+
+**Ids.** Every delivered message carries an ``id`` that every hub computes
+alike from the message itself, with no help from the publisher::
+
+    digest = blake2b(channel + b"\\0" + published bytes)          (16 bytes)
+    id     = hex(digest[:8])                       for the first copy
+             hex(blake2b(digest + n)[:8])          for the n-th identical copy
+
+``n`` counts the identical messages (same channel, same bytes) that are still
+in this hub's window for the user: a message published twice gets two ids,
+and hubs that have seen the same messages over the window agree on both. The
+limits of that (hubs that joined late, windows that ended) are in the README
+("Message ids and recovery"); :meth:`History.after` turns every case it can
+detect into a gap rather than a wrong replay.
+
+**Window.** For each user the hub keeps the messages of the last ``ttl``
+seconds, at most ``per_user`` of them, and at most ``max_bytes`` in all
+(oldest first, across users). :meth:`History.after` returns what a tab that
+last saw ``since`` has missed: every event (notification, alert, completion,
+other types) in order, and of progress only each project's latest update,
+where it stands in the order, and only when no completion of that project
+followed it. Every hub keeps the window of every user (all hubs see all
+messages), so a tab resumes on whichever hub the load balancer picks.
+
+Sans-IO: time is an argument; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Final
+
+from smapws._core.envelope import COMPLETED, PROGRESS, Envelope
+
+#: Hex characters in an id: 64 bits. Ids only need to be unique within one
+#: user's window (a few hundred messages); 2^-64 collisions are no concern.
+ID_HEX_CHARS: Final = 16
+_ID_CHARS: Final = frozenset("0123456789abcdef")
+
+#: Bytes an entry costs beyond its frame (the entry object, the window's
+#: bookkeeping, the envelope object and its strings): measured with
+#: tracemalloc by ``bench/history_memory.py`` on CPython 3.11.
+ENTRY_OVERHEAD: Final = 590
+
+#: Seconds by which a tab may claim to have seen ``since`` before this hub
+#: received it (``since_age`` larger than the entry's age) and still be
+#: taken at its word: delivery latency and the spread between hubs receiving
+#: the same message. Beyond it, the entry is a different message that reuses
+#: the id (see the README) and the answer is a gap.
+AGE_TOLERANCE: Final = 2.0
+
+#: Largest ``since_age`` accepted (a week): larger values are certainly gaps
+#: anyway, and the bound keeps the float sane.
+MAX_SINCE_AGE: Final = 7 * 24 * 3600.0
+
+
+def content_digest(channel: bytes, raw: bytes) -> bytes:
+    """The digest of one published message: its channel and its bytes."""
+    return blake2b(channel + b"\0" + raw, digest_size=16).digest()
+
+
+def message_id(digest: bytes, n: int) -> str:
+    """The id of the ``n``-th identical copy (0 for the first) of the
+    message whose :func:`content_digest` is ``digest``."""
+    if n == 0:
+        return digest[: ID_HEX_CHARS // 2].hex()
+    return blake2b(digest + n.to_bytes(8, "big"), digest_size=ID_HEX_CHARS // 2).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryLimits:
+    ttl: float = 300.0
+    per_user: int = 100
+    max_bytes: int = 32 * 1024 * 1024
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 and self.per_user > 0 and self.max_bytes > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """What a tab asked for with ``?since=<id>[&since_age=<seconds>]``:
+    everything after the message ``since``, which it received ``age``
+    seconds ago (None: not said)."""
+
+    since: str
+    age: float | None = None
+
+
+def parse_resume(query: Mapping[str, str]) -> Resume | None:
+    """The :class:`Resume` a ``/ws`` query asks for; None when it has no
+    (or an empty) ``since``. Raises :class:`ValueError` for a ``since`` that
+    is not an id (16 lower-case hex characters) or a ``since_age`` that is
+    not a number of seconds in 0..one week."""
+    since = query.get("since")
+    if not since:
+        return None
+    if len(since) != ID_HEX_CHARS or not _ID_CHARS.issuperset(since):
+        raise ValueError("since: expected a message id")
+    raw_age = query.get("since_age")
+    if raw_age is None or raw_age == "":
+        return Resume(since)
+    try:
+        age = float(raw_age)
+    except ValueError:
+        raise ValueError("since_age: expected seconds") from None
+    if not math.isfinite(age) or not 0 <= age <= MAX_SINCE_AGE:
+        raise ValueError("since_age: expected seconds")
+    return Resume(since, age)
+
+
+class _Entry:
+    # Lean on purpose (there are tens of thousands): the user is the window's
+    # (one string per user, not per message) and the id is recomputed from
+    # digest and copy number when a tab resumes (rare) instead of stored.
+    __slots__ = ("at", "digest", "envelope", "n", "size", "window")
+
+    def __init__(
+        self, window: _UserWindow, digest: bytes, n: int, envelope: Envelope, at: float
+    ) -> None:
+        self.window = window
+        self.digest = digest
+        self.n = n
+        self.envelope = envelope
+        self.at = at
+        self.size = len(envelope.frame) + ENTRY_OVERHEAD
+
+
+class _UserWindow:
+    __slots__ = ("entries", "latest", "user")
+
+    def __init__(self, user: str) -> None:
+        self.user = user
+        self.entries: deque[_Entry] = deque()
+        #: digest -> the newest entry with that digest (for the copy number).
+        self.latest: dict[bytes, _Entry] = {}
+
+
+class History:
+    """The replay window of every user. Sans-IO: ``now`` is an argument, on
+    one monotonic clock (the hub passes ``trio.current_time()``)."""
+
+    __slots__ = ("_bytes", "_limits", "_order", "_users")
+
+    def __init__(self, limits: HistoryLimits) -> None:
+        self._limits = limits
+        self._users: dict[str, _UserWindow] = {}
+        #: Every entry, oldest first (for the total bound and expiry).
+        self._order: OrderedDict[_Entry, None] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def limits(self) -> HistoryLimits:
+        return self._limits
+
+    def occurrence(self, user: str, digest: bytes, now: float) -> int:
+        """How many identical messages (same ``digest``) precede a new one
+        in ``user``'s window: its copy number for :func:`message_id`."""
+        window = self._users.get(user)
+        if window is None:
+            return 0
+        self._expire_user(window, now)
+        latest = window.latest.get(digest)
+        return 0 if latest is None else latest.n + 1
+
+    def record(self, user: str, digest: bytes, n: int, envelope: Envelope, now: float) -> None:
+        """Append a message (as delivered, id included) to ``user``'s window
+        and enforce the bounds, oldest first."""
+        lim = self._limits
+        window = self._users.get(user)
+        if window is None:
+            window = self._users[user] = _UserWindow(user)
+        entry = _Entry(window, digest, n, envelope, now)
+        window.entries.append(entry)
+        window.latest[digest] = entry
+        self._order[entry] = None
+        self._bytes += entry.size
+        while len(window.entries) > lim.per_user:
+            self._forget(window.entries[0])
+        while self._bytes > lim.max_bytes and self._order:
+            self._forget(next(iter(self._order)))
+
+    def after(self, user: str, resume: Resume, now: float) -> list[Envelope] | None:
+        """What a tab of ``user`` that last saw ``resume.since`` has missed,
+        in order (see the module docstring), possibly nothing. None when the
+        window cannot tell: the id is unknown here or has left the window, or
+        the tab saw its ``since`` well before this hub received the message of
+        that id (another message that reuses the id)."""
+        window = self._users.get(user)
+        if window is None:
+            return None
+        self._expire_user(window, now)
+        entries = list(window.entries)
+        since = resume.since
+        found = [i for i, e in enumerate(entries) if message_id(e.digest, e.n) == since]
+        if not found:
+            return None
+        i = found[0]  # ids are unique within a window
+        if resume.age is not None and now - entries[i].at < resume.age - AGE_TOLERANCE:
+            return None
+        return conflate([entry.envelope for entry in entries[i + 1 :]])
+
+    def clear(self) -> None:
+        """Forget everything: the subscription was down, so the window has a
+        hole that no replay may paper over."""
+        self._users.clear()
+        self._order.clear()
+        self._bytes = 0
+
+    def sweep(self, now: float) -> int:
+        """Forget every entry older than ``ttl``; return how many."""
+        horizon = now - self._limits.ttl
+        order = self._order
+        n = 0
+        while order:
+            entry = next(iter(order))
+            if entry.at > horizon:
+                break
+            self._forget(entry)
+            n += 1
+        return n
+
+    def _expire_user(self, window: _UserWindow, now: float) -> None:
+        horizon = now - self._limits.ttl
+        entries = window.entries
+        while entries and entries[0].at <= horizon:
+            self._forget(entries[0])
+
+    def _forget(self, entry: _Entry) -> None:
+        """Remove ``entry``, which is the oldest of its user's window."""
+        window = entry.window
+        removed = window.entries.popleft()
+        assert removed is entry
+        if window.latest.get(entry.digest) is entry:
+            del window.latest[entry.digest]
+        del self._order[entry]
+        self._bytes -= entry.size
+        if not window.entries:
+            del self._users[window.user]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes accounted: frames plus :data:`ENTRY_OVERHEAD` each."""
+        return self._bytes
+
+    def users(self) -> int:
+        return len(self._users)
+
+
+def conflate(missed: list[Envelope]) -> list[Envelope]:
+    """``missed`` with each project's progress reduced to its current state:
+    a ``project_progress`` is kept only when it is the last message of its
+    project in ``missed`` (a later progress replaces it, a later completion
+    makes it stale). Everything else is kept; order is kept."""
+    last: dict[str | None, int] = {}
+    for i, env in enumerate(missed):
+        if env.kind == PROGRESS or env.kind == COMPLETED:
+            last[env.key] = i
+    return [env for i, env in enumerate(missed) if env.kind != PROGRESS or last[env.key] == i]

@@ -245,3 +245,27 @@ async def test_an_integer_sub_is_accepted_as_its_decimal_string(memory_hub: Serv
     async with connect(memory_hub, cookie=f"access_token={tok}") as ws:
         await memory_hub.app.broker.publish(b"user_noti:42", b'{"type":"alert","payload":{}}')
         assert (await receive_json(ws))["type"] == "alert"
+
+
+async def test_a_socket_whose_head_is_waiting_is_not_evicted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """When the hub is behind (its head bytes are in the socket, unread), the
+    oldest socket is not silent: head_slot keeps waiting instead of evicting
+    it; a silent one is evicted after HEAD_EVICT_AGE."""
+    import socket
+
+    app = App(make_config(SMAPWS_MAX_PENDING_REQUESTS=1), MemoryBroker())
+    waiting, peer = socket.socketpair()
+    silent, silent_peer = socket.socketpair()
+    with waiting, peer, silent, silent_peer:
+        peer.send(b"GET /health HTTP/1.1\r\n\r\n")
+        with trio.CancelScope() as scope, app.reading_head(scope, waiting.fileno()):
+            with trio.move_on_after(60) as timeout:
+                await app.head_slot()
+            assert timeout.cancelled_caught and not scope.cancel_called
+        start = trio.current_time()
+        with trio.CancelScope() as scope, app.reading_head(scope, silent.fileno()):
+            await app.head_slot()
+            assert scope.cancel_called
+            assert trio.current_time() - start == HEAD_EVICT_AGE

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -67,6 +68,19 @@ HEARTBEAT_TICK = 1.0
 SWEEP_INTERVAL = 10.0
 
 
+def _has_input(fd: int) -> bool:
+    """Whether socket ``fd`` has bytes (or an EOF) waiting to be read, without
+    reading them. One ``poll`` with no timeout; False without a socket."""
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        return bool(poller.poll(0))
+    except OSError:
+        return False
+
+
 class App:
     """State shared by every task of one hub."""
 
@@ -113,7 +127,7 @@ class App:
         #: one's cancel scope and the time it was accepted (bounded by
         #: ``SMAPWS_MAX_PENDING_REQUESTS``, see :meth:`head_slot`), and their
         #: number as an observable value for the listeners to wait on.
-        self.pending_heads: dict[int, tuple[trio.CancelScope, float]] = {}
+        self.pending_heads: dict[int, tuple[trio.CancelScope, float, int]] = {}
         self.pending_head_count = AsyncValue(0)
         self.metrics.pending_heads.set_function(lambda: len(self.pending_heads))
         self.started_at = trio.current_time()
@@ -139,33 +153,39 @@ class App:
         """Until one more accepted socket may read its request head: fewer
         than ``SMAPWS_MAX_PENDING_REQUESTS`` are doing so. The listeners call
         this before each ``accept()``, so that a burst waits in the kernel's
-        backlog rather than in the hub's memory. When the bound is reached
-        and the oldest has been at it :data:`HEAD_EVICT_AGE` s or more, that
-        one is evicted (its task answers 408 at once): a browser sends its
-        head as soon as it connects, so slow or silent sockets cannot hold
-        the slots against new clients."""
+        backlog rather than in the hub's memory.
+
+        When the bound is reached and the oldest has been at it
+        :data:`HEAD_EVICT_AGE` s or more *with nothing to read*, it is
+        evicted (its task answers 408 at once): a browser sends its head as
+        soon as it connects, so slow or silent sockets cannot hold the slots
+        against new clients. A socket whose bytes are waiting is not silent,
+        only not served yet (the hub is behind): it is left alone, and
+        accepting waits."""
         limit = self.config.max_pending_requests
         pending = self.pending_heads
         while len(pending) >= limit:
             key = next(iter(pending))
-            scope, accepted_at = pending[key]
+            scope, accepted_at, fd = pending[key]
             wait = accepted_at + HEAD_EVICT_AGE - trio.current_time()
             if wait <= 0:
-                del pending[key]
-                self.pending_head_count.value = len(pending)
-                scope.cancel()
-                continue
+                if not _has_input(fd):
+                    del pending[key]
+                    self.pending_head_count.value = len(pending)
+                    scope.cancel()
+                    continue
+                wait = HEAD_EVICT_AGE / 4  # look again, unless a slot frees first
             with trio.move_on_after(wait):
                 await self.pending_head_count.wait_value(lambda n: n < limit)
 
     @contextlib.contextmanager
-    def reading_head(self, scope: trio.CancelScope) -> Iterator[None]:
-        """Count this socket among those still sending their request head
-        while the block runs (see :meth:`head_slot`); ``scope`` is what an
-        eviction cancels."""
+    def reading_head(self, scope: trio.CancelScope, fd: int) -> Iterator[None]:
+        """Count this socket (file descriptor ``fd``, -1 when it has none)
+        among those still sending their request head while the block runs
+        (see :meth:`head_slot`); ``scope`` is what an eviction cancels."""
         pending = self.pending_heads
         key = id(scope)
-        pending[key] = (scope, trio.current_time())
+        pending[key] = (scope, trio.current_time(), fd)
         self.pending_head_count.value = len(pending)
         try:
             yield

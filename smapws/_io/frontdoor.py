@@ -79,6 +79,15 @@ INTERNAL_ROUTES: Final[Routes] = {
 }
 
 
+def _fd(stream: trio.abc.Stream) -> int:
+    """The stream's socket's file descriptor, or -1 (an in-memory stream)."""
+    sock = getattr(stream, "socket", None)
+    try:
+        return int(sock.fileno())  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError, TypeError):
+        return -1
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     sock = getattr(stream, "socket", None)
     try:
@@ -172,7 +181,7 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
     deadline = trio.current_time() + cfg.handshake_timeout
     end = -1
     try:
-        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope):
+        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope, _fd(stream)):
             while (end := head_end(buf)) < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise HttpError(431, "request head too large")

@@ -340,6 +340,7 @@ async def test_the_container_delivers_and_drains_on_podman_stop(
         frozen = podman("healthcheck", "run", name, check=False)
         await apodman("kill", "--signal", "SIGCONT", name)
         assert frozen.returncode != 0, "the HEALTHCHECK passed on a frozen hub"
+        assert frozen.stdout.strip() == "unhealthy", frozen.stderr
         assert podman("healthcheck", "run", name, check=False).returncode == 0
 
         async with connect(port, "deploy-user") as ws:

@@ -281,3 +281,20 @@ async def wait_connections(server: Server, n: int, timeout: float = 5) -> None:
 def metric(server: Server, name: str, labels: dict[str, str] | None = None) -> float:
     value = server.metrics.registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
+
+
+#: Figures the deployment tests measure (name -> value), printed at the end.
+DEPLOY_FIGURES = pytest.StashKey[dict[str, str]]()
+
+
+def figures(config: pytest.Config) -> dict[str, str]:
+    """Where a test records a figure to print after the run (image size,
+    build time, ...): not asserted, reported."""
+    return config.stash.setdefault(DEPLOY_FIGURES, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    measured = config.stash.get(DEPLOY_FIGURES, {})
+    if measured:
+        terminalreporter.write_sep("-", "deployment figures")
+        terminalreporter.write_line("DEPLOY " + " ".join(f"{k}={v}" for k, v in measured.items()))

@@ -8,13 +8,14 @@ serve`` with a ``NOTIFY_SOCKET`` of the test's own and reading the datagrams
 
 The unit file is checked by ``systemd-analyze verify`` and ``systemd-analyze
 security --offline`` where systemd-analyze is installed (``bash .ci/run``
-installs it), and always by reading its directives. The Containerfile cannot be
-built here (no container engine): its instructions are read, its health check
-command is run against a live hub, and the package list ``pip install .`` uses
-is compared with the source tree. The Kubernetes manifests are parsed and
-every path, port and variable they name is looked up in the code; then a hub
-run with their ConfigMap's settings answers each request they send on the
-port they send it to.
+installs it), and always by reading its directives. The Containerfile's
+instructions are read, its health check command is run against a live hub,
+and the package list ``pip install .`` uses is compared with the source tree.
+(tests/test_deploy.py builds and runs the image, and runs the unit under a
+real systemd.) The Kubernetes manifests are parsed and every path, port and
+variable they name is looked up in the code; then a hub run with their
+ConfigMap's settings answers each request they send on the port they send
+it to.
 """
 
 from __future__ import annotations
@@ -874,14 +875,23 @@ def test_containerfile_instructions() -> None:
 
     froms = [a for w, a in steps if w == "FROM"]
     assert len(froms) >= 2, "multi-stage: build tools stay out of the image"
-    assert all("python:${PYTHON_VERSION}-slim" in f or "-slim" in f for f in froms)
+    # One base for both stages (the venv links to its interpreter), chosen
+    # with --build-arg PYTHON_IMAGE; by default the official slim image.
+    assert [f.split()[0] for f in froms] == ["${PYTHON_IMAGE}"] * len(froms)
     args = dict(a.split("=", 1) for w, a in steps if w == "ARG" and "=" in a)
     requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
-    assert requires == ">=3.11" and tuple(map(int, args["PYTHON_VERSION"].split("."))) >= (3, 11)
+    default = re.fullmatch(r"docker\.io/library/python:(\d+)\.(\d+)-slim", args["PYTHON_IMAGE"])
+    assert default, args["PYTHON_IMAGE"]
+    assert requires == ">=3.11" and tuple(map(int, default.groups())) >= (3, 11)
+    # The final stage runs nothing: what a build mounts for pip stays out of it.
+    assert [w for w, _ in final if w == "RUN"] == []
 
-    # The README's install: `pip install .` into a venv, whose bin is on PATH.
+    # The README's install: `pip install .` into a venv, whose bin is on PATH;
+    # `python3`, the one name every Python base has (Debian's has no `python`).
     runs = " ".join(a for w, a in steps if w == "RUN")
-    assert "python -m venv /opt/smapws/venv" in runs
+    assert "python3 -m venv /opt/smapws/venv" in runs
+    commands = " ".join(a for w, a in steps if w in ("RUN", "HEALTHCHECK"))
+    assert not re.search(r'(^|[\s"])python([\s"]|$)', commands), "no `python` on a Debian base"
     assert "/opt/smapws/venv/bin/pip install ." in runs
     env = dict(re.findall(r"([A-Z][A-Z0-9_]*)=(\S+)", " ".join(a for w, a in final if w == "ENV")))
     assert env["PATH"].startswith("/opt/smapws/venv/bin:")
@@ -975,7 +985,7 @@ def _healthcheck_argv() -> list[str]:
     spec = [a for w, a in final if w == "HEALTHCHECK"][-1]
     exec_form = spec[spec.index("CMD") + len("CMD") :].strip()
     argv: list[str] = json.loads(exec_form)
-    assert argv[0] == "python", "the image's own interpreter (no curl in a slim image)"
+    assert argv[0] == "python3", "the image's own interpreter (no curl in a slim image)"
     return [sys.executable, *argv[1:]]
 
 

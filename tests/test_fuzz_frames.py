@@ -1,5 +1,13 @@
-"""Fuzzing the WebSocket layer with client frames (issue 8, point 3): what
-the fuzzing found. In memory with trio's MockClock, so the heartbeat
+"""Fuzzing the WebSocket layer with client frames (issue 8, point 3).
+
+After a valid upgrade, a client sends random and malformed frames (bad
+opcodes, reserved bits, fragmented or oversized control frames, invalid
+UTF-8, bad close codes, unmasked frames, lengths far beyond what follows),
+some of them only once the hub has started closing. Whatever it sends, the
+connection ends (at the latest by the pong deadline) and takes nothing with
+it: the hub's frames are well formed, a close frame carries a documented
+code (or echoes the client's own), no internal error is counted, and the hub
+forgets the connection. In memory with trio's MockClock, so the heartbeat
 deadlines pass in virtual time.
 """
 
@@ -14,6 +22,8 @@ from typing import Final
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from smapws._io import frontdoor
 from smapws._io.app import App
@@ -61,6 +71,56 @@ def frame(
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:
     return struct.pack("!H", code) + reason
+
+
+INVALID_UTF8: Final = [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xe2\x82"]
+
+payloads = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=20).map(str.encode),
+    st.sampled_from(INVALID_UTF8),
+    st.integers(0, MAX_CLIENT_MESSAGE * 2).map(lambda n: b"x" * n),
+)
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> tuple[bytes, int | None]:
+    """One client frame, and the close code it carries (None if no close
+    frame or no code)."""
+    kind = draw(st.sampled_from(["data", "control", "close", "any", "junk"]))
+    if kind == "junk":  # (that does not start a close frame)
+        junk = draw(st.binary(min_size=1, max_size=20).filter(lambda b: b[0] & 0xF != 0x8))
+        return junk, None
+    if kind == "close":
+        code = draw(st.one_of(st.sampled_from([1000, 1001, 1005, 1006, 1015, 3000, 4999]),
+                              st.integers(0, 0xFFFF)))  # fmt: skip
+        reason = draw(st.sampled_from([b"", b"bye", b"x" * 124, *INVALID_UTF8]))
+        payload = draw(st.sampled_from([close_payload(code, reason), b"\x03"]))
+        opcode = 0x8
+    elif kind == "control":
+        opcode = draw(st.sampled_from([0x9, 0xA]))
+        payload = draw(payloads)
+    elif kind == "data":
+        opcode = draw(st.sampled_from([0x0, 0x1, 0x2]))
+        payload = draw(payloads)
+    else:
+        opcode = draw(st.integers(0, 15))
+        payload = draw(payloads)
+    length = draw(
+        st.one_of(st.none(), st.none(), st.sampled_from([0, 200, 70_000, 2**40, 2**63 - 1]))
+    )
+    data = frame(
+        opcode,
+        payload,
+        fin=draw(st.booleans()) if kind != "close" else True,
+        rsv=draw(st.sampled_from([0, 0, 0, 1, 4, 7])),
+        mask=draw(st.sampled_from([b"\x37\xfa\x21\x3d", b"\x00\x00\x00\x00", None])),
+        length=length,
+        long_form=draw(st.booleans()),
+    )
+    if opcode != 0x8 or length is not None or len(payload) < 2:
+        return data, None
+    return data, struct.unpack("!H", payload[:2])[0]  # a code the hub may echo
 
 
 def _app() -> App:
@@ -159,6 +219,36 @@ def check(app: App, body: bytes, client_codes: set[int], elapsed: float, deliver
     assert app.hub.active_connections == 0
     assert app.pending_upgrades == 0
     assert elapsed <= LONGEST, f"the connection lasted {elapsed} s"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    before=st.lists(frames(), max_size=6),
+    after_close=st.lists(frames(), max_size=3),
+    chunk=st.sampled_from([1, 3, 7, 4096]),
+    deliver=st.integers(0, 3),
+)
+def test_any_client_frames_end_only_their_own_connection(
+    before: list[tuple[bytes, int | None]],
+    after_close: list[tuple[bytes, int | None]],
+    chunk: int,
+    deliver: int,
+) -> None:
+    client_codes = {code for _, code in before + after_close if code is not None}
+
+    async def scenario() -> None:
+        app = _app()
+        start = trio.current_time()
+        body = await exchange(
+            app,
+            [f for f, _ in before],
+            [f for f, _ in after_close],
+            chunk=chunk,
+            deliver=deliver,
+        )
+        check(app, body, client_codes, trio.current_time() - start, deliver)
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ Error messages and reasons never contain the token or the key.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -78,11 +79,11 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
     """Verify ``token`` against ``config`` at time ``now``.
 
     Guarantees: the signature is valid for one of ``config.algorithms`` (the
-    header's ``alg`` is never trusted beyond that list); ``exp`` is present and
-    in the future (``nbf`` respected when present); ``iss``/``aud`` match when
-    configured; the user id (``config.user_claim``, falling back to
-    ``user_id``) is a :func:`valid_user_id`, or an integer (taken as its
-    decimal string).
+    header's ``alg`` is never trusted beyond that list); ``exp`` is present, a
+    finite number and in the future (``nbf`` respected when present, and
+    finite too); ``iss``/``aud`` match when configured; the user id
+    (``config.user_claim``, falling back to ``user_id``) is a
+    :func:`valid_user_id`, or an integer (taken as its decimal string).
 
     Raises :class:`AuthError`.
     """
@@ -125,17 +126,12 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         # DecodeError and friends: not three base64 parts, bad JSON, bad key.
         raise AuthError("malformed") from None
 
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise AuthError("malformed")
+    exp = _numeric_date(claims.get("exp"))
     if now >= exp + config.leeway:
         raise AuthError("expired")
     nbf = claims.get("nbf")
-    if nbf is not None:
-        if not isinstance(nbf, int | float) or isinstance(nbf, bool):
-            raise AuthError("malformed")
-        if now + config.leeway < nbf:
-            raise AuthError("not_yet_valid")
+    if nbf is not None and now + config.leeway < _numeric_date(nbf):
+        raise AuthError("not_yet_valid")
 
     user = claims.get(config.user_claim)
     if user is None and config.user_claim != "user_id":
@@ -146,7 +142,22 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         raise AuthError("missing_claim")
     if not valid_user_id(user):
         raise AuthError("bad_user")
-    return Claims(user_id=user, expires_at=float(exp) + config.leeway)
+    return Claims(user_id=user, expires_at=exp + config.leeway)
+
+
+def _numeric_date(value: object) -> float:
+    """A NumericDate claim (RFC 7519 §2) as a finite float; ``malformed``
+    otherwise: not a number, a bool, NaN, infinite (``1e999``), or an integer
+    no float holds (``1`` and 400 zeros), which the key's holder can sign."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise AuthError("malformed")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise AuthError("malformed") from None
+    if not math.isfinite(seconds):
+        raise AuthError("malformed")
+    return seconds
 
 
 def mint(

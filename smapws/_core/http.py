@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 #: Longest request head accepted. Browsers send ~1-2 KiB for an upgrade; a
 #: large cookie jar can reach several KiB. Beyond this: 431.
@@ -107,7 +107,9 @@ def parse_head(data: bytes) -> RequestHead:
             headers[key] = headers[key] + joiner + value
         else:
             headers[key] = value
-    split = urlsplit(target)
+    split = _urlsplit(target)
+    if split is None:
+        raise HttpError(400, "bad request target")
     query = dict(parse_qsl(split.query, keep_blank_values=True))
     return RequestHead(
         method=method,
@@ -117,6 +119,15 @@ def parse_head(data: bytes) -> RequestHead:
         version=version,
         headers=headers,
     )
+
+
+def _urlsplit(url: str) -> SplitResult | None:
+    """``urlsplit``, or None where it raises ``ValueError``: an authority it
+    refuses, as in ``//[`` or ``http://[abc]``."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def parse_cookies(header: str | None) -> dict[str, str]:
@@ -181,15 +192,15 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
     if not allowed:
         if host is None or origin == "null":
             return False
-        netloc = urlsplit(origin).netloc
-        return bool(netloc) and netloc == host.strip().lower()
+        split = _urlsplit(origin)
+        return split is not None and bool(split.netloc) and split.netloc == host.strip().lower()
     for entry in allowed:
         entry = entry.lower().rstrip("/")
         if entry in ("*", origin):
             return True
         scheme, sep, rest = entry.partition("://*.")
         if sep:
-            o = urlsplit(origin)
-            if o.scheme == scheme and o.netloc.endswith("." + rest):
+            o = _urlsplit(origin)
+            if o is not None and o.scheme == scheme and o.netloc.endswith("." + rest):
                 return True
     return False

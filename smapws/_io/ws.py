@@ -39,7 +39,7 @@ import wsproto
 import wsproto.connection
 import wsproto.events
 from trio_websocket._impl import CloseReason
-from wsproto.connection import ConnectionType
+from wsproto.connection import ConnectionState, ConnectionType
 
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE: Final = 1006
@@ -191,7 +191,8 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
             self._close_reason = CloseReason(1009, err)
             self._reader_running = False
             try:
-                await self._send(wsproto.events.CloseConnection(code=1009, reason=err))
+                if self._wsproto.state == ConnectionState.OPEN:  # (not if we closed first)
+                    await self._send(wsproto.events.CloseConnection(code=1009, reason=err))
             finally:  # the close frame first: reporting ends the connection
                 if self.listener is not None:
                     self.listener.on_closed(1009)
@@ -199,6 +200,14 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
             self._message_size = 0
             if self.listener is not None:
                 self.listener.on_client_message()
+
+    async def _handle_ping_event(self, event: wsproto.events.Ping) -> None:
+        """Answer a ping while the connection is open. Once our close frame
+        is sent (the hub is closing it), wsproto sends nothing more: the
+        library would answer anyway, and its LocalProtocolError would end
+        the reader task with an internal error."""
+        if self._wsproto.state == ConnectionState.OPEN:
+            await self._send(event.response())
 
     async def _handle_pong_event(self, event: wsproto.events.Pong) -> None:
         if self.listener is not None:

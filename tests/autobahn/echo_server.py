@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 from collections import deque
 from typing import Final
 
@@ -172,10 +173,13 @@ def main() -> None:
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve, args.port, host=args.host)
-            print(f"echo on ws://{args.host}:{port}/", flush=True)
+            port = await nursery.start(functools.partial(serve, args.port, host=args.host))
+            print(f"echo on ws://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except* KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

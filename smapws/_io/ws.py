@@ -14,6 +14,13 @@ of idle connections and writes each message to many of them (DESIGN.md §4):
   same for every socket), under the library's own stream lock so that they
   never interleave with its control frames. One writer sends everything
   queued in one ``send_all``.
+- :meth:`ServerWebSocket.try_send` writes what the socket takes without
+  waiting. When that is part of a frame, it refuses further writes until
+  ``send_frames`` writes the rest, and the library's own frames (a pong, the
+  answer to a close) are handed to that ``send_frames``, which writes them
+  right after the frame: nothing lands inside a data frame.
+- A protocol error in a client frame (1002; 1007 for invalid UTF-8) is
+  answered with a close frame before the TCP close (the library only closed).
 - The upgrade is answered here from the head the front door already parsed
   (no second parse by h11), and wsproto starts in the OPEN state.
 - :class:`_LeanConnection` keeps only the state a hub connection uses: client
@@ -21,16 +28,21 @@ of idle connections and writes each message to many of them (DESIGN.md §4):
   (nobody reads them), pongs and the end of the connection are reported to a
   :class:`Listener` instead of waking per-ping events, and the handshake
   leftovers are dropped after the upgrade. That removes a task, a memory
-  channel, three events and an ordered dict per connection.
+  channel, three events and an ordered dict per connection. (The conformance
+  echo endpoint, ``tests/autobahn``, asks for whole messages with
+  :meth:`ServerWebSocket.receive`.)
 - The pinned trio-websocket range (``<0.13``) is what this was written against;
-  ``tests/test_websocket.py`` exercises every path.
+  ``tests/test_websocket.py`` and ``tests/test_ws.py`` exercise every path,
+  and Autobahn|Testsuite checks conformance (``tests/test_autobahn.py``).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import socket
+from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import trio
@@ -70,6 +82,13 @@ class Listener(Protocol):
     def on_pong(self) -> None: ...
 
     def on_closed(self, code: int) -> None: ...
+
+
+class MessageListener(Listener, Protocol):
+    """A :class:`Listener` that also takes each whole client message (see
+    :meth:`ServerWebSocket.receive`)."""
+
+    def on_message(self, message: str | bytes) -> None: ...
 
 
 #: RFC 6455 §1.3: the GUID appended to the client's key for the accept hash.
@@ -141,6 +160,16 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
     the base would allocate a channel or an event nobody waits on.
     """
 
+    #: Where whole client messages go (see ServerWebSocket.receive); a class
+    #: attribute, so a hub connection, which discards them, pays nothing.
+    _on_message: Callable[[str | bytes], None] | None = None
+    #: Set while a data frame that ServerWebSocket.try_send wrote in part is
+    #: not finished; the library's own frames (pong, close) meanwhile wait in
+    #: ``_deferred`` for the send_frames that finishes it. Class attributes
+    #: until that happens (try_send, on every delivery, reads neither).
+    _unfinished: trio.Event | None = None
+    _deferred: bytes = b""
+
     def __init__(
         self, stream: trio.abc.Stream, max_message_size: int, trailing_data: bytes
     ) -> None:
@@ -180,14 +209,51 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
     def __str__(self) -> str:
         return "websocket"
 
+    def _frame_finished(self) -> None:
+        """The socket is at a frame boundary again (or closed)."""
+        unfinished = self._unfinished
+        if unfinished is not None:
+            self._unfinished = None
+            self._deferred = b""
+            unfinished.set()
+
+    async def _send(self, event: wsproto.events.Event) -> None:
+        """The library's own writes (pongs, close frames), never inside a
+        data frame that try_send left unfinished (the peer would read them
+        as payload and lose the framing): those are handed to the
+        send_frames that finishes the frame, which writes them right after.
+        (Handed over, not written later by this task: the writer may end,
+        and the connection's tasks be cancelled, as soon as it has written.)
+        """
+        unfinished = self._unfinished
+        if unfinished is None:
+            await super()._send(event)
+            return
+        self._deferred += self._wsproto.send(event)
+        await unfinished.wait()
+
+    async def _handle_close_connection_event(self, event: wsproto.events.CloseConnection) -> None:
+        if self._wsproto.state == ConnectionState.OPEN:
+            # Not the peer's close frame (that moves wsproto out of OPEN) but
+            # a protocol error wsproto reports as one (1002; 1007 for invalid
+            # UTF-8). RFC 6455 §7.1.7: send a close frame with that code
+            # before closing the TCP connection; the library only closed it,
+            # and the peer saw 1006.
+            self._close_reason = CloseReason(event.code, event.reason or None)
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await self._send(event)
+        await super()._handle_close_connection_event(event)
+
     async def _handle_message_event(
         self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
     ) -> None:
-        """Count and discard client messages; 1009 past the size limit."""
+        """Count and discard client messages (or assemble them, see
+        ServerWebSocket.receive); 1009 past the size limit."""
         self._message_size += len(event.data)
         if self._message_size > self._max_message_size:
             err = f"Exceeded maximum message size: {self._max_message_size} bytes"
             self._message_size = 0
+            self._message_parts = []
             self._close_reason = CloseReason(1009, err)
             self._reader_running = False
             try:
@@ -196,6 +262,19 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
             finally:  # the close frame first: reporting ends the connection
                 if self.listener is not None:
                     self.listener.on_closed(1009)
+            return
+        on_message = self._on_message
+        if on_message is not None:
+            if self._close_reason is not None:
+                return  # closing: a message now would get no answer
+            self._message_parts.append(event.data)  # type: ignore[arg-type]  # bytearray joins too
+            if event.message_finished:
+                parts, self._message_parts = self._message_parts, []
+                self._message_size = 0
+                if isinstance(event, wsproto.events.BytesMessage):
+                    on_message(b"".join(parts))  # type: ignore[arg-type]
+                else:
+                    on_message("".join(parts))  # type: ignore[arg-type]
         elif event.message_finished:
             self._message_size = 0
             if self.listener is not None:
@@ -219,6 +298,11 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
             self.listener.on_closed(code)
 
 
+def _os_socket(stream: trio.abc.Stream) -> socket.socket | None:
+    sock = getattr(getattr(stream, "socket", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
 class ServerWebSocket:
     """A server-side WebSocket after a successful upgrade."""
 
@@ -226,9 +310,9 @@ class ServerWebSocket:
 
     def __init__(self, ws: _LeanConnection) -> None:
         self._ws = ws
-        # The OS socket, for writes that need no waiting (see try_send).
-        sock = getattr(getattr(ws._stream, "socket", None), "_sock", None)
-        self._sock: socket.socket | None = sock if isinstance(sock, socket.socket) else None
+        # The OS socket, for writes that need no waiting (see try_send); None
+        # while a frame try_send wrote in part is unfinished.
+        self._sock = _os_socket(ws._stream)
 
     @classmethod
     async def accept(
@@ -273,38 +357,63 @@ class ServerWebSocket:
         if reason is not None:
             listener.on_closed(_code(reason))
 
+    def receive(self, listener: MessageListener) -> None:
+        """Like :meth:`listen`, but assemble each client message (within
+        ``max_message_size``) and hand it whole to ``listener.on_message``,
+        ``str`` for text and ``bytes`` for binary, instead of counting it.
+        The hub does not use this (it discards what clients send); the
+        conformance echo endpoint (``tests/autobahn``) does."""
+        self._ws._on_message = listener.on_message
+        self.listen(listener)
+
     def try_send(self, data: bytes) -> int:
         """Write what the socket takes *now*, without waiting or yielding:
         the number of bytes written (0 when its buffer is full), or -1 when
         this cannot be done synchronously (no OS socket, the library is
         writing a control frame, or closing started). Most deliveries finish
-        here, with one system call and no task switch."""
+        here, with one system call and no task switch.
+
+        ``data`` ends at a frame boundary (whole frames, or the rest of one
+        and whole frames). What is not written must be passed next, by
+        :meth:`send_frames`: until then the library's own frames wait."""
         ws = self._ws
         sock = self._sock
         if sock is None or ws._close_reason is not None or ws._stream_lock.locked():
             return -1
         try:
-            return sock.send(data)
+            n = sock.send(data)
         except BlockingIOError:
             return 0
         except OSError:
             return -1  # the writer's path meets the error and ends the connection
+        if n < len(data) and n:  # until send_frames writes the rest:
+            self._sock = None  # no more try_send
+            ws._unfinished = trio.Event()  # the library's frames wait
+        return n
 
     async def send_frames(self, data: bytes) -> None:
         """Write ready-made server frames (see :mod:`smapws._core.frames`,
         :data:`PING_FRAME`).
 
-        Raises :class:`WsClosed` when closing has started or the peer is gone.
+        Raises :class:`WsClosed` when closing has started (unless ``data``
+        finishes a frame that :meth:`try_send` wrote in part: the close frame
+        waits for it) or the peer is gone.
         """
         ws = self._ws
         async with ws._stream_lock:
-            if ws._close_reason is not None:
+            if ws._close_reason is not None and ws._unfinished is None:
                 raise WsClosed(_code(ws._close_reason))
             try:
                 await ws._stream.send_all(data)
+                if ws._deferred:  # the library's frames that waited for this one
+                    await ws._stream.send_all(ws._deferred)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
+                ws._frame_finished()
                 await ws._abort_web_socket()
                 raise WsClosed(ABNORMAL_CLOSURE) from None
+            if ws._unfinished is not None:
+                ws._frame_finished()
+                self._sock = _os_socket(ws._stream)
 
     async def close(self, code: int, reason: str) -> None:
         """Send a close frame and wait for the peer's; closes the TCP
@@ -314,5 +423,6 @@ class ServerWebSocket:
 
     async def abort(self) -> None:
         """Close the TCP connection now, without a close handshake."""
+        self._ws._frame_finished()  # nothing more is written
         with trio.CancelScope(shield=True):
             await self._ws._close_stream()

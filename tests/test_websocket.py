@@ -272,13 +272,14 @@ async def test_client_message_over_the_limit_closes_with_1009(nursery: trio.Nurs
     ) as ws:
         await wait_connections(server, 1)
         await ws.send("small is fine")
-        await ws.send("x" * 101)
+        await ws.send("€" * 30)  # 30 characters, 90 bytes: within the limit
+        await ws.send("€" * 34)  # 34 characters, 102 bytes: over it
         with pytest.raises(websockets.exceptions.ConnectionClosed) as info:
             with trio.fail_after(5):
                 await ws.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1009
     await wait_connections(server, 0)
-    assert metric(server, "websocket_client_messages_total") == 1
+    assert metric(server, "websocket_client_messages_total") == 2
     closed = {"cause": "message_too_big"}
     assert metric(server, "websocket_connections_closed_total", closed) == 1
 

@@ -249,7 +249,10 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
     ) -> None:
         """Count and discard client messages (or assemble them, see
         ServerWebSocket.receive); 1009 past the size limit."""
-        self._message_size += len(event.data)
+        data = event.data
+        # The limit is in bytes: a text message arrives decoded, and a
+        # character may have taken up to 4 of them on the wire.
+        self._message_size += len(data.encode()) if isinstance(data, str) else len(data)
         if self._message_size > self._max_message_size:
             err = f"Exceeded maximum message size: {self._max_message_size} bytes"
             self._message_size = 0

@@ -218,14 +218,20 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     else:
-        await _send(stream, _http_get(app, head))
+        await _send(stream, await _http_get(app, head))
     return None
 
 
-def _http_get(app: App, head: RequestHead) -> bytes:
+async def _http_get(app: App, head: RequestHead) -> bytes:
     head_only = head.method == "HEAD"
     if head.path == "/metrics":
-        return response(200, app.metrics.render(), content_type=_METRICS_TYPE, head_only=head_only)
+        # A worker of a group answers with the group's metrics, collected by
+        # its supervisor; 503 when they cannot be (never this worker's alone:
+        # a partial sum would look to Prometheus like a counter reset).
+        text = await app.render_metrics()
+        if text is None:
+            return response(503, head_only=head_only)
+        return response(200, text, content_type=_METRICS_TYPE, head_only=head_only)
     body = json.dumps(app.health()).encode()
     status = 200 if head.path == "/health" or app.ready() else 503
     return response(status, body, content_type=_JSON, head_only=head_only)

@@ -36,7 +36,7 @@ from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
 from smapws._io import sdnotify
 from smapws._io.app import App
 from smapws._io.brokers.memory import MemoryBroker
-from smapws._io.server import serve, stop_budget
+from smapws._io.server import STOP_MARGIN_S, serve, stop_budget
 from smapws._io.supervisor import (
     Channel,
     ChannelError,
@@ -299,6 +299,55 @@ async def test_a_worker_that_keeps_dying_is_restarted_with_backoff_never_in_a_lo
     assert spawns[11] == round(spawns[10] + 0.1 + 1, 3)
     assert len(spawns) == 12 and supervisor.restarts == 12
     assert trio.current_time() == pytest.approx(145)
+
+
+class StuckWorker:
+    """A worker process that never exits by itself (it ignores the drain)."""
+
+    def __init__(self) -> None:
+        self.returncode: int | None = None
+        self.killed_at: float | None = None
+        self.gone = trio.Event()
+
+    def kill(self) -> None:
+        self.returncode, self.killed_at = -signal.SIGKILL, trio.current_time()
+        self.gone.set()
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+async def test_workers_still_running_at_the_stop_deadline_are_killed(
+    autojump_clock: trio.testing.MockClock, second_signal: bool
+) -> None:
+    """After the first signal the workers get the lone hub's stop budget
+    (drain + write wait + 5 s); after a second one, 5 s. Then SIGKILL, and
+    the supervisor's exit status says so."""
+    stuck: list[StuckWorker] = []
+
+    async def run_worker(supervisor: Supervisor, slot: _Slot) -> int:
+        proc = StuckWorker()
+        stuck.append(proc)
+        slot.proc = proc  # type: ignore[assignment]
+        await proc.gone.wait()
+        slot.proc = None
+        return -signal.SIGKILL
+
+    config = make_config(
+        REDIS_URL="redis://127.0.0.1:1/0",
+        SMAPWS_WORKERS=2,
+        SMAPWS_DRAIN_TIMEOUT=20,
+        SMAPWS_WRITE_WAIT=4,
+    )
+    supervisor = Supervisor(config, [], [], run_worker=run_worker)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await trio.sleep(1)
+        supervisor.drain()
+        if second_signal:
+            await trio.sleep(2)
+            supervisor.stop()
+    expected = 1 + 2 + STOP_MARGIN_S if second_signal else 1 + 20 + 4 + STOP_MARGIN_S
+    assert [p.killed_at for p in stuck] == [expected, expected]
+    assert supervisor.killed and supervisor.restarts == 0
 
 
 async def test_watchdog_needs_every_worker_alive_and_none_died_since_the_last_tick(

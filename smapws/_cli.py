@@ -142,6 +142,17 @@ def _serve(config: Config, *, demo_banner: bool = False) -> int:
 
     from smapws._io.server import ListenError, serve
 
+    if config.workers > 1:
+        from smapws._io.supervisor import run_group
+
+        _log.configure(config.log_level, config.log_format, context={"role": "supervisor"})
+        try:
+            return trio.run(run_group, config)
+        except ListenError as exc:
+            print(f"smapws: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
     _log.configure(config.log_level, config.log_format)
     _tune_gc()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,24 @@ def _non_negative_int(v: str) -> int:
     n = int(_number(v, int, "expected an integer >= 0"))
     if n < 0:
         raise ValueError("expected an integer >= 0")
+    return n
+
+
+#: The most worker processes ``SMAPWS_WORKERS`` takes: a typo (``80`` for
+#: ``8``) should fail loudly, not start a process per possible core.
+MAX_WORKERS: Final = 256
+
+
+def _workers(v: str) -> int:
+    """A number of workers, or ``auto``: the CPUs this process may run on
+    (its affinity mask, which taskset, cgroup cpusets and systemd's
+    ``CPUAffinity=`` narrow; not the machine's count)."""
+    if v.strip().lower() == "auto":
+        return len(os.sched_getaffinity(0))
+    expected = f"expected a number of workers 1-{MAX_WORKERS} or auto"
+    n = int(_number(v, int, expected))
+    if not 1 <= n <= MAX_WORKERS:
+        raise ValueError(expected)
     return n
 
 
@@ -150,6 +169,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _str,
         None,
         "listening address of SMAPWS_INTERNAL_PORT (default: SMAPWS_HOST)",
+    ),
+    _Option(
+        "workers",
+        "SMAPWS_WORKERS",
+        _workers,
+        1,
+        "worker processes serving the same port(s), each a whole hub with its own "
+        "subscription (auto: the CPUs this process may use); more than 1 needs Redis",
     ),
     _Option("redis_url", "REDIS_URL", _str, None, "redis:// rediss:// or unix:// URL", True),
     _Option("redis_host", "REDIS_HOST", _str, None, "Redis host (when REDIS_URL is unset)"),
@@ -385,6 +412,7 @@ class Config:
     port: int = 8081
     internal_port: int | None = None
     internal_host: str | None = None
+    workers: int = 1
     redis_url: str | None = field(default=None, repr=False)
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str | None = None
@@ -626,7 +654,13 @@ def load(
     # Sentinel wins: the master's address comes from the Sentinels, never a URL.
     kwargs["redis_url"] = None if v["redis_sentinels"] else _redis_url(v)
     kwargs["auth"] = auth
-    return Config(**kwargs)
+    config = Config(**kwargs)
+    if config.workers > 1 and config.broker == "memory":
+        raise ConfigError(
+            f"SMAPWS_WORKERS: {config.workers} workers need Redis (REDIS_URL, REDIS_HOST or "
+            "REDIS_SENTINELS): the in-process broker cannot reach the other workers' tabs"
+        )
+    return config
 
 
 def option_names() -> Sequence[str]:

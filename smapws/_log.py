@@ -85,9 +85,10 @@ class RateLimitedLog:
 
 
 class _Formatter(logging.Formatter):
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, context: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.as_json = as_json
+        self.context = context or {}
 
     def format(self, record: logging.LogRecord) -> str:
         kv: dict[str, Any] = getattr(record, "smapws_fields", {})
@@ -97,6 +98,7 @@ class _Formatter(logging.Formatter):
             "ts": ts,
             "level": record.levelname.lower(),
             "msg": record.getMessage(),
+            **self.context,
         }
         data.update((k, _safe(k, v)) for k, v in kv.items())
         if record.exc_info and record.exc_info[0] is not None:
@@ -109,10 +111,14 @@ class _Formatter(logging.Formatter):
         return " ".join(f"{k}={_quote(v)}" for k, v in data.items())
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    """Send smapws's log lines to stderr in ``fmt`` at ``level``."""
+def configure(
+    level: str = "info", fmt: str = "text", context: dict[str, Any] | None = None
+) -> None:
+    """Send smapws's log lines to stderr in ``fmt`` at ``level``; each line
+    carries the fields of ``context`` after its message (``worker=2`` in
+    the workers of a group)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(fmt == "json"))
+    handler.setFormatter(_Formatter(fmt == "json", context))
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False

@@ -1,15 +1,26 @@
-"""Prometheus metrics of one hub.
+"""Prometheus metrics of one hub, and of a group of worker processes.
 
 Each hub owns its :class:`Metrics` on its own registry, so several hubs can
 live in one process (the tests do this) without clashing. Labels are small
 fixed sets (reasons, close codes); there is never a per-user label.
+
+A group of workers (``SMAPWS_WORKERS`` > 1) reports as one: the supervisor
+takes a :func:`snapshot` of every worker's registry when ``/metrics`` is
+asked for, adds them up with :func:`merge` (plus the counts of workers that
+died, :func:`cumulative`) and renders the sum (:func:`render`).
+prometheus-client's own multiprocess mode is not used: it reads only its
+memory-mapped files, so the hot path's :class:`FastCounter` and
+:class:`FastHistogram`, the gauges read at scrape time (``set_function``)
+and the ``process_*`` collector would be missing, and it makes every
+counter increment a locked write to a mapped file.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +31,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 # The *_created series double the exposition for no operational value.
@@ -279,3 +291,90 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
         return generate_latest(self.registry)
+
+
+# -- a group of processes ------------------------------------------------------------------
+
+#: One sample: (name, labels as sorted pairs, value).
+Sample = tuple[str, tuple[tuple[str, str], ...], float]
+#: One metric family: (name, type, help, samples). Plain tuples, because
+#: snapshots cross a process boundary.
+Family = tuple[str, str, str, tuple[Sample, ...]]
+
+#: Families whose group value is the smallest of the processes' values:
+#: the group's start, the per-process descriptor limit, and "subscribed"
+#: (1 only when every worker is).
+MERGE_MIN: Final = frozenset(
+    {"process_start_time_seconds", "process_max_fds", "websocket_subscriber_up"}
+)
+#: Families whose group value is the largest: draining if any worker drains.
+MERGE_MAX: Final = frozenset({"websocket_draining"})
+#: Family types whose values only grow: what a dead worker leaves behind.
+CUMULATIVE_TYPES: Final = frozenset({"counter", "histogram"})
+
+
+def snapshot(registry: Collector) -> list[Family]:
+    """Every sample of ``registry``, as plain tuples."""
+    return [
+        (
+            m.name,
+            m.type,
+            m.documentation,
+            tuple((s.name, tuple(sorted(s.labels.items())), float(s.value)) for s in m.samples),
+        )
+        for m in registry.collect()
+    ]
+
+
+def cumulative(families: Iterable[Family]) -> list[Family]:
+    """The counters and histograms of a snapshot (gauges die with their
+    process; counts must not, or the group's counters would go down)."""
+    return [f for f in families if f[1] in CUMULATIVE_TYPES]
+
+
+def merge(snapshots: Iterable[Iterable[Family]]) -> list[Family]:
+    """One snapshot for a group: each sample (name and labels) summed over
+    the snapshots, but for :data:`MERGE_MIN` and :data:`MERGE_MAX`. Families
+    and samples keep the order in which they first appear."""
+    meta: dict[str, tuple[str, str]] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for families in snapshots:
+        for name, kind, doc, samples in families:
+            meta.setdefault(name, (kind, doc))
+            into = values.setdefault(name, {})
+            for sample_name, labels, value in samples:
+                key = (sample_name, labels)
+                old = into.get(key)
+                if old is None:
+                    into[key] = value
+                elif name in MERGE_MIN:
+                    into[key] = min(old, value)
+                elif name in MERGE_MAX:
+                    into[key] = max(old, value)
+                else:
+                    into[key] = old + value
+    return [
+        (name, kind, doc, tuple((n, labels, v) for (n, labels), v in values[name].items()))
+        for name, (kind, doc) in meta.items()
+    ]
+
+
+class _Families:
+    """A collector that yields a snapshot back as metric families."""
+
+    def __init__(self, families: Iterable[Family]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        out = []
+        for name, kind, doc, samples in self._families:
+            metric = Metric(name, doc, kind)
+            for sample_name, labels, value in samples:
+                metric.add_sample(sample_name, dict(labels), value)
+            out.append(metric)
+        return out
+
+
+def render(families: Iterable[Family]) -> bytes:
+    """The Prometheus text exposition of a snapshot."""
+    return generate_latest(_Families(families))

@@ -12,9 +12,10 @@ import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +157,7 @@ async def wait_port_ready(
 
 async def wait_ready(server: Server, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
-        while not server.app.ready():
-            await trio.sleep(0.01)
+        await server.app.state.wait_value(lambda state: state.ready)
 
 
 def parse_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -298,3 +298,75 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if measured:
         terminalreporter.write_sep("-", "deployment figures")
         terminalreporter.write_line("DEPLOY " + " ".join(f"{k}={v}" for k, v in measured.items()))
+
+
+# -- systemd's notify socket ------------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_dir() -> Iterator[Path]:
+    # AF_UNIX paths are limited to 107 bytes: pytest's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="sdn-") as d:
+        yield Path(d)
+
+
+@dataclass
+class Datagram:
+    at: float
+    pid: int
+    fields: dict[str, str]
+
+
+@dataclass
+class NotifySocket:
+    """A systemd stand-in: a datagram socket that records each notification
+    with the sender's pid (SCM_CREDENTIALS, as systemd reads it)."""
+
+    path: str
+    received: list[Datagram] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, sock: socket.socket, stop: threading.Event) -> None:
+        sock.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+            except TimeoutError:
+                continue
+            pid = -1
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("3i", cdata[:12])[0]
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            with self._lock:
+                self.received.append(Datagram(time.monotonic(), pid, fields))
+
+    def with_key(self, key: str) -> list[Datagram]:
+        with self._lock:
+            return [d for d in self.received if key in d.fields]
+
+    def wait_for(self, key: str, timeout: float) -> Datagram:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if found := self.with_key(key):
+                return found[0]
+            time.sleep(0.02)
+        raise AssertionError(f"no {key}= within {timeout}s; got {self.received}")
+
+
+@pytest.fixture
+def systemd_socket(notify_dir: Path) -> Iterator[NotifySocket]:
+    path = str(notify_dir / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    sock.bind(path)
+    recorder = NotifySocket(path)
+    stop = threading.Event()
+    thread = threading.Thread(target=recorder.run, args=(sock, stop), daemon=True)
+    thread.start()
+    try:
+        yield recorder
+    finally:
+        stop.set()
+        thread.join(5)
+        sock.close()

@@ -29,17 +29,14 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -48,6 +45,7 @@ import pytest
 import trio
 import trio.testing
 import yaml
+from trio_util import AsyncValue
 
 from smapws import Server, serve
 from smapws._config import Config, ConfigError, option_names
@@ -59,6 +57,7 @@ from smapws._version import __version__
 
 from .conftest import (
     SECRET,
+    NotifySocket,
     RedisServer,
     connect,
     free_port,
@@ -163,13 +162,6 @@ def test_status_line_says_what_systemctl_status_should_show() -> None:
 # -- sd_notify: the socket ------------------------------------------------------------------
 
 
-@pytest.fixture
-def notify_dir() -> Iterator[Path]:
-    # AF_UNIX paths are limited to 107 bytes: pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="sdn-") as d:
-        yield Path(d)
-
-
 def _receiver(address: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(address)
@@ -252,10 +244,20 @@ class RecordingNotifier(Notifier):
         return [round(t, 6) for t, a in self.sent if key in a]
 
 
-@dataclass
 class FakeHub:
-    ready: bool = False
-    status: Status = field(default_factory=lambda: Status("waiting", "0 connections"))
+    """Readiness and the state part of the status line change through an
+    observable value, as a hub's do (``App.state``); the counts change
+    without telling anyone, as a hub's connection count does."""
+
+    def __init__(self) -> None:
+        self.state = AsyncValue("waiting")
+        self.count = 0
+
+    def ready(self) -> bool:
+        return self.state.value == "ready"
+
+    def status(self) -> Status:
+        return Status(self.state.value, f"{self.count} connections")
 
 
 async def test_supervise_timeline(autojump_clock: trio.testing.MockClock) -> None:
@@ -264,21 +266,21 @@ async def test_supervise_timeline(autojump_clock: trio.testing.MockClock) -> Non
 
     async def script() -> None:
         await trio.sleep(2.35)
-        hub.ready = True
-        hub.status = Status("ready", "0 connections")
+        hub.state.value = "ready"
         await trio.sleep(10)  # t = 12.35: counts change every second from here on
         for n in range(1, 12):
-            hub.status = Status("ready", f"{n} connections")
+            hub.count = n
             await trio.sleep(1)
-        hub.status = Status("degraded", "11 connections")  # t = 23.35
+        hub.state.value = "degraded"  # t = 23.35
 
     async with trio.open_nursery() as nursery:
         start = trio.current_time()
         await nursery.start(
             lambda task_status: sdnotify.supervise(
                 notifier,
-                is_ready=lambda: hub.ready,
-                describe=lambda: hub.status,
+                changes=hub.state,
+                is_ready=hub.ready,
+                describe=hub.status,
                 watchdog_s=15.0,
                 task_status=task_status,
             )
@@ -289,9 +291,8 @@ async def test_supervise_timeline(autojump_clock: trio.testing.MockClock) -> Non
 
     # WATCHDOG=1 at once, then exactly every 15 s of the loop's clock.
     assert notifier.times("WATCHDOG") == [0.0, 15.0, 30.0]
-    # READY=1 once, within one poll (0.1 s) of readiness; never before it.
-    ready = notifier.times("READY")
-    assert len(ready) == 1 and 2.35 <= ready[0] <= 2.35 + sdnotify.READY_POLL_S + 1e-6
+    # READY=1 once, the instant readiness changed (no polling); never before it.
+    assert notifier.times("READY") == [2.35]
     statuses = [
         (round(t, 2), str(a["STATUS"]))
         for t, a in notifier.sent
@@ -300,13 +301,48 @@ async def test_supervise_timeline(autojump_clock: trio.testing.MockClock) -> Non
     # Before ready: the waiting status, once.
     assert statuses[0] == (0.0, "waiting; 0 connections")
     later = [s for s in statuses if s[0] > 2.5]
-    # Count-only changes at most every STATUS_REFRESH_S; a state change at once
-    # (within a STATUS_POLL_S).
+    # Count-only changes at most every STATUS_REFRESH_S; a state change at once.
     count_only = [t for t, text in later if text.startswith("ready")]
     assert all(b - a >= sdnotify.STATUS_REFRESH_S for a, b in itertools.pairwise(count_only))
     assert 1 <= len(count_only) <= 3
     degraded = [t for t, text in later if text.startswith("degraded")]
-    assert len(degraded) == 1 and 23.35 <= degraded[0] <= 23.35 + sdnotify.STATUS_POLL_S + 1e-6
+    assert degraded == [23.35]
+
+
+async def test_supervise_sleeps_between_changes(autojump_clock: trio.testing.MockClock) -> None:
+    """Nothing changes for an hour: the notifier wakes for the watchdog and
+    the count refresh only, not ten times a second."""
+    notifier = RecordingNotifier()
+    hub = FakeHub()
+    describes = 0
+
+    def status() -> Status:
+        nonlocal describes
+        describes += 1
+        return hub.status()
+
+    with trio.move_on_after(3600):
+        await sdnotify.supervise(
+            notifier, changes=hub.state, is_ready=hub.ready, describe=status, watchdog_s=15.0
+        )
+    # One look per watchdog tick (240) and per refresh (720), at most.
+    assert describes <= 3600 / 15 + 3600 / sdnotify.STATUS_REFRESH_S + 1
+    assert len(notifier.times("STATUS")) == 1
+
+
+async def test_watchdog_ticks_only_when_allowed(autojump_clock: trio.testing.MockClock) -> None:
+    notifier = RecordingNotifier()
+    allowed = iter([True, False, True, True, False, True])
+    with trio.move_on_after(10.01):
+        await sdnotify.supervise(
+            notifier,
+            changes=AsyncValue(0),
+            is_ready=lambda: True,
+            describe=lambda: Status("ready", ""),
+            watchdog_s=2,
+            watchdog_ok=lambda: next(allowed),
+        )
+    assert notifier.times("WATCHDOG") == [0, 4, 6, 10]
 
 
 async def test_a_failing_status_never_stops_the_watchdog(
@@ -318,7 +354,13 @@ async def test_a_failing_status_never_stops_the_watchdog(
         raise KeyError("subscriber")
 
     with trio.move_on_after(10.01):
-        await sdnotify.supervise(notifier, is_ready=lambda: True, describe=broken, watchdog_s=2)
+        await sdnotify.supervise(
+            notifier,
+            changes=AsyncValue(0),
+            is_ready=lambda: True,
+            describe=broken,
+            watchdog_s=2,
+        )
     assert notifier.times("WATCHDOG") == [0, 2, 4, 6, 8, 10]
     assert not notifier.times("READY")
     assert caplog.text.count("systemd status unavailable") == 1
@@ -378,68 +420,6 @@ async def test_an_embedded_hub_leaves_notify_socket_alone(
             with trio.move_on_after(0.5) as waited:
                 await sock.recv(4096)
             assert waited.cancelled_caught, "an embedded hub sent a notification"
-
-
-@dataclass
-class Datagram:
-    at: float
-    pid: int
-    fields: dict[str, str]
-
-
-@dataclass
-class NotifySocket:
-    """A systemd stand-in: a datagram socket that records each notification
-    with the sender's pid (SCM_CREDENTIALS, as systemd reads it)."""
-
-    path: str
-    received: list[Datagram] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self, sock: socket.socket, stop: threading.Event) -> None:
-        sock.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                data, ancdata, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except TimeoutError:
-                continue
-            pid = -1
-            for level, kind, cdata in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                    pid = struct.unpack("3i", cdata[:12])[0]
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            with self._lock:
-                self.received.append(Datagram(time.monotonic(), pid, fields))
-
-    def with_key(self, key: str) -> list[Datagram]:
-        with self._lock:
-            return [d for d in self.received if key in d.fields]
-
-    def wait_for(self, key: str, timeout: float) -> Datagram:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if found := self.with_key(key):
-                return found[0]
-            time.sleep(0.02)
-        raise AssertionError(f"no {key}= within {timeout}s; got {self.received}")
-
-
-@pytest.fixture
-def systemd_socket(notify_dir: Path) -> Iterator[NotifySocket]:
-    path = str(notify_dir / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    sock.bind(path)
-    recorder = NotifySocket(path)
-    stop = threading.Event()
-    thread = threading.Thread(target=recorder.run, args=(sock, stop), daemon=True)
-    thread.start()
-    try:
-        yield recorder
-    finally:
-        stop.set()
-        thread.join(5)
-        sock.close()
 
 
 def _get(port: int, path: str) -> int:

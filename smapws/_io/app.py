@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import select
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import trio
-from trio_util import AsyncValue
+from trio_util import AsyncBool, AsyncValue, compose_values
 
 from smapws import _version
 from smapws._config import Config
@@ -28,6 +29,7 @@ from smapws._core.envelope import (
     user_from_channel,
     with_id,
 )
+from smapws._core.group import GroupView, WorkerReport, group_health
 from smapws._core.history import (
     History,
     HistoryLimits,
@@ -81,6 +83,18 @@ def _has_input(fd: int) -> bool:
         return False
 
 
+class HubState(NamedTuple):
+    """What readiness depends on, as one observable value (:attr:`App.state`)."""
+
+    #: The broker subscription: ``connected``, ``connecting`` or ``down``.
+    broker: str
+    draining: bool
+
+    @property
+    def ready(self) -> bool:
+        return self.broker == "connected" and not self.draining
+
+
 class App:
     """State shared by every task of one hub."""
 
@@ -116,7 +130,27 @@ class App:
             self.metrics.history_entries.set_function(lambda: len(history))
             self.metrics.history_bytes.set_function(lambda: history.bytes)
         self.prefix = config.channel_prefix.encode()
-        self.draining = False
+        self._draining = AsyncBool(False)
+        #: The broker's status and the drain flag as one observable value:
+        #: the systemd notifier and a worker's reports wait on its changes
+        #: instead of polling. Derived synchronously from both (trio-util's
+        #: ``compose_values``), held for the life of the app.
+        self._observers = contextlib.ExitStack()
+        self.state: AsyncValue[HubState] = self._observers.enter_context(
+            compose_values(
+                broker=broker.status_value,
+                draining=self._draining,
+                _transform_=lambda v: HubState(v.broker, v.draining),
+            )
+        )
+        #: In a worker of a group (``SMAPWS_WORKERS`` > 1): the group as the
+        #: supervisor last described it, which ``/ready`` and ``/health``
+        #: answer for; ``None`` in a lone hub.
+        self.group: GroupView | None = None
+        self.worker_index = 0
+        #: What ``/metrics`` answers: this hub's registry, or in a worker the
+        #: group's, collected by the supervisor (``None`` when it cannot be).
+        self.render_metrics: Callable[[], Awaitable[bytes | None]] = self._render_own_metrics
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
         self.tokens = VerifiedTokens(config.auth)
         rate = config.max_accept_rate
@@ -137,6 +171,14 @@ class App:
         #: Whether per-message debug lines are wanted (read once: the check
         #: costs more than routing a message to a connection).
         self.debug = logger.isEnabledFor(logging.DEBUG)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self._draining.value)
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining.value = value
 
     # -- connections -----------------------------------------------------
 
@@ -450,9 +492,39 @@ class App:
     # -- health ----------------------------------------------------------
 
     def ready(self) -> bool:
-        return not self.draining and self.broker.status == "connected"
+        """What ``/ready`` answers: this hub is subscribed and not draining,
+        and, in a worker, so is every other worker of the group."""
+        if not self.state.value.ready:
+            return False
+        return self.group is None or self.group.with_report(self.report()).ready
+
+    def report(self) -> WorkerReport:
+        """This hub's state for the supervisor of its group."""
+        state = self.state.value
+        return WorkerReport(
+            index=self.worker_index,
+            pid=os.getpid(),
+            backend=self.broker.backend,
+            broker=state.broker,
+            draining=state.draining,
+            connections=self.hub.active_connections,
+            users=self.hub.active_users,
+            pending_upgrades=self.pending_upgrades,
+        )
+
+    async def _render_own_metrics(self) -> bytes | None:
+        await trio.lowlevel.checkpoint()
+        return self.metrics.render()
 
     def health(self) -> dict[str, Any]:
+        """The ``/health`` document; in a worker, the group's
+        (:func:`~smapws._core.group.group_health`)."""
+        own = self._own_health()
+        if self.group is None:
+            return own
+        return group_health(self.group, own, self.report())
+
+    def _own_health(self) -> dict[str, Any]:
         sub = self.broker.info()
         ok = sub["status"] == "connected" and not self.draining
         return {

@@ -236,11 +236,11 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
     elif head.path in demo.ROUTES:
         await _send(stream, demo.respond(app, head))
     else:
-        await _send(stream, _http_get(app, head))
+        await _send(stream, await _http_get(app, head))
     return None
 
 
-def _http_get(app: App, head: RequestHead) -> bytes:
+async def _http_get(app: App, head: RequestHead) -> bytes:
     head_only = head.method == "HEAD"
     if head.path == assets.CLIENT_JS_PATH:
         # Public, and imported by pages of other origins (a dev server): CORS.
@@ -252,7 +252,13 @@ def _http_get(app: App, head: RequestHead) -> bytes:
             head_only=head_only,
         )
     if head.path == "/metrics":
-        return response(200, app.metrics.render(), content_type=_METRICS_TYPE, head_only=head_only)
+        # A worker of a group answers with the group's metrics, collected by
+        # its supervisor; 503 when they cannot be (never this worker's alone:
+        # a partial sum would look to Prometheus like a counter reset).
+        text = await app.render_metrics()
+        if text is None:
+            return response(503, head_only=head_only)
+        return response(200, text, content_type=_METRICS_TYPE, head_only=head_only)
     body = json.dumps(app.health()).encode()
     status = 200 if head.path == "/health" or app.ready() else 503
     return response(status, body, content_type=_JSON, head_only=head_only)

@@ -16,7 +16,8 @@ assignments from each datagram the service sends there:
 ``WATCHDOG=1``
     "the event loop still runs": sent from a trio task every half of
     ``$WATCHDOG_USEC`` (``WatchdogSec=``). A stuck loop sends nothing, and
-    systemd kills and restarts the unit.
+    systemd kills and restarts the unit. (With ``SMAPWS_WORKERS`` > 1 the
+    supervisor sends it, and only while every worker is alive.)
 ``STATUS=...``
     one line of text that ``systemctl status`` shows: state, connections.
 
@@ -31,7 +32,8 @@ Guarantees of this module:
   closed it), the failure is logged once per error kind and the hub goes on.
 
 The pure parts (:func:`parse_address`, :func:`watchdog_period`,
-:func:`encode`, :func:`hub_status`) read no environment, clock or socket.
+:func:`encode`, :func:`hub_status`, :func:`group_status`) read no
+environment, clock or socket.
 """
 
 from __future__ import annotations
@@ -44,16 +46,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, NamedTuple
 
 import trio
+from trio_util import AsyncValue
 
+from smapws._core.group import GroupView
 from smapws._log import fields, logger
 
-#: How often readiness is polled until READY=1 is sent: the subscriber's
-#: state is a property of the broker, not an event, and a tenth of a second
-#: is well inside any start-up timeout while costing nothing.
-READY_POLL_S: Final = 0.1
-#: How often the state is polled once ready, for STATUS= changes
-#: (subscriber down, draining).
-STATUS_POLL_S: Final = 1.0
 #: A status that differs only in its counts is re-sent at most this often:
 #: ``systemctl status`` is read by a human, not a monitor.
 STATUS_REFRESH_S: Final = 5.0
@@ -230,66 +227,107 @@ class Notifier:
             self._sock = None
 
 
+def group_status(view: GroupView, port: int) -> Status:
+    """The status line of a group of workers (``SMAPWS_WORKERS`` > 1), e.g.
+    ``ready on port 8081, 4 workers, redis subscribers connected; 3
+    connections, 2 users``, or what is missing: ``degraded on port 8081: 3 of
+    4 workers ready (worker 2 not running)``."""
+    connections, users, _ = view.totals()
+    load = f"{connections} connections, {users} users"
+    n = view.size
+    if view.draining:
+        return Status(f"draining on port {port}: {view.running} of {n} workers running", load)
+    backends = sorted({w.backend for w in view.workers if w is not None}) or ["?"]
+    if view.ready:
+        return Status(
+            f"ready on port {port}, {n} workers, {'/'.join(backends)} subscribers connected", load
+        )
+    missing = []
+    for i, w in enumerate(view.workers):
+        if w is None:
+            missing.append(f"worker {i} not running")
+        elif not w.ready:
+            missing.append(f"worker {i} {w.backend} subscriber {w.broker}")
+    what = (
+        "starting"
+        if view.restarts == 0 and all(w is None or w.broker == "connecting" for w in view.workers)
+        else "degraded"
+    )
+    detail = "; ".join(missing)
+    return Status(
+        f"{what} on port {port}: {view.ready_count} of {n} workers ready ({detail})", load
+    )
+
+
 async def supervise(
     notifier: Notifier,
     *,
+    changes: AsyncValue[Any],
     is_ready: Callable[[], bool],
     describe: Callable[[], Status],
     watchdog_s: float | None,
-    ready_poll_s: float = READY_POLL_S,
-    status_poll_s: float = STATUS_POLL_S,
+    watchdog_ok: Callable[[], bool] = lambda: True,
     refresh_s: float = STATUS_REFRESH_S,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Keep systemd informed until cancelled (a task of the hub's root nursery).
+    """Keep systemd informed until cancelled (a task of the root nursery).
 
-    - ``WATCHDOG=1`` at once and then every ``watchdog_s`` (when not ``None``),
-      on the trio loop's own clock: it stops exactly when the loop stops.
-    - ``READY=1`` (with ``STATUS=``) once, within ``ready_poll_s`` of
-      ``is_ready()`` first being true; never before.
-    - ``STATUS=`` when ``describe()``'s state changes, or its counts changed
-      and ``refresh_s`` has passed since the last status.
+    ``changes`` is an observable value (trio-util's ``AsyncValue``) that
+    changes whenever readiness or the state part of ``describe()`` may have:
+    this task waits on it, it does not poll.
 
-    ``STOPPING=1`` is not sent here but by :meth:`Server.drain` itself, at the
-    moment the drain starts. An exception from ``describe``/``is_ready`` is
-    logged once and taken as "not ready": the watchdog keeps running. Closes
-    the notifier's socket when it returns.
+    - ``WATCHDOG=1`` at once and then every ``watchdog_s`` (when not
+      ``None``), on the trio loop's own clock, so it stops exactly when the
+      loop stops; a tick is skipped when ``watchdog_ok()`` (called once per
+      tick) says no.
+    - ``READY=1`` (with ``STATUS=``) once, the moment ``is_ready()`` is first
+      true after a change of ``changes``; never before.
+    - ``STATUS=`` at once when ``describe()``'s state changes; when only its
+      counts changed, at most every ``refresh_s`` (counts are looked at that
+      often: they are not observable values).
+
+    ``STOPPING=1`` is not sent here but by whoever starts the drain, at that
+    moment. An exception from ``describe``/``is_ready`` is logged once and
+    taken as "not ready": the watchdog keeps running. Closes the notifier's
+    socket when it returns.
     """
     ready_sent = describe_failed = False
     last: Status | None = None
     last_at = -math.inf
-    now = trio.current_time()
-    next_watchdog = now
-    next_poll = now
+    next_watchdog = trio.current_time()
     task_status.started()
     try:
         while True:
             now = trio.current_time()
             if watchdog_s is not None and now >= next_watchdog:
-                notifier.watchdog()
+                if watchdog_ok():
+                    notifier.watchdog()
                 next_watchdog = now + watchdog_s
-            if now >= next_poll:
-                try:
-                    status = describe()
-                    ready = is_ready()
-                except Exception:  # a status line must never take the hub down
-                    if not describe_failed:
-                        logger.exception("systemd status unavailable")
-                    describe_failed = True
-                    status, ready = last or Status("status unavailable", ""), False
-                if not ready_sent and ready:
-                    notifier.ready(status.text)
-                    ready_sent = True
-                    last, last_at = status, now
-                elif (
-                    last is None
-                    or status.state != last.state
-                    or (status != last and now - last_at >= refresh_s)
-                ):
-                    notifier.status(status.text)
-                    last, last_at = status, now
-                next_poll = now + (status_poll_s if ready_sent else ready_poll_s)
-            wake = next_poll if watchdog_s is None else min(next_poll, next_watchdog)
-            await trio.sleep_until(wake)
+            seen = changes.value
+            try:
+                status = describe()
+                ready = is_ready()
+            except Exception:  # a status line must never take the hub down
+                if not describe_failed:
+                    logger.exception("systemd status unavailable")
+                describe_failed = True
+                status, ready = last or Status("status unavailable", ""), False
+            if not ready_sent and ready:
+                notifier.ready(status.text)
+                ready_sent = True
+                last, last_at = status, now
+            elif (
+                last is None
+                or status.state != last.state
+                or (status != last and now - last_at >= refresh_s)
+            ):
+                notifier.status(status.text)
+                last, last_at = status, now
+            # Counts are looked at again once a refresh is due; any change of
+            # `changes` (readiness, broker, draining) wakes this task at once.
+            next_refresh = last_at + refresh_s if last_at + refresh_s > now else now + refresh_s
+            wake = next_refresh if watchdog_s is None else min(next_refresh, next_watchdog)
+            with trio.move_on_at(wake):
+                await changes.wait_value(lambda v, seen=seen: v != seen)
     finally:
         notifier.close()

@@ -199,16 +199,26 @@ async def _bridge(config: Config) -> AsyncIterator[None]:
 
 
 async def _watch_signals(server: Server) -> None:
+    received = 0
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             name = signal.Signals(signum).name
-            if server.app.draining:
-                # A second signal while draining: stop now (as a second Ctrl-C).
+            received += 1
+            # The second *signal* stops now (as a second Ctrl-C); a drain
+            # started otherwise (a worker's supervisor asked first, and the
+            # same Ctrl-C reached the whole process group) does not count.
+            if received > 1:
                 logger.warning("signal received again, exiting now", extra=fields(signal=name))
                 server.stop()
                 return
             logger.info("signal received", extra=fields(signal=name))
             server.drain()
+
+
+#: Listening sockets bound by someone else (the supervisor of a group of
+#: workers): the public ones and the internal ones (empty without
+#: ``SMAPWS_INTERNAL_PORT``).
+Listeners = tuple[list[trio.SocketListener], list[trio.SocketListener]]
 
 
 async def serve(
@@ -217,14 +227,22 @@ async def serve(
     handle_signals: bool = False,
     notify_systemd: bool | None = None,
     metrics: Metrics | None = None,
+    listeners: Listeners | None = None,
+    on_app: Callable[[App], object] = lambda app: None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the hub until drained (or cancelled).
 
     Reports a :class:`Server` (with the bound ports) to ``nursery.start``
     once it is listening. The broker may still be connecting then: ``/ready``
-    says when it is. Raises :class:`OSError` if it cannot listen, with the
-    address it could not bind as ``filename`` (``host:port``).
+    says when it is. Raises :class:`ListenError` (one line) if it cannot
+    listen.
+
+    ``listeners``: serve these already-listening sockets (public, internal)
+    instead of binding ``config.host:config.port`` (a worker of a group gets
+    them from its supervisor); ``serve`` closes its copies when it returns.
+    ``on_app(app)`` is called once the :class:`App` exists, before any task
+    starts (a worker hooks its group view and metrics in there).
 
     ``notify_systemd`` (default: the same as ``handle_signals``, i.e. when
     the hub owns the process) speaks systemd's notify protocol on
@@ -243,9 +261,10 @@ async def serve(
         on_error=lambda exc: app.internal_error("broker", exc),
     )
     app = App(config, broker, metrics)
+    on_app(app)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
     # Before any task: a port in use is one line (ListenError), not a group.
-    public, internal = await _open_all(config)
+    public, internal = listeners if listeners is not None else await _open_all(config)
     try:
         async with _bridge(config), trio.open_nursery() as root:
             server = Server(
@@ -363,10 +382,28 @@ def _start_systemd_notify(root: trio.Nursery, server: Server) -> None:
         partial(
             sdnotify.supervise,
             notifier,
+            changes=app.state,
             is_ready=app.ready,
             describe=lambda: sdnotify.hub_status(app.health(), server.port),
             watchdog_s=sdnotify.watchdog_period(os.environ, os.getpid()),
         )
+    )
+
+
+def log_listening(config: Config, port: int, internal_port: int | None, **detail: object) -> None:
+    """The ``listening`` line: where, then ``detail``, then Redis (no password)."""
+    where: dict[str, object] = {}
+    if internal_port is not None and config.internal_address is not None:
+        where = {"internal_host": config.internal_address[0], "internal_port": internal_port}
+    logger.info(
+        "listening",
+        extra=fields(
+            host=config.host,
+            port=port,
+            **where,
+            **detail,
+            redis=config.redis_url_redacted or "-",
+        ),
     )
 
 
@@ -382,25 +419,14 @@ async def _listen(
     cancel ends them alike; ``internal`` may be empty."""
     broker = app.broker
     served = [(public, frontdoor.PUBLIC_ROUTES if internal else frontdoor.ALL_ROUTES)]
-    where: dict[str, object] = {}
-    if internal and config.internal_address is not None:
+    if internal:
         served.append((internal, frontdoor.INTERNAL_ROUTES))
-        where = {"internal_host": config.internal_address[0], "internal_port": server.internal_port}
     async with trio.open_nursery() as connections:
         for listeners, routes in served:
             handler = partial(frontdoor.handle, app, routes=routes)
             for listener in listeners:
                 connections.start_soon(_accept_loop, app, listener, handler, connections)
-        logger.info(
-            "listening",
-            extra=fields(
-                host=config.host,
-                port=server.port,
-                **where,
-                broker=broker.backend,
-                redis=config.redis_url_redacted or "-",
-            ),
-        )
+        log_listening(config, server.port, server.internal_port, broker=broker.backend)
         if broker.backend == "memory":
             logger.info(
                 "using the in-process broker (single node); set REDIS_URL or "

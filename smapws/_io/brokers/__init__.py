@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import trio
+from trio_util import AsyncValue
 
 #: What the router receives: (channel, data).
 Item = tuple[bytes, bytes]
@@ -27,6 +28,8 @@ class BrokerError(Exception):
 
 class Broker(Protocol):
     backend: str
+    #: :attr:`status` as an observable value (wait on its changes).
+    status_value: AsyncValue[str]
 
     @property
     def status(self) -> str:

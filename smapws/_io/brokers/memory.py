@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from trio_util import AsyncValue
 
 from smapws._io.brokers import BrokerError, Item
 
@@ -16,10 +17,11 @@ class MemoryBroker:
 
     def __init__(self) -> None:
         self._sink: trio.MemorySendChannel[Item] | None = None
+        self.status_value: AsyncValue[str] = AsyncValue("connecting")
 
     @property
     def status(self) -> str:
-        return "connected" if self._sink is not None else "connecting"
+        return str(self.status_value.value)
 
     def info(self) -> dict[str, Any]:
         return {"backend": self.backend, "status": self.status}
@@ -31,11 +33,13 @@ class MemoryBroker:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self._sink = sink
+        self.status_value.value = "connected"
         try:
             task_status.started()
             await trio.sleep_forever()
         finally:
             self._sink = None
+            self.status_value.value = "connecting"
 
     async def publish(self, channel: bytes, data: bytes) -> int:
         await trio.lowlevel.checkpoint()

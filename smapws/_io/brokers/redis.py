@@ -60,6 +60,7 @@ import trio_asyncio
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from trio_util import AsyncValue
 
 from smapws._config import redact_url
 from smapws._io.brokers import BrokerError, Item
@@ -270,7 +271,8 @@ class RedisBroker:
         self._on_error = on_error
         self.node_id = node_id or secrets.token_hex(6)
         self.probe_channel = (PROBE_CHANNEL_PREFIX + self.node_id).encode()
-        self._status = "connecting"
+        #: ``status`` as an observable value: readiness waits on its changes.
+        self.status_value: AsyncValue[str] = AsyncValue("connecting")
         self._reconnects = 0
         self._last_error: str | None = None
         self._connected_at: float | None = None
@@ -283,6 +285,14 @@ class RedisBroker:
     @property
     def status(self) -> str:
         return self._status
+
+    @property
+    def _status(self) -> str:
+        return str(self.status_value.value)
+
+    @_status.setter
+    def _status(self, value: str) -> None:
+        self.status_value.value = value
 
     def info(self) -> dict[str, Any]:
         """The ``subscriber`` object of ``/health``; never holds a password."""

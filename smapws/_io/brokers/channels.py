@@ -43,6 +43,11 @@ from smapws._core.subscriptions import (
 #: the user meanwhile.
 LINGER: Final = 5.0
 
+#: Lingering channels are unsubscribed this long after the first of them is
+#: due, together with every other one due by then: the releases of one moment
+#: (a drain, a network blip) leave in one command, not one each.
+EXPIRY_WINDOW: Final = 0.1
+
 #: Redis commands for each verb: plain, or sharded (Redis Cluster).
 VERBS: Final = {
     False: {SUBSCRIBE: "subscribe", "unsubscribe": "unsubscribe"},
@@ -100,6 +105,7 @@ class UserChannels:
         self._on_commands = on_commands
         self._work = trio.lowlevel.ParkingLot()
         self._waiters: dict[bytes, trio.Event] = {}
+        self._waiting: dict[bytes, int] = {}
 
     def channel(self, user_id: str) -> bytes:
         return self.prefix + user_id.encode()
@@ -135,7 +141,16 @@ class UserChannels:
         event = self._waiters.get(channel)
         if event is None:
             event = self._waiters[channel] = trio.Event()
-        await event.wait()
+        waiting = self._waiting
+        waiting[channel] = waiting.get(channel, 0) + 1
+        try:
+            await event.wait()
+        finally:
+            n = waiting.pop(channel) - 1
+            if n:
+                waiting[channel] = n
+            else:  # nobody waits for it any more (a wait cut short leaves nothing)
+                self._waiters.pop(channel, None)
         return self.core.is_subscribed(channel)
 
     @property
@@ -156,7 +171,8 @@ class UserChannels:
         """Forever: send (with ``send([(command, channels), ...])``, under
         ``send_timeout``) what link ``where`` has to send, then wait for more.
         Everything that changed while a send was under way goes out in the
-        next one. Expires lingering channels on time. Raises what ``send``
+        next one. Expires lingering channels on time (gathered over
+        :data:`EXPIRY_WINDOW`). Raises what ``send``
         raises, and :class:`trio.TooSlowError`."""
         core = self.core
         verbs = self.verbs
@@ -171,7 +187,7 @@ class UserChannels:
                     self._on_commands(command, len(channels))
                 continue
             expiry = core.next_expiry()
-            with trio.move_on_at(math.inf if expiry is None else expiry):
+            with trio.move_on_at(math.inf if expiry is None else expiry + EXPIRY_WINDOW):
                 await self._work.park()
 
     def confirmed(self, kind: str, channel: bytes, where: Hashable = None) -> None:

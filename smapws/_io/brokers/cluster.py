@@ -236,7 +236,9 @@ class ShardedBroker:
         """The current map, from the first node that answers. Raises the
         last node's error when none does."""
         error: BaseException | None = None
-        per_node = self._timeout / max(1, len(self._known))
+        # Try every known node within about the timeout, but give each a
+        # fair chance even in a large cluster.
+        per_node = min(self._timeout, max(self._timeout / max(1, len(self._known)), 0.5))
         for host, port in list(self._known):
             client = aioredis.Redis(
                 host=host,

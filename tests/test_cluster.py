@@ -423,3 +423,38 @@ async def test_sharded_channels_follow_a_slot_move(nursery: trio.Nursery, cluste
             assert c.pubsub_shardnumsub(channel(user)) == [(channel(user), 0)]
     await trio.to_thread.run_sync(cluster.wait_whole)
     report("cluster_sharded_slot_moved", delivery_resumed_s=arrived - moved_at)
+
+
+async def test_no_reachable_node_is_degraded_not_fatal(nursery: trio.Nursery) -> None:
+    cfg = make_config(
+        REDIS_CLUSTER_NODES=f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}",
+        SMAPWS_SUBSCRIBE_MODE="user",
+        SMAPWS_SHARDED_PUBSUB="true",
+        SMAPWS_REDIS_TIMEOUT=0.5,
+        SMAPWS_RECONNECT_MAX=0.2,
+    )
+    hub: Server = await nursery.start(serve, cfg)
+    with trio.fail_after(5):
+        while "Error" not in ((await subscriber(hub))["last_error"] or ""):
+            await trio.sleep(0.05)
+    sub = await subscriber(hub)
+    assert sub["status"] == "connecting" and sub["slots_covered"] is None
+    assert (await http(hub.port, "GET", "/ready")).status == 503
+    # Tabs are served meanwhile; they get resync once their user is subscribed.
+    async with connect(hub, "early"):
+        await wait_connections(hub, 1)
+
+
+async def test_a_standalone_redis_named_as_a_cluster_says_so(
+    nursery: trio.Nursery, own_redis: Any
+) -> None:
+    cfg = make_config(
+        REDIS_CLUSTER_NODES=f"127.0.0.1:{own_redis.port}",
+        SMAPWS_REDIS_TIMEOUT=1,
+        SMAPWS_RECONNECT_MAX=0.2,
+    )
+    hub: Server = await nursery.start(serve, cfg)
+    with trio.fail_after(5):
+        while "cluster support disabled" not in ((await subscriber(hub))["last_error"] or ""):
+            await trio.sleep(0.05)
+    assert (await http(hub.port, "GET", "/ready")).status == 503

@@ -207,7 +207,9 @@ class ShardedBroker:
     ) -> None:
         """Keep one link per master, following the topology, until
         cancelled. Reports started at once. Never raises but for
-        cancellation (topology errors are retried with backoff)."""
+        cancellation: topology errors are retried with backoff, and so is
+        anything unexpected, after ``on_error(exc)`` (a barrier, as each
+        link's own loop is)."""
         task_status.started()
         attempt = 0
         async with trio.open_nursery() as links:
@@ -215,8 +217,12 @@ class ShardedBroker:
                 self._refresh = trio.Event()
                 try:
                     slots = await self._discover()
-                except (*_LINK_ERRORS, TopologyError) as exc:
-                    self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
+                except Exception as exc:
+                    if isinstance(exc, (*_LINK_ERRORS, TopologyError)):
+                        self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
+                    else:
+                        self._last_error = f"internal error: {type(exc).__name__}"
+                        self._on_error(exc)
                     delay = backoff_delay(attempt, cap=self._reconnect_max)
                     attempt += 1
                     logger.warning(

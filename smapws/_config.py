@@ -90,13 +90,15 @@ def _csv(v: str) -> tuple[str, ...]:
 
 #: The port a Sentinel listens on when ``REDIS_SENTINELS`` names none.
 SENTINEL_DEFAULT_PORT: Final = 26379
+#: The port a cluster node listens on when ``REDIS_CLUSTER_NODES`` names none.
+REDIS_DEFAULT_PORT: Final = 6379
 
 
-def _host_ports(v: str) -> tuple[tuple[str, int], ...]:
-    """``host:port,host:port`` (``[v6]:port``; the port defaults to 26379)."""
+def _host_ports(v: str, default_port: int = SENTINEL_DEFAULT_PORT) -> tuple[tuple[str, int], ...]:
+    """``host:port,host:port`` (``[v6]:port``; the port defaults to ``default_port``)."""
     out = []
     for item in _csv(v):
-        host, port = item, str(SENTINEL_DEFAULT_PORT)
+        host, port = item, str(default_port)
         if item.startswith("["):
             host, sep, rest = item[1:].partition("]")
             if not sep or (rest and not rest.startswith(":")):
@@ -112,6 +114,10 @@ def _host_ports(v: str) -> tuple[tuple[str, int], ...]:
             raise ValueError("expected host:port[,host:port...]") from None
         out.append((host, n))
     return tuple(out)
+
+
+def _node_ports(v: str) -> tuple[tuple[str, int], ...]:
+    return _host_ports(v, REDIS_DEFAULT_PORT)
 
 
 def _bool(v: str) -> bool:
@@ -198,7 +204,39 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         None,
         "name of the master the Sentinels monitor (needs REDIS_SENTINELS)",
     ),
+    _Option(
+        "redis_cluster_nodes",
+        "REDIS_CLUSTER_NODES",
+        _node_ports,
+        (),
+        "comma list of Redis Cluster seed nodes host:port (port 6379 if left out); wins "
+        "over REDIS_URL/REDIS_HOST (REDIS_PASSWORD applies to every node)",
+    ),
     _Option("channel_prefix", "SMAPWS_CHANNEL_PREFIX", _str, "user_noti:", "channel prefix"),
+    _Option(
+        "subscribe_mode",
+        "SMAPWS_SUBSCRIBE_MODE",
+        _choice("pattern", "user"),
+        "pattern",
+        "pattern: PSUBSCRIBE prefix* (every message of the system); user: SUBSCRIBE "
+        "prefix+user for each user with a connection on this hub (needs Redis)",
+    ),
+    _Option(
+        "subscribe_linger",
+        "SMAPWS_SUBSCRIBE_LINGER",
+        _non_negative_float,
+        5.0,
+        "user mode: seconds a user stays subscribed after their last connection on this "
+        "hub closed (a reload within it costs no Redis command)",
+    ),
+    _Option(
+        "sharded_pubsub",
+        "SMAPWS_SHARDED_PUBSUB",
+        _bool,
+        False,
+        "Redis Cluster sharded pub/sub: SSUBSCRIBE on the node owning each user's slot, "
+        "and publish with SPUBLISH (needs REDIS_CLUSTER_NODES and SMAPWS_SUBSCRIBE_MODE=user)",
+    ),
     _Option("jwt_secret", "JWT_SECRET", _str, None, "HMAC key for HS* tokens", True),
     _Option("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", _str, None, "PEM key for RS/ES/PS"),
     _Option("jwt_algorithms", "JWT_ALGORITHMS", _csv, ("HS256",), "allowed JWT algorithms"),
@@ -418,7 +456,11 @@ class Config:
     redis_sentinel_master: str | None = None
     redis_password: str | None = field(default=None, repr=False)
     redis_db: int = 0
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     channel_prefix: str = "user_noti:"
+    subscribe_mode: str = "pattern"
+    subscribe_linger: float = 5.0
+    sharded_pubsub: bool = False
     auth: AuthConfig | None = None
     close_on_token_expiry: bool = True
     allowed_origins: tuple[str, ...] = ()
@@ -464,18 +506,28 @@ class Config:
     @property
     def broker(self) -> str:
         """``"redis"`` or ``"memory"`` (the embedded single-node broker)."""
-        return "redis" if self.redis_url or self.redis_sentinels else "memory"
+        return (
+            "redis"
+            if self.redis_url or self.redis_sentinels or self.redis_cluster_nodes
+            else "memory"
+        )
 
     @property
     def redis_url_redacted(self) -> str | None:
         """Where Redis is, safe to log: the URL without its password, or
-        ``sentinel://host:port,.../master`` when Sentinel is configured."""
+        ``sentinel://host:port,.../master`` when Sentinel is configured,
+        ``cluster://host:port,...`` for a cluster."""
+        if self.redis_cluster_nodes:
+            return "cluster://" + _join_hosts(self.redis_cluster_nodes)
         if self.redis_sentinels:
-            hosts = ",".join(
-                f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.redis_sentinels
-            )
+            hosts = _join_hosts(self.redis_sentinels)
             return f"sentinel://{hosts}/{self.redis_sentinel_master}"
         return redact_url(self.redis_url) if self.redis_url else None
+
+
+def _join_hosts(hosts: tuple[tuple[str, int], ...]) -> str:
+    """``host:port,[v6]:port``: how addresses are shown (no secret in them)."""
+    return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in hosts)
 
 
 def redact_url(url: str) -> str:
@@ -615,6 +667,27 @@ def _check_internal(v: dict[str, Any]) -> None:
         )
 
 
+def _check_modes(v: dict[str, Any]) -> None:
+    if v["redis_cluster_nodes"] and v["redis_sentinels"]:
+        raise ConfigError(
+            "REDIS_CLUSTER_NODES: cannot be combined with REDIS_SENTINELS "
+            "(a cluster fails over by itself)"
+        )
+    has_redis = bool(
+        v["redis_url"] or v["redis_host"] or v["redis_sentinels"] or v["redis_cluster_nodes"]
+    )
+    if v["subscribe_mode"] == "user" and not has_redis:
+        raise ConfigError(
+            "SMAPWS_SUBSCRIBE_MODE: user needs Redis (REDIS_URL, REDIS_HOST, "
+            "REDIS_SENTINELS or REDIS_CLUSTER_NODES); the in-process broker has no channels"
+        )
+    if v["sharded_pubsub"] and not (v["redis_cluster_nodes"] and v["subscribe_mode"] == "user"):
+        raise ConfigError(
+            "SMAPWS_SHARDED_PUBSUB: needs REDIS_CLUSTER_NODES and SMAPWS_SUBSCRIBE_MODE=user "
+            "(sharded channels are subscribed one by one, on the node that owns them)"
+        )
+
+
 def load(
     env: Mapping[str, str],
     flags: Mapping[str, Any] | None = None,
@@ -649,16 +722,19 @@ def load(
             "(comma list of Sentinel host:port)"
         )
     _check_internal(v)
+    _check_modes(v)
     fields = {f for f in Config.__dataclass_fields__}
     kwargs = {k: val for k, val in v.items() if k in fields}
-    # Sentinel wins: the master's address comes from the Sentinels, never a URL.
-    kwargs["redis_url"] = None if v["redis_sentinels"] else _redis_url(v)
+    # Sentinel (or a cluster) wins: the addresses come from there, never a URL.
+    pinned = v["redis_sentinels"] or v["redis_cluster_nodes"]
+    kwargs["redis_url"] = None if pinned else _redis_url(v)
     kwargs["auth"] = auth
     config = Config(**kwargs)
     if config.workers > 1 and config.broker == "memory":
         raise ConfigError(
-            f"SMAPWS_WORKERS: {config.workers} workers need Redis (REDIS_URL, REDIS_HOST or "
-            "REDIS_SENTINELS): the in-process broker cannot reach the other workers' tabs"
+            f"SMAPWS_WORKERS: {config.workers} workers need Redis (REDIS_URL, REDIS_HOST, "
+            "REDIS_SENTINELS or REDIS_CLUSTER_NODES): the in-process broker cannot reach "
+            "the other workers' tabs"
         )
     return config
 

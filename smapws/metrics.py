@@ -222,6 +222,19 @@ class Metrics:
             "Broker subscription (re)connect attempts after the first.",
             registry=r,
         )
+        self.subscribed_channels = Gauge(  # read from the broker at scrape time
+            "websocket_subscribed_channels",
+            "Channels this hub is subscribed to (SMAPWS_SUBSCRIBE_MODE=user: one per "
+            "user served, or lingering after their last tab; 0 in pattern mode).",
+            registry=r,
+        )
+        self.subscription_commands = Counter(
+            "websocket_subscription_commands",
+            "(S)SUBSCRIBE / (S)UNSUBSCRIBE commands sent in user mode, by command "
+            "(each carries up to 512 channels).",
+            ["command"],
+            registry=r,
+        )
         self.resync_messages = Counter(
             "websocket_resync_messages",
             "resync messages queued after a subscriber outage (one per open "

@@ -18,7 +18,9 @@ pub.progress(...)``, ``async with``). Both are safe to share between threads
 or tasks, connect lazily and reuse their connection.
 
 Every message is encoded once and checked with the hub's own parser before
-anything is sent, so what is published is what the hub delivers. A publish is
+anything is sent, so what is published is what the hub delivers. With hubs
+in Redis Cluster sharded mode (``SMAPWS_SHARDED_PUBSUB=true``) publish with
+``sharded=True``: ``SPUBLISH`` to the node owning the channel's slot. A publish is
 tried once, never retried (``PUBLISH`` is not idempotent): the caller decides.
 
 Exceptions::
@@ -40,7 +42,7 @@ import asyncio
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from http.client import HTTPException
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
@@ -48,10 +50,13 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.asyncio.sentinel
+import redis.cluster
 import redis.sentinel
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException
 
 from smapws._config import Config, ConfigError, load, redact_url
 from smapws._core import publish as core
@@ -110,6 +115,9 @@ class _Methods(Generic[_R, _C]):
     #: The connections :meth:`close` closes (those this object opened).
     _owned: list[_C]
     _client: _C | None
+    #: Makes the client on first use (a cluster client asks its seeds for
+    #: the topology as it is made: no I/O before the first publish).
+    _make: Callable[[], _C] | None = None
 
     def __init__(
         self,
@@ -121,6 +129,7 @@ class _Methods(Generic[_R, _C]):
         channel_prefix: str = "user_noti:",
         timeout: float = DEFAULT_TIMEOUT,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        sharded: bool = False,
     ) -> None:
         if sum(x is not None for x in (redis_url, client, api_url)) != 1:
             raise ValueError("give exactly one of redis_url, client or api_url")
@@ -128,7 +137,10 @@ class _Methods(Generic[_R, _C]):
             raise ValueError("channel_prefix: must not be empty")
         if not timeout > 0:
             raise ValueError("timeout: expected a positive number of seconds")
+        if sharded and api_url is not None:
+            raise ValueError("sharded: applies to Redis, not to the HTTP API (the hub knows)")
         self._prefix = channel_prefix
+        self._sharded = sharded
         self._timeout = float(timeout)
         self._max_bytes = max_message_bytes
         self._secrets: tuple[str, ...] = ()
@@ -180,7 +192,9 @@ class _Methods(Generic[_R, _C]):
         ``REDIS_HOST``/``REDIS_PORT``/``REDIS_DB``/``REDIS_PASSWORD`` or
         ``REDIS_SENTINELS``/``REDIS_SENTINEL_MASTER``; else (or when
         ``api_url`` is given) the HTTP API of the hub at ``api_url`` (default
-        ``SMAPWS_HOST``:``SMAPWS_PORT``) with ``SMAPWS_API_KEY``. Also reads
+        ``SMAPWS_HOST``:``SMAPWS_PORT``) with ``SMAPWS_API_KEY``; or a
+        cluster from ``REDIS_CLUSTER_NODES``, with ``SPUBLISH`` when
+        ``SMAPWS_SHARDED_PUBSUB`` is true. Also reads
         ``SMAPWS_CHANNEL_PREFIX``, ``SMAPWS_REDIS_TIMEOUT`` (the publish
         timeout) and ``SMAPWS_MAX_MESSAGE_BYTES``. Raises
         :class:`smapws.ConfigError` naming the variable. No I/O here."""
@@ -198,6 +212,8 @@ class _Methods(Generic[_R, _C]):
                 )
             url = api_url if api_url is not None else _local_hub(config)
             return cls(api_url=url, api_key=config.api_key, **common)
+        if config.redis_cluster_nodes:
+            return cls._cluster(config, common)
         if not config.redis_sentinels:
             return cls(config.redis_url, **common)
         options = _redis_options(config.redis_timeout, asynchronous=cls._asynchronous)
@@ -214,6 +230,36 @@ class _Methods(Generic[_R, _C]):
         pub._secrets = (config.redis_password,) if config.redis_password else ()
         pub._owned = [client, *sentinel.sentinels]
         return pub
+
+    @classmethod
+    def _cluster(cls, config: Config, common: dict[str, Any]) -> Self:
+        """A publisher to the cluster of ``REDIS_CLUSTER_NODES`` (made lazily)."""
+        options = _redis_options(config.redis_timeout, asynchronous=cls._asynchronous)
+        module: Any = redis.asyncio.cluster if cls._asynchronous else redis.cluster
+        nodes = [module.ClusterNode(host, port) for host, port in config.redis_cluster_nodes]
+
+        def make() -> Any:
+            return module.RedisCluster(
+                startup_nodes=nodes, password=config.redis_password, **options
+            )
+
+        pub = cls(client=_UNMADE, sharded=config.sharded_pubsub, **common)
+        pub._client = None
+        pub._make = make
+        pub.server = str(config.redis_url_redacted)
+        pub._secrets = (config.redis_password,) if config.redis_password else ()
+        return pub
+
+    def _redis_client(self) -> _C | None:
+        """The Redis client (made now if it is made lazily), or ``None``
+        through the HTTP API. Raises what making it raises."""
+        if self._client is None and self._make is not None:
+            self._client = self._make()
+            self._owned.append(self._client)
+        return self._client
+
+    def _command(self) -> str:
+        return "spublish" if self._sharded else "publish"
 
     def publish(self, user_id: str | int, type: str, payload: Mapping[str, Any]) -> _R:
         """Publish ``{"type": type, "payload": payload}`` to ``user_id``.
@@ -324,8 +370,16 @@ class _Methods(Generic[_R, _C]):
         return receivers
 
 
+#: Stands for the client a cluster publisher makes on first use.
+_UNMADE: Any = object()
+
+
 def _describe(client: object) -> str:
     """Where a redis-py client points, for messages (no password)."""
+    if client is _UNMADE:
+        return ""
+    if isinstance(client, redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster):
+        return "redis cluster"
     pool = getattr(client, "connection_pool", None)
     service = getattr(pool, "service_name", None)
     if service:
@@ -346,19 +400,21 @@ def _local_hub(config: Config) -> str:
     return f"http://{host}:{port}"
 
 
-class Publisher(_Methods[int, redis.Redis]):
+class Publisher(_Methods[int, redis.Redis | redis.cluster.RedisCluster]):
     """Publishes to smapws, blocking. Give one of:
 
     - ``redis_url``: ``redis://[:password@]host:port/db``, ``rediss://``,
       ``unix://`` (the client is created here and closed by :meth:`close`);
-    - ``client``: a ``redis.Redis`` you made (Sentinel, cluster, your pool);
-      it is used as is and not closed;
+    - ``client``: a ``redis.Redis`` or ``redis.cluster.RedisCluster`` you
+      made (Sentinel, cluster, your pool); it is used as is and not closed;
     - ``api_url`` and ``api_key``: a hub's base URL and its
       ``SMAPWS_API_KEY``, for services without access to Redis.
 
     ``channel_prefix`` must match the hubs' ``SMAPWS_CHANNEL_PREFIX``;
     ``timeout`` bounds each publish (connect, send, answer);
-    ``max_message_bytes`` should match the hubs' ``SMAPWS_MAX_MESSAGE_BYTES``.
+    ``max_message_bytes`` should match the hubs' ``SMAPWS_MAX_MESSAGE_BYTES``;
+    ``sharded=True`` publishes with ``SPUBLISH`` (hubs with
+    ``SMAPWS_SHARDED_PUBSUB=true``; give a cluster ``client``).
     Raises :class:`ValueError` for a bad combination. No I/O here.
     """
 
@@ -367,11 +423,12 @@ class Publisher(_Methods[int, redis.Redis]):
 
     def publish(self, user_id: str | int, type: str, payload: Mapping[str, Any]) -> int:
         channel, data = self._prepare(user_id, type, payload)
-        if self._client is None:
+        if self._client is None and self._make is None:
             return self._post(user_id, data)
         try:
-            return int(self._client.publish(channel, data))
-        except redis.RedisError as exc:
+            client = self._redis_client()
+            return int(getattr(client, self._command())(channel, data))
+        except (redis.RedisError, RedisClusterException) as exc:
             raise self._failed(exc) from exc
 
     publish.__doc__ = _Methods.publish.__doc__
@@ -394,7 +451,9 @@ class Publisher(_Methods[int, redis.Redis]):
         self.close()
 
 
-class AsyncPublisher(_Methods[Coroutine[Any, Any, int], redis.asyncio.Redis]):
+class AsyncPublisher(
+    _Methods[Coroutine[Any, Any, int], redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster]
+):
     """:class:`Publisher` for asyncio: the same arguments (``client`` is a
     ``redis.asyncio.Redis``) and methods, awaited; ``timeout`` bounds each
     publish with ``asyncio.timeout``. Through the HTTP API each publish runs
@@ -406,12 +465,13 @@ class AsyncPublisher(_Methods[Coroutine[Any, Any, int], redis.asyncio.Redis]):
 
     async def publish(self, user_id: str | int, type: str, payload: Mapping[str, Any]) -> int:
         channel, data = self._prepare(user_id, type, payload)
-        if self._client is None:
+        if self._client is None and self._make is None:
             return await asyncio.to_thread(self._post, user_id, data)
         try:
             async with asyncio.timeout(self._timeout):
-                return int(await self._client.publish(channel, data))
-        except (redis.RedisError, TimeoutError) as exc:
+                client = self._redis_client()
+                return int(await getattr(client, self._command())(channel, data))
+        except (redis.RedisError, RedisClusterException, TimeoutError) as exc:
             raise self._failed(exc) from exc
 
     publish.__doc__ = _Methods.publish.__doc__

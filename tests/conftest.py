@@ -107,6 +107,17 @@ def redis_server() -> Iterator[RedisServer]:
             server.kill()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server for this test alone (the fault tests kill theirs)."""
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
 def make_config(**overrides: Any) -> Config:
     """A hub config for tests: loopback, any free port, the test secret."""
     env = {

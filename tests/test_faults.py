@@ -16,7 +16,7 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +75,6 @@ ONCE: dict[str, Any] = {
 def report(fault: str, **measured: float) -> None:
     shown = " ".join(f"{k}={v:.3f}" for k, v in measured.items())
     print(f"\nFAULT {fault} {shown}")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server for this test alone (the fault tests kill theirs)."""
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 async def wait_delivery(

@@ -210,8 +210,8 @@ def test_more_than_one_worker_without_redis_is_one_line_and_exit_2() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "smapws: configuration error: SMAPWS_WORKERS: 2 workers need Redis (REDIS_URL, "
-        "REDIS_HOST or REDIS_SENTINELS): the in-process broker cannot reach the other "
-        "workers' tabs"
+        "REDIS_HOST, REDIS_SENTINELS or REDIS_CLUSTER_NODES): the in-process broker cannot "
+        "reach the other workers' tabs"
     ]
 
 

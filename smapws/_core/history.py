@@ -213,6 +213,13 @@ class History:
         self._order.clear()
         self._bytes = 0
 
+    def forget_user(self, user: str) -> None:
+        """Forget ``user``'s window: that user's subscription was down (user
+        mode), so their window has a hole; other users' windows stand."""
+        window = self._users.get(user)
+        while window is not None and window.entries:
+            self._forget(window.entries[0])
+
     def sweep(self, now: float) -> int:
         """Forget every entry older than ``ttl``; return how many."""
         horizon = now - self._limits.ttl

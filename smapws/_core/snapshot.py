@@ -12,8 +12,11 @@ and each entry expires ``ttl`` seconds after its last update
 (``completed_ttl`` for completions). Memory is therefore at most
 ``max_entries`` x (message size + ~300 bytes of bookkeeping).
 
-Every node keeps the snapshot of every user (all nodes see all messages), so
-a tab gets the same state whichever node the load balancer picks.
+In pattern mode every node keeps the snapshot of every user (all nodes see
+all messages), so a tab gets the same state whichever node the load balancer
+picks. In user mode a node sees only the messages of the users it is
+subscribed to, and forgets a user's entries when it unsubscribes
+(:meth:`Snapshots.forget_user`).
 """
 
 from __future__ import annotations
@@ -78,6 +81,16 @@ class Snapshots:
             projects.pop(key, None)
             if not projects:
                 del self._users[user]
+
+    def forget_user(self, user: str) -> int:
+        """Forget everything held for ``user`` (its messages stopped reaching
+        this hub: what is held would go stale). Returns how many entries."""
+        projects = self._users.pop(user, None)
+        if not projects:
+            return 0
+        for key in projects:
+            self._lru.pop((user, key), None)
+        return len(projects)
 
     def for_user(self, user: str, now: float) -> list[Envelope]:
         """The user's current state, oldest update first; expired entries are

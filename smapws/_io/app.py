@@ -151,6 +151,8 @@ class App:
         #: What ``/metrics`` answers: this hub's registry, or in a worker the
         #: group's, collected by the supervisor (``None`` when it cannot be).
         self.render_metrics: Callable[[], Awaitable[bytes | None]] = self._render_own_metrics
+        #: Per-user subscriptions (``SMAPWS_SUBSCRIBE_MODE=user``), or None.
+        self.channels = broker.channels
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
         self.tokens = VerifiedTokens(config.auth)
         rate = config.max_accept_rate
@@ -243,15 +245,36 @@ class App:
             await self._empty.wait()
 
     def upgrade_started(self, user_id: str) -> None:
+        """An upgrade of ``user_id`` is under way (in user mode, its
+        subscription is asked for now, while the handshake goes on)."""
         self.pending_upgrades += 1
         self._pending_by_user[user_id] = self._pending_by_user.get(user_id, 0) + 1
+        if self.channels is not None:
+            self.channels.acquire(user_id)
 
     def upgrade_finished(self, user_id: str) -> None:
         self.pending_upgrades -= 1
         n = self._pending_by_user.pop(user_id) - 1
         if n:
             self._pending_by_user[user_id] = n
+        if self.channels is not None:
+            self.channels.release(user_id)  # register() holds it next
         self._maybe_empty()
+
+    async def until_subscribed(self, user_id: str, deadline: float) -> None:
+        """User mode: until Redis has confirmed ``user_id``'s subscription,
+        so that the tab receives everything published after its upgrade.
+        Returns early when the subscriber is not connected (nothing would
+        confirm it soon), when the link that was to carry it is lost, or at
+        ``deadline``; the tab is then registered all the same, and receives
+        ``resync`` once the subscription is confirmed. At once in pattern
+        mode."""
+        channels = self.channels
+        if channels is None or self.broker.status != "connected":
+            await trio.lowlevel.checkpoint()
+            return
+        with trio.move_on_at(deadline):
+            await channels.wait_subscribed(user_id)
 
     def _maybe_empty(self) -> None:
         if not self.hub.active_connections and not self.pending_upgrades:
@@ -262,7 +285,14 @@ class App:
         message can be queued (no await in between): with ``resume``
         (``?since=``), what it missed from the replay window, or a ``resync``
         (reason ``history_gap``) and the current state when the window
-        cannot tell; without, the user's current state."""
+        cannot tell; without, the user's current state. In user mode a tab
+        registered before its user's subscription is confirmed is marked: it
+        receives ``resync`` when it is."""
+        channels = self.channels
+        if channels is not None:
+            channels.acquire(conn.user_id)
+            if not channels.is_subscribed(conn.user_id):
+                channels.mark_gap(conn.user_id)
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
         now = trio.current_time()
@@ -298,6 +328,8 @@ class App:
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.hub.remove(conn.user_id, conn)
+        if self.channels is not None:
+            self.channels.release(conn.user_id)
         unsent = len(conn.outbox)
         if unsent:
             self.metrics.messages_failed.inc(unsent)
@@ -314,21 +346,37 @@ class App:
             ),
         )
 
-    def resync(self, reason: str, down_s: float) -> int:
-        """Tell every open connection that messages may have been missed (the
-        subscription was down for ``down_s`` seconds): one ``resync`` message,
+    def resync(self, reason: str, down_s: float, channel: bytes | None = None) -> int:
+        """Tell every open connection (or, with ``channel``, those of that
+        channel's user) that messages may have been missed (the subscription
+        was down for ``down_s`` seconds): one ``resync`` message,
         ``{"type": "resync", "payload": {"reason": ..., "down_s": ...}}``, so
         that a frontend can refetch its state. Returns how many were queued."""
-        if self.history is not None:
-            # The window has a hole where the subscription was down: no
-            # replay may cross it, so forget what came before.
-            self.history.clear()
+        if channel is None:
+            conns: Iterable[Connection] = self.hub.all_connections()
+            if self.history is not None:
+                # The window has a hole where the subscription was down: no
+                # replay may cross it, so forget what came before.
+                self.history.clear()
+        else:
+            user = user_from_channel(channel, self.prefix)
+            conns = tuple(self.hub.connections(user))
+            if self.history is not None:
+                self.history.forget_user(user)  # that user's hole only
         env = self._resync_envelope(reason, trio.current_time(), down_s=round(down_s, 3))
-        queued = self._offer_all(self.hub.all_connections(), env)
+        queued = self._offer_all(conns, env)
         self.metrics.resync_messages.inc(queued)
-        if queued:
+        if queued and channel is None:
             logger.info("resync sent", extra=fields(reason=reason, connections=queued))
+        elif queued and self.debug:  # user mode: one user's tabs, after each outage
+            logger.debug("resync sent", extra=fields(reason=reason, connections=queued))
         return queued
+
+    def forget_state(self, channel: bytes) -> None:
+        """User mode: ``channel`` is no longer subscribed, so what the
+        current-state cache holds for its user would go stale: forget it."""
+        if self.snapshots is not None:
+            self.snapshots.forget_user(user_from_channel(channel, self.prefix))
 
     # -- barriers ----------------------------------------------------------
 

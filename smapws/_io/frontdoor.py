@@ -365,6 +365,10 @@ async def _websocket(
         ws = None
         try:
             with trio.CancelScope(deadline=upgrade.deadline):
+                # User mode: the 101 waits for the user's subscription (at
+                # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
+                left = upgrade.deadline - now
+                await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
                 ws = await ServerWebSocket.accept(
                     nursery,
                     stream,

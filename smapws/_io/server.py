@@ -24,16 +24,25 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Final
+from typing import Any, Final
 
 import trio
+from redis.crc import key_slot
 
 from smapws._config import Config
 from smapws._io import frontdoor, sdnotify
 from smapws._io.app import App
 from smapws._io.brokers import Broker, Item
+from smapws._io.brokers.channels import UserChannels
+from smapws._io.brokers.cluster import ShardedBroker
 from smapws._io.brokers.memory import MemoryBroker
-from smapws._io.brokers.redis import RedisBroker, SentinelTarget
+from smapws._io.brokers.redis import (
+    RESYNC_REASON,
+    ClusterTarget,
+    RedisBroker,
+    SentinelTarget,
+    Target,
+)
 from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
@@ -152,38 +161,65 @@ class Server:
 def make_broker(
     config: Config,
     metrics: Metrics,
-    on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
+    on_resync: Callable[[str, float, bytes | None], object] = lambda reason, down_s, ch: None,
     on_error: Callable[[BaseException], object] = lambda exc: None,
+    on_forget: Callable[[bytes], object] = lambda channel: None,
 ) -> Broker:
     """The broker the configuration asks for; never memory when Redis is set.
-    ``on_resync(reason, down_s)`` is called when a Redis subscription is back
-    after an outage, ``on_error(exc)`` when its read loop caught an
-    unexpected exception (and restarted the subscription)."""
-    if config.broker == "redis":
-        target: str | SentinelTarget
-        if config.redis_sentinels:
-            assert config.redis_sentinel_master is not None  # load() checks the pair
-            target = SentinelTarget(
-                config.redis_sentinels,
-                config.redis_sentinel_master,
-                password=config.redis_password,
-                db=config.redis_db,
-            )
-        else:
-            assert config.redis_url is not None
-            target = config.redis_url
-        return RedisBroker(
-            target,
-            config.channel_prefix + "*",
-            timeout=config.redis_timeout,
-            reconnect_max=config.reconnect_max,
-            probe_interval=config.probe_interval,
-            on_reconnect=metrics.subscriber_reconnects.inc,
-            on_drop=metrics.broker_dropped.inc,
+    ``on_resync(reason, down_s, channel)`` is called when a Redis
+    subscription is back after an outage (``channel`` is ``None`` in pattern
+    mode: every connection missed messages; in user mode, the one user's
+    channel), ``on_error(exc)`` when a read loop caught an unexpected
+    exception (and restarted its subscription), ``on_forget(channel)`` (user
+    mode) when a user's channel is no longer subscribed."""
+    if config.broker != "redis":
+        return MemoryBroker()
+    channels = None
+    if config.subscribe_mode == "user":
+        commands = metrics.subscription_commands
+        channels = UserChannels(
+            config.channel_prefix.encode(),
+            reason=RESYNC_REASON,
+            sharded=config.sharded_pubsub,
+            group=key_slot if config.sharded_pubsub else None,
+            linger=config.subscribe_linger,
             on_resync=on_resync,
-            on_error=on_error,
+            on_forget=on_forget,
+            on_commands=lambda command, n: commands.labels(command).inc(),
         )
-    return MemoryBroker()
+        metrics.subscribed_channels.set_function(lambda: channels.subscribed)
+    common: dict[str, Any] = {
+        "timeout": config.redis_timeout,
+        "reconnect_max": config.reconnect_max,
+        "probe_interval": config.probe_interval,
+        "on_reconnect": metrics.subscriber_reconnects.inc,
+        "on_drop": metrics.broker_dropped.inc,
+        "on_error": on_error,
+    }
+    target: Target
+    if config.redis_cluster_nodes:
+        target = ClusterTarget(config.redis_cluster_nodes, password=config.redis_password)
+        if config.sharded_pubsub:
+            assert channels is not None  # load() checks the pair
+            return ShardedBroker(target, channels=channels, **common)
+    elif config.redis_sentinels:
+        assert config.redis_sentinel_master is not None  # load() checks the pair
+        target = SentinelTarget(
+            config.redis_sentinels,
+            config.redis_sentinel_master,
+            password=config.redis_password,
+            db=config.redis_db,
+        )
+    else:
+        assert config.redis_url is not None
+        target = config.redis_url
+    return RedisBroker(
+        target,
+        config.channel_prefix + "*",
+        on_resync=lambda reason, down_s: on_resync(reason, down_s, None),
+        channels=channels,
+        **common,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -257,8 +293,9 @@ async def serve(
     broker = make_broker(
         config,
         metrics,
-        on_resync=lambda reason, down_s: app.resync(reason, down_s),
+        on_resync=lambda reason, down_s, channel: app.resync(reason, down_s, channel),
         on_error=lambda exc: app.internal_error("broker", exc),
+        on_forget=lambda channel: app.forget_state(channel),
     )
     app = App(config, broker, metrics)
     on_app(app)
@@ -293,7 +330,7 @@ async def serve(
             try:
                 await _listen(config, app, server, public, internal, task_status)
             finally:
-                if isinstance(broker, RedisBroker):
+                if isinstance(broker, RedisBroker | ShardedBroker):
                     await broker.aclose()
     finally:
         _close(public + internal)  # however serve ends

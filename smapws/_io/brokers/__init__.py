@@ -7,15 +7,22 @@ drops and counts), and offers :meth:`Broker.publish` for the publish API.
 - :class:`~smapws._io.brokers.memory.MemoryBroker`: the embedded single-node
   broker, used when no Redis is configured.
 - :class:`~smapws._io.brokers.redis.RedisBroker`: ``PSUBSCRIBE prefix*`` on
-  Redis through trio-asyncio, reconnecting with capped backoff.
+  Redis through trio-asyncio, reconnecting with capped backoff; or, in user
+  mode, ``SUBSCRIBE prefix+user`` for the users the hub serves
+  (:mod:`~smapws._io.brokers.channels`), on one Redis or one cluster node.
+- :class:`~smapws._io.brokers.cluster.ShardedBroker`: user mode on a Redis
+  Cluster with sharded pub/sub, one link per master.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from trio_util import AsyncValue
+
+if TYPE_CHECKING:
+    from smapws._io.brokers.channels import UserChannels
 
 #: What the router receives: (channel, data).
 Item = tuple[bytes, bytes]
@@ -30,6 +37,11 @@ class Broker(Protocol):
     backend: str
     #: :attr:`status` as an observable value (wait on its changes).
     status_value: AsyncValue[str]
+
+    @property
+    def channels(self) -> UserChannels | None:
+        """The per-user subscriptions (``SMAPWS_SUBSCRIBE_MODE=user``), or
+        ``None``: the broker delivers every user's messages."""
 
     @property
     def status(self) -> str:

@@ -14,6 +14,7 @@ class MemoryBroker:
     """Publishing hands the message straight to the router's queue."""
 
     backend = "memory"
+    channels = None
 
     def __init__(self) -> None:
         self._sink: trio.MemorySendChannel[Item] | None = None

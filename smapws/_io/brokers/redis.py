@@ -1,5 +1,7 @@
-"""The Redis subscriber: ``PSUBSCRIBE {prefix}*`` through trio-asyncio, proven
-alive by probes, reconnecting with capped backoff, optionally via Sentinel.
+"""The Redis subscriber: ``PSUBSCRIBE {prefix}*`` (pattern mode) or the users'
+own channels (user mode) through trio-asyncio, proven alive by probes,
+reconnecting with capped backoff, optionally via Sentinel or to any node of
+a Redis Cluster.
 
 Shape of one subscription ("session")::
 
@@ -38,6 +40,18 @@ Shape of one subscription ("session")::
   for the current master (``redis.asyncio.sentinel``); after a failover the
   old master's link fails (or its probes stop) and the next session finds the
   new master.
+- **User mode.** Instead of the pattern, the session subscribes the
+  channels the hub's :class:`~smapws._io.brokers.channels.UserChannels`
+  asks for: a task next to the pump sends the batched (un)subscribe
+  commands, the pump hands every confirmation back synchronously, and when
+  the session ends its channels are handed back (the next session
+  subscribes them again; each user's tabs get ``resync`` when theirs is
+  confirmed). One class serves both modes: the read loop, the probes and
+  the reconnect policy are the same.
+- **Cluster.** With a :class:`ClusterTarget` a session connects to one node
+  (a plain ``PUBLISH`` is relayed to every node) and learns the others
+  (``CLUSTER SLOTS``); each new session tries the next node. Sharded pub/sub
+  runs one of these per master (:mod:`~smapws._io.brokers.cluster`).
 - **Deadlines.** Every bounded call across the bridge (connect + subscribe,
   probe publish, publish, close) runs under ``trio.fail_after`` /
   ``move_on_after``. The pump is the one unbounded call: it is a stream, and
@@ -48,7 +62,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NoReturn
@@ -57,13 +71,16 @@ import redis.asyncio as aioredis
 import redis.exceptions
 import trio
 import trio_asyncio
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from trio_util import AsyncValue
 
 from smapws._config import redact_url
+from smapws._core.cluster import Address, SlotMap
 from smapws._io.brokers import BrokerError, Item
+from smapws._io.brokers.channels import UserChannels
 from smapws._log import fields, logger
 
 #: First reconnect delay ceiling; doubles per failed attempt up to
@@ -132,6 +149,25 @@ class SentinelTarget:
         """``sentinel://host:port,.../master``: no secret, safe to log."""
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.sentinels)
         return f"sentinel://{hosts}/{self.master}"
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A Redis Cluster, known by some of its nodes (``(host, port)`` seeds);
+    ``password`` applies to every node."""
+
+    nodes: tuple[Address, ...]
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def display(self) -> str:
+        """``cluster://host:port,...``: no secret, safe to log."""
+        return "cluster://" + ",".join(
+            f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes
+        )
+
+
+Target = str | SentinelTarget | ClusterTarget
 
 
 class Progress:
@@ -229,17 +265,25 @@ async def watch_probes(
 
 
 class RedisBroker:
-    """Subscriber and publisher on one Redis (a URL, or a master found
-    through Sentinel).
+    """Subscriber and publisher on one Redis (a URL, a master found through
+    Sentinel, or any node of a cluster).
+
+    In pattern mode (``channels`` is ``None``) a session ``PSUBSCRIBE``\\ s
+    ``pattern``. In user mode the session subscribes what ``channels`` (the
+    hub's :class:`UserChannels`) asks for, on link ``link``, restricted to the
+    groups ``accept`` takes (a cluster node's slots); when it ends, those
+    channels are handed back (:meth:`UserChannels.lost`). With a
+    :class:`ClusterTarget` each session connects to the next node of the
+    cluster in turn (``PUBLISH`` reaches every node of a cluster).
 
     ``status`` is ``connecting`` while a session is being set up and until
     its first probe has come back, ``connected`` from then on, ``down``
     between sessions (waiting out the backoff). Callbacks run on the trio
     thread and must not block or raise: ``on_reconnect()`` before each
     reconnect attempt, ``on_drop()`` per message dropped because the
-    router's queue was full, ``on_resync(reason, down_s)`` when Redis
-    confirms a new subscription after one was lost ``down_s`` seconds
-    earlier (called from the pump, before any message of the new
+    router's queue was full, ``on_resync(reason, down_s)`` (pattern mode)
+    when Redis confirms a new subscription after one was lost ``down_s``
+    seconds earlier (called from the pump, before any message of the new
     subscription is handed on).
     """
 
@@ -247,7 +291,7 @@ class RedisBroker:
 
     def __init__(
         self,
-        target: str | SentinelTarget,
+        target: Target,
         pattern: str,
         *,
         timeout: float,
@@ -258,9 +302,13 @@ class RedisBroker:
         on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
         on_error: Callable[[BaseException], object] = lambda exc: None,
         node_id: str | None = None,
+        channels: UserChannels | None = None,
+        link: Hashable = None,
+        accept: Callable[[Hashable], bool] | None = None,
     ) -> None:
         self._target = target
-        self._where = target.display if isinstance(target, SentinelTarget) else redact_url(target)
+        self._where = target if isinstance(target, str) else target.display
+        self._where = redact_url(self._where)
         self._pattern = pattern
         self._timeout = timeout
         self._reconnect_max = reconnect_max
@@ -269,6 +317,10 @@ class RedisBroker:
         self._on_drop = on_drop
         self._on_resync = on_resync
         self._on_error = on_error
+        #: The hub's per-user subscriptions (user mode), or ``None``.
+        self.channels = channels
+        self._link = link
+        self._accept = accept
         self.node_id = node_id or secrets.token_hex(6)
         self.probe_channel = (PROBE_CHANNEL_PREFIX + self.node_id).encode()
         #: ``status`` as an observable value: readiness waits on its changes.
@@ -280,7 +332,11 @@ class RedisBroker:
         self._lost_at: float | None = None
         self._server: str | None = None
         self._probe_rtt: float | None = None
-        self._publisher: _Clients | None = None
+        #: Cluster nodes to try, in turn (a :class:`ClusterTarget` only).
+        self._nodes: list[Address] = list(target.nodes) if isinstance(target, ClusterTarget) else []
+        self._next_node = 0
+        self._node: Address | None = None
+        self._publisher = PublishClient(target, timeout=timeout)
 
     @property
     def status(self) -> str:
@@ -298,12 +354,15 @@ class RedisBroker:
         """The ``subscriber`` object of ``/health``; never holds a password."""
         now = trio.current_time()
         up, lost = self._connected_at, self._lost_at
+        channels = self.channels
         return {
             "backend": self.backend,
             "status": self._status,
             "url": self._where,
             "server": self._server,
-            "pattern": self._pattern,
+            "mode": "pattern" if channels is None else "user",
+            "pattern": self._pattern if channels is None else None,
+            "subscribed_channels": None if channels is None else channels.subscribed,
             "reconnects": self._reconnects,
             "last_error": self._last_error,
             "connected_for_s": None if up is None else round(now - up, 3),
@@ -313,30 +372,17 @@ class RedisBroker:
         }
 
     def _clients(self) -> _Clients:
-        """New, unconnected clients for the configured target (no I/O)."""
-        # No retries inside redis-py: the reconnect policy is ours alone.
-        common: dict[str, Any] = {
-            "socket_connect_timeout": self._timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "decode_responses": False,
-        }
+        """New, unconnected clients for the configured target (no I/O); for a
+        cluster, for its next node."""
         target = self._target
-        if isinstance(target, str):
-            return _Clients(aioredis.Redis.from_url(target, **common), None)
-        # Asking every Sentinel in turn must fit the connect deadline.
-        per_sentinel = self._timeout / max(1, len(target.sentinels))
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
-            sentinel_kwargs={
-                "socket_timeout": per_sentinel,
-                "socket_connect_timeout": per_sentinel,
-                "retry": Retry(NoBackoff(), 0),
-            },
-        )
-        client = sentinel.master_for(
-            target.master, password=target.password, db=target.db, **common
-        )
-        return _Clients(client, sentinel)
+        if isinstance(target, ClusterTarget):
+            host, port = self._node = self._nodes[self._next_node % len(self._nodes)]
+            self._next_node += 1
+            client = aioredis.Redis(
+                host=host, port=port, password=target.password, **client_options(self._timeout)
+            )
+            return _Clients(client, None)
+        return clients_for(target, self._timeout)
 
     async def run(
         self,
@@ -381,28 +427,49 @@ class RedisBroker:
             self._on_reconnect()
             logger.warning(
                 "Redis subscription down, reconnecting",
-                extra=fields(error=self._last_error, retry_in_s=round(delay, 3)),
+                extra=fields(url=self._where, error=self._last_error, retry_in_s=round(delay, 3)),
             )
             await trio.sleep(delay)
 
     async def _session(self, clients: _Clients, sink: trio.MemorySendChannel[Item]) -> NoReturn:
         """One subscription, from connect to failure. Always raises."""
-        pubsub = clients.client.pubsub()
+        channels = self.channels
+        try:
+            await self._subscribed_session(clients, sink)
+        finally:
+            if channels is not None:  # what this link carried waits for the next
+                channels.lost(self._link)
+
+    async def _subscribed_session(
+        self, clients: _Clients, sink: trio.MemorySendChannel[Item]
+    ) -> NoReturn:
+        client = clients.client
+        assert isinstance(client, aioredis.Redis), "a session talks to one node"
+        pubsub = client.pubsub()
         clients.pubsub = pubsub
         tracker = ProbeTracker(secrets.token_hex(4))
         progress = Progress()
         subscribed = trio.Event()
         probe = self.probe_channel
         pattern = self._pattern.encode()
+        channels = self.channels
+        link = self._link
 
         def on_control(kind: str, channel: bytes) -> None:
-            if kind == "psubscribe" and channel == pattern:
+            if channel == probe:
+                if kind == "subscribe":
+                    if channels is not None:
+                        self._session_subscribed()
+                    subscribed.set()
+            elif channels is not None:
+                channels.confirmed(kind, channel, link)
+            elif kind == "psubscribe" and channel == pattern:
                 self._pattern_subscribed()
-            elif kind == "subscribe" and channel == probe:
-                subscribed.set()
 
         with trio.fail_after(self._timeout):
-            await trio_asyncio.aio_as_trio(_subscribe)(pubsub, self._pattern, probe)
+            await trio_asyncio.aio_as_trio(_subscribe)(
+                pubsub, None if channels is not None else self._pattern, probe
+            )
         self._server = _address(pubsub)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, pubsub, sink, progress, tracker.seen, on_control)
@@ -410,7 +477,19 @@ class RedisBroker:
             # connection, so its confirmation proves both are in place.
             with trio.fail_after(self._timeout):
                 await subscribed.wait()
-            publish = partial(trio_asyncio.aio_as_trio(clients.client.publish), probe)
+            if isinstance(self._target, ClusterTarget):
+                await self._learn_nodes(client)
+            if channels is not None:
+                nursery.start_soon(
+                    partial(
+                        channels.send_commands,
+                        partial(trio_asyncio.aio_as_trio(_send), pubsub),
+                        where=link,
+                        accept=self._accept,
+                        send_timeout=self._timeout,
+                    )
+                )
+            publish = partial(trio_asyncio.aio_as_trio(client.publish), probe)
             await watch_probes(
                 publish,
                 tracker,
@@ -419,6 +498,17 @@ class RedisBroker:
                 progress=progress,
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _learn_nodes(self, client: aioredis.Redis) -> None:
+        """Remember every node of the cluster (the seeds may be gone when
+        this session ends): the current one first, the next attempt goes to
+        another."""
+        current = self._node
+        assert current is not None
+        with trio.fail_after(self._timeout):
+            slots = await fetch_slots(client, current)
+        self._nodes = list(dict.fromkeys([current, *slots.nodes, *self._nodes]))
+        self._next_node = 1
 
     async def _pump(
         self,
@@ -440,6 +530,12 @@ class RedisBroker:
         if lost is not None:
             self._on_resync(RESYNC_REASON, now - lost)
 
+    def _session_subscribed(self) -> None:
+        """User mode: the session's connection is subscribed (its probe
+        channel). Each user's gap is told when their channel is back."""
+        self._subscribed_at = trio.current_time()
+        self._lost_at = None
+
     def _probe_answered(self, rtt: float) -> None:
         self._probe_rtt = rtt
         if self._status == "connected":
@@ -453,45 +549,123 @@ class RedisBroker:
             extra=fields(
                 url=self._where,
                 server=self._server,
-                pattern=self._pattern,
+                pattern=self._pattern if self.channels is None else None,
+                mode="pattern" if self.channels is None else "user",
                 probe_rtt_ms=round(rtt * 1e3, 3),
             ),
         )
 
     def _safe_error(self, exc: BaseException) -> str:
-        """The error text with any URL password removed, should redis-py or
-        the OS ever quote the URL."""
-        text = str(exc)
-        target = self._target
-        if isinstance(target, str):
-            text = text.replace(target, redact_url(target))
-        elif target.password:
-            text = text.replace(target.password, "***")
-        return text[:200]
+        return safe_error(self._target, exc)
 
     async def publish(self, channel: bytes, data: bytes) -> int:
-        """PUBLISH through a long-lived client, under ``timeout``. Raises
+        """PUBLISH through a long-lived client (see :class:`PublishClient`)."""
+        return await self._publisher.publish(channel, data)
+
+    async def aclose(self) -> None:
+        """Close the publishing client (the subscriber closes its own)."""
+        await self._publisher.aclose()
+
+
+def safe_error(target: Target, exc: BaseException) -> str:
+    """The text of ``exc`` with any password of ``target`` removed, should
+    redis-py or the OS ever quote it; at most 200 characters."""
+    text = str(exc)
+    if isinstance(target, str):
+        text = text.replace(target, redact_url(target))
+    elif target.password:
+        text = text.replace(target.password, "***")
+    return text[:200]
+
+
+def client_options(timeout: float) -> dict[str, Any]:
+    """What every client of the hub is made with: no retries inside redis-py
+    (the reconnect policy is ours alone), raw bytes."""
+    return {
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "decode_responses": False,
+    }
+
+
+def clients_for(target: str | SentinelTarget, timeout: float) -> _Clients:
+    """New, unconnected clients for a URL or a Sentinel-found master."""
+    common = client_options(timeout)
+    if isinstance(target, str):
+        return _Clients(aioredis.Redis.from_url(target, **common), None)
+    # Asking every Sentinel in turn must fit the connect deadline.
+    per_sentinel = timeout / max(1, len(target.sentinels))
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels),
+        sentinel_kwargs={
+            "socket_timeout": per_sentinel,
+            "socket_connect_timeout": per_sentinel,
+            "retry": Retry(NoBackoff(), 0),
+        },
+    )
+    client = sentinel.master_for(target.master, password=target.password, db=target.db, **common)
+    return _Clients(client, sentinel)
+
+
+async def fetch_slots(client: aioredis.Redis, asked: Address) -> SlotMap:
+    """``CLUSTER SLOTS`` through ``client`` (trio side; the caller bounds it)."""
+    reply = await trio_asyncio.aio_as_trio(client.execute_command)("CLUSTER SLOTS")
+    return SlotMap.parse(reply, asked)
+
+
+class PublishClient:
+    """The hub's publishing client: ``PUBLISH`` (or ``SPUBLISH`` with
+    ``sharded``) through one long-lived client, under ``timeout``. For a
+    cluster, redis-py's cluster client, which sends ``SPUBLISH`` to the
+    node owning the channel's slot and follows its redirections."""
+
+    def __init__(
+        self,
+        target: Target,
+        *,
+        timeout: float,
+        sharded: bool = False,
+    ) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._command = "spublish" if sharded else "publish"
+        self._clients: _Clients | None = None
+
+    def _new(self) -> _Clients:
+        target = self._target
+        if not isinstance(target, ClusterTarget):
+            return clients_for(target, self._timeout)
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            password=target.password,
+            socket_timeout=self._timeout,
+            **client_options(self._timeout),
+        )
+        return _Clients(client, None)
+
+    async def publish(self, channel: bytes, data: bytes) -> int:
+        """Publish; return the receivers Redis reports. Raises
         :class:`BrokerError` (no credentials in it) when Redis fails; the
-        client is then replaced, so the next call reconnects (and, with
-        Sentinel, finds the current master)."""
-        clients = self._publisher
+        client is then replaced, so the next call reconnects (with Sentinel,
+        finds the current master; with a cluster, its current topology)."""
+        clients = self._clients
         if clients is None:
-            clients = self._publisher = self._clients()
+            clients = self._clients = self._new()
         try:
             with trio.fail_after(self._timeout):
-                n = await trio_asyncio.aio_as_trio(clients.client.publish)(channel, data)
-        except _LINK_ERRORS as exc:
-            if self._publisher is clients:
-                self._publisher = None
+                send = getattr(clients.client, self._command)
+                n = await trio_asyncio.aio_as_trio(send)(channel, data)
+        except (*_LINK_ERRORS, redis.exceptions.RedisClusterException) as exc:
+            if self._clients is clients:
+                self._clients = None
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
                     await clients.aclose()
             raise BrokerError(f"Redis publish failed: {type(exc).__name__}") from None
         return int(n)
 
     async def aclose(self) -> None:
-        """Close the publishing client (the subscriber closes its own)."""
-        if self._publisher is not None:
-            clients, self._publisher = self._publisher, None
+        if self._clients is not None:
+            clients, self._clients = self._clients, None
             with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
                 await clients.aclose()
 
@@ -500,7 +674,7 @@ class _Clients:
     """What one session (or the publisher) owns: a client, perhaps its
     subscription, perhaps the Sentinel client that found its master."""
 
-    def __init__(self, client: aioredis.Redis, sentinel: Sentinel | None) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, sentinel: Sentinel | None) -> None:
         self.client = client
         self.sentinel = sentinel
         self.pubsub: aioredis.client.PubSub | None = None
@@ -535,11 +709,21 @@ def _address(pubsub: aioredis.client.PubSub) -> str | None:
 # -- asyncio side ---------------------------------------------------------
 
 
-async def _subscribe(pubsub: aioredis.client.PubSub, pattern: str, probe: bytes) -> None:
-    """Connect, PSUBSCRIBE the users' pattern, then SUBSCRIBE the probe
-    channel (in this order: the probe's confirmation proves both)."""
-    await pubsub.psubscribe(pattern)
+async def _subscribe(pubsub: aioredis.client.PubSub, pattern: str | None, probe: bytes) -> None:
+    """Connect, PSUBSCRIBE the users' pattern (pattern mode), then SUBSCRIBE
+    the probe channel (in this order: the probe's confirmation proves both)."""
+    if pattern is not None:
+        await pubsub.psubscribe(pattern)
     await pubsub.subscribe(probe)
+
+
+async def _send(
+    pubsub: aioredis.client.PubSub, commands: list[tuple[str, tuple[bytes, ...]]]
+) -> None:
+    """Send (un)subscribe commands one after the other without waiting for
+    their confirmations (the read loop gets those): one round trip for all."""
+    for command, channels in commands:
+        await getattr(pubsub, command)(*channels)
 
 
 async def _close(
@@ -568,12 +752,15 @@ async def _pump(
     on_probe: Callable[[bytes], None],
     on_control: Callable[[str, bytes], None],
 ) -> None:
-    """asyncio side: read the subscription and hand pmessages to trio without
-    waiting, counting them in ``progress``. Messages on the probe channel go
-    to ``on_probe(data)`` (never to users); (un)subscribe confirmations to
-    ``on_control(kind, channel)``, synchronously, so that whatever it does
-    happens before the next message is read. Returns or raises when the
-    connection fails."""
+    """asyncio side: read the subscription and hand messages to trio without
+    waiting, counting them in ``progress``: ``pmessage`` (pattern mode),
+    ``message`` and ``smessage`` (user mode, sharded or not). Messages on
+    the probe channel go to ``on_probe(data)`` (never to users);
+    (un)subscribe confirmations to ``on_control(kind, channel)``,
+    synchronously, so that whatever it does happens before the next message
+    is read (a user mode hub registers a tab's subscription there: messages
+    read after it are that tab's). Returns or raises when the connection
+    fails."""
     get = pubsub.get_message
     send = sink.send_nowait
     while True:
@@ -581,17 +768,19 @@ async def _pump(
         if msg is None:
             continue
         kind = msg["type"]
-        if kind == "pmessage":
+        if kind in _DATA_KINDS:
             progress.messages += 1
             channel = msg["channel"]
-            if channel == probe:  # only when the user prefix covers it
+            if channel == probe:
+                on_probe(msg["data"])
                 continue
             try:
                 send((channel, msg["data"]))
             except trio.WouldBlock:
                 on_drop()
-        elif kind == "message":
-            if msg["channel"] == probe:
-                on_probe(msg["data"])
         else:
             on_control(kind, msg["channel"])
+
+
+#: The message kinds that carry data (the rest are confirmations).
+_DATA_KINDS: Final = frozenset({"pmessage", "message", "smessage"})

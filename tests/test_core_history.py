@@ -109,6 +109,20 @@ def test_unknown_expired_evicted_and_cleared_ids_are_gaps() -> None:
     assert len(hub.history) == 0 and hub.history.bytes == 0
 
 
+def test_forget_user_leaves_other_users_windows() -> None:
+    # User mode: one user's subscription had a hole, the others' did not.
+    hub = Hub(ttl=60.0, per_user=10)
+    a = [hub.route("u1", raw("notification", n=i), float(i))[0] for i in range(3)]
+    b = [hub.route("u2", raw("notification", n=i), float(i))[0] for i in range(3)]
+    before = hub.history.bytes
+    hub.history.forget_user("u1")
+    hub.history.forget_user("nobody")
+    assert hub.after("u1", a[0], 5.0) is None
+    assert [m["payload"]["n"] for m in hub.after("u2", b[0], 5.0)] == [1, 2]
+    assert len(hub.history) == 3 and hub.history.bytes == before // 2
+    assert hub.history.users() == 1
+
+
 def test_the_total_byte_bound_forgets_the_oldest_across_users() -> None:
     env = parse(raw("notification", n=0), wall_time=0, received_at=0)
     frame = len(with_id(env, "0" * 16).frame)

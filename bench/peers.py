@@ -117,13 +117,44 @@ def install_node() -> str:
     return node
 
 
-def prepare(name: str) -> tuple[list[str], dict[str, str]]:
+def valid_name(name: str) -> bool:
+    """Whether ``--hubs`` accepts ``name``: one of :data:`HUBS`, or ``smapws@REV``."""
+    return name in HUBS or (name.startswith("smapws@") and len(name) > len("smapws@"))
+
+
+def smapws_at(rev: str, into: Path) -> Path:
+    """Export the ``smapws`` package as of git revision ``rev`` into ``into``
+    (for before/after comparisons of a change in one run)."""
+    repo = BENCH_DIR.parent
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "smapws"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise PeerError(f"git archive {rev}: {archive.stderr.decode(errors='replace')[:300]}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def prepare(name: str, workdir: Path | None = None) -> tuple[list[str], dict[str, str]]:
     """``(argv, extra environment)`` of hub ``name``, ready to start.
+
+    ``smapws@REV`` is smapws as of git revision ``REV``, exported under
+    ``workdir`` and run with ``cwd`` and ``PYTHONPATH`` there (the extra
+    environment's ``BENCH_CWD`` names the directory to start it in).
 
     Raises :class:`PeerError` when it cannot be installed or built.
     """
     if name == "smapws":
         return [sys.executable, "-m", "smapws", "serve"], {}
+    if name.startswith("smapws@"):
+        rev = name.split("@", 1)[1]
+        base = Path(workdir) if workdir is not None else Path(os.environ.get("TMPDIR", "/tmp"))
+        where = smapws_at(rev, base / f"smapws-{rev.replace('/', '_')}")
+        return [sys.executable, "-m", "smapws", "serve"], {
+            "PYTHONPATH": str(where),
+            "BENCH_CWD": str(where),
+        }
     if name == "baseline":
         return [sys.executable, str(BASELINES / "asyncio_hub.py")], {}
     if name == "floor":

@@ -422,7 +422,7 @@ class HubBench:
             self.hub_log,
             env=_clean_env(port, redis_port, secret, self.env),
             cpus=hub_cpus,
-            cwd=REPO_DIR,
+            cwd=Path(self.env.get("BENCH_CWD", REPO_DIR)),
         )
         stack.callback(procs.stop, self.hub, 10)
         result["ready_s"] = round(procs.wait_ready(self.hub, HOST, port, self.hub_log), 3)
@@ -738,6 +738,8 @@ def format_table(table: dict[str, dict[str, Any]], hubs: Sequence[str]) -> str:
     """A plain-text table: one row per figure, one column per hub, then the ratios;
     then CPU per delivery over the floor's and what limited each throughput figure."""
     ratios = [r for r in RATIOS if {r[1], r[2]} <= set(hubs)]
+    if "smapws" in hubs:  # before/after runs: smapws against smapws@REV
+        ratios += [(f"smapws/{h}", "smapws", h) for h in hubs if h.startswith("smapws@")]
     cols = [*hubs, *(label for label, _, _ in ratios)]
     width = max(len(label) for _, label, _ in SUMMARY_ROWS)
     lines = [f"{'figure':<{width}}  better" + "".join(f"{c:>16}" for c in cols)]
@@ -923,7 +925,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke size: 20 connections, seconds")
     parser.add_argument("--hubs", default=",".join(peers.HUBS),
-                        help="comma list of: " + ", ".join(peers.HUBS))  # fmt: skip
+                        help="comma list of: " + ", ".join(peers.HUBS) +
+                        "; smapws@REV is smapws as of git revision REV")  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="output folder")
     parser.add_argument("--users", type=int, help="override the number of users")
     parser.add_argument("--tabs", type=int, help="override connections per user")
@@ -945,7 +948,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     if args.step_seconds:
         plan = replace(plan, step_s=args.step_seconds)
     hubs = [h.strip() for h in args.hubs.split(",") if h.strip()]
-    unknown = [h for h in hubs if h not in peers.HUBS]
+    unknown = [h for h in hubs if not peers.valid_name(h)]
     if unknown or not hubs:
         parser.error(f"unknown hub(s) {unknown}; choose from {', '.join(peers.HUBS)}")
     args.hub_list = hubs
@@ -979,7 +982,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {hub}: {plan.connections} connections ...", flush=True)
             t0 = time.monotonic()
             try:
-                argv, env = peers.prepare(hub)
+                argv, env = peers.prepare(hub, Path(tmp))
             except peers.PeerError as exc:
                 result = {"ok": False, "error": f"could not prepare {hub}: {exc}"}
             else:

@@ -3,10 +3,12 @@
     .venv/bin/pip install py-spy
     .venv/bin/python -m bench.profile                      # smapws, 24,000/s, 10 s
     .venv/bin/python -m bench.profile --hub baseline --rate 12000 --seconds 5
+    .venv/bin/python -m bench.profile --storm           # handshakes instead
 
 Starts Redis, the hub (pinned to CPU 0 like in ``bench.run``), opens the
 connections (2,000 users x 2 tabs), publishes at ``--rate`` deliveries/s and runs
-``py-spy record`` on the hub meanwhile. Writes ``<out>/profile-<hub>.txt`` (the
+``py-spy record`` on the hub meanwhile (with ``--storm``: closes and reopens
+every connection, over and over, instead of publishing). Writes ``<out>/profile-<hub>.txt`` (the
 collapsed stacks py-spy records) and prints the functions with the largest share
 of samples, inclusive and self, plus the hub's CPU per delivery over the window.
 """
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=2000)
     parser.add_argument("--tabs", type=int, default=2)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--storm", action="store_true", help="profile handshakes")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -97,16 +100,24 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             meter = procs.CpuMeter([hub.pid])
             t0 = time.monotonic()
-            pub = publisher.rate(2, args.users, args.rate / args.tabs, args.seconds)
-            time.sleep(0.5)
-            cpu = meter.mark()
+            if args.storm:
+                handshakes = 0
+                while time.monotonic() - t0 < args.seconds:
+                    loadgen.close_all()
+                    handshakes += loadgen.connect(HOST, port, users, secret, deadline_s=120).ok
+                cpu = meter.mark()
+                what = f"{cpu * 1e6 / max(1, handshakes):.0f} us per handshake (and close)"
+            else:
+                pub = publisher.rate(2, args.users, args.rate / args.tabs, args.seconds)
+                time.sleep(0.5)
+                cpu = meter.mark()
+                deliveries = pub["published"] * args.tabs
+                what = f"{cpu * 1e6 / max(1, deliveries):.1f} us per delivery"
             wall = time.monotonic() - t0
             spy.wait(args.seconds + 30)
-            deliveries = pub["published"] * args.tabs
             print(
-                f"hub CPU {100 * cpu / wall:.0f} % over {wall:.1f} s, "
-                f"{cpu * 1e6 / max(1, deliveries):.1f} us per delivery "
-                f"(profiler attached: figures run high)"
+                f"hub CPU {100 * cpu / wall:.0f} % over {wall:.1f} s, {what} "
+                "(profiler attached: figures run high)"
             )
             print(summarize(out, args.top))
             print(f"stacks: {out}")

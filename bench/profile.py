@@ -54,6 +54,14 @@ def summarize(collapsed: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+def _user_system(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile")
     parser.add_argument("--hub", default="smapws", choices=peers.HUBS)
@@ -99,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             meter = procs.CpuMeter([hub.pid])
+            split0 = _user_system(hub.pid)
             t0 = time.monotonic()
             if args.storm:
                 handshakes = 0
@@ -114,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 deliveries = pub["published"] * args.tabs
                 what = f"{cpu * 1e6 / max(1, deliveries):.1f} us per delivery"
             wall = time.monotonic() - t0
+            user, system = (b - a for a, b in zip(split0, _user_system(hub.pid), strict=True))
             spy.wait(args.seconds + 30)
+            print(
+                f"hub CPU split: {100 * user / max(1e-9, user + system):.0f} % user, "
+                f"{100 * system / max(1e-9, user + system):.0f} % system (kernel)"
+            )
             print(
                 f"hub CPU {100 * cpu / wall:.0f} % over {wall:.1f} s, {what} "
                 "(profiler attached: figures run high)"

@@ -11,7 +11,9 @@ Shape of one subscription ("session")::
 
 - The read loop runs on the asyncio side of the bridge and hands each message
   to trio with ``send_nowait``: crossing the bridge once per message costs ~4x
-  more (DESIGN.md §1).
+  more (DESIGN.md §1). It reads RESP2 replies straight from the hiredis
+  reader of redis-py's connection (:func:`_fast_reader`), not through
+  ``get_message``, whose layers cost more than the rest of a delivery.
 - **Liveness.** A half-open TCP link (peer gone, no RST) gives redis-py no error
   and no message for as long as it lasts. So the subscribing connection also
   ``SUBSCRIBE``\\ s ``smapws:probe:<node id>``, and every ``probe_interval`` the
@@ -65,7 +67,7 @@ from smapws._config import redact_url
 from smapws._io.brokers import BrokerError, Item
 from smapws._log import fields, logger
 
-try:  # redis-py internals, for the pump's fast path (see _buffered)
+try:  # redis-py internals, for the pump's fast path (see _fast_reader)
     from redis._parsers import hiredis as _redis_hiredis
 except ImportError:  # pragma: no cover - another redis-py layout: no fast path
     _redis_hiredis = None  # type: ignore[assignment]
@@ -553,26 +555,32 @@ async def _close(
         pass
 
 
-def _buffered(pubsub: aioredis.client.PubSub) -> Callable[[], Any] | None:
-    """The ``gets`` of the hiredis reader behind ``pubsub``'s connection, when
-    it has one and speaks RESP2 (else None: every reply goes through
-    ``get_message``).
+def _fast_reader(
+    pubsub: aioredis.client.PubSub,
+) -> tuple[Callable[[], Any], Callable[[], Awaitable[object]]] | None:
+    """``(gets, read_more)`` of the hiredis reader behind ``pubsub``'s
+    connection when it has one and speaks RESP2, else None (then every reply
+    goes through ``get_message``).
 
     Each reply that redis-py hands over costs eight coroutine layers (retry,
-    timeout, push handling, a dict): two thirds of the pump's time at 12,000
-    messages/s. Replies already in the reader's buffer (a socket read holds
-    dozens under load) are taken straight from it instead; only an empty
-    buffer waits in redis-py, which also sees every reply that is not a
-    ``pmessage`` (so its subscription state stays right)."""
-    conn = pubsub.connection
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
+    timeout, push handling, a dict): at 12,000 messages/s that was most of
+    the pump's time. With the fast reader the pump takes each reply from the
+    reader's buffer itself (``gets()``, one C call), and when the buffer is
+    empty waits for the next socket read (``read_more()``, the parser's own
+    read: it feeds the reader, and raises ``ConnectionError`` at EOF). Every
+    reply that is not a ``pmessage`` still goes through redis-py's
+    ``PubSub.handle_message``, so its subscription state stays right."""
     if _HIREDIS_PARSER is None or _NOT_ENOUGH_DATA is None:
         return None
+    conn = pubsub.connection
+    parser = getattr(conn, "_parser", None)
     if conn is None or conn.protocol != 2 or not isinstance(parser, _HIREDIS_PARSER):
         return None
-    gets = getattr(reader, "gets", None)
-    return gets if callable(gets) else None
+    gets = getattr(getattr(parser, "_reader", None), "gets", None)
+    read_more = getattr(parser, "read_from_socket", None)
+    if not callable(gets) or not callable(read_more):
+        return None
+    return gets, read_more
 
 
 async def _pump(
@@ -613,19 +621,22 @@ async def _pump(
         except trio.WouldBlock:
             on_drop()
 
+    fast = _fast_reader(pubsub)
+    if fast is None:
+        while True:
+            msg = await get(timeout=None)
+            if msg is not None:
+                on_message(msg)
+    gets, read_more = fast
     while True:
-        msg = await get(timeout=None)
-        if msg is not None:
-            on_message(msg)
-        gets = _buffered(pubsub)
-        if gets is None:
-            continue
-        while (reply := gets()) is not _NOT_ENOUGH_DATA:
-            if type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
-                pmessage(reply[2], reply[3])
-                continue
-            if isinstance(reply, Exception):  # an error reply: the link is unusable
-                raise reply
+        reply = gets()
+        if reply is _NOT_ENOUGH_DATA:
+            await read_more()
+        elif type(reply) is list and len(reply) == 4 and reply[0] == b"pmessage":
+            pmessage(reply[2], reply[3])
+        elif isinstance(reply, Exception):  # an error reply: the link is unusable
+            raise reply
+        else:
             msg = await handle(reply)  # type: ignore[no-untyped-call]
             if msg is not None:
                 on_message(msg)

@@ -869,6 +869,25 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5)
         redis_version = out.stdout.strip()
+    peers_versions: dict[str, str | None] = {}
+    for name, argv in (("go", ["go", "version"]), ("node", ["node", "--version"])):
+        peers_versions[name] = None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            peers_versions[name] = out.stdout.strip() or None
+    for package in peers.GO_PACKAGES[1:]:
+        peers_versions[package] = None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", package],
+                capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            peers_versions[package] = out.stdout.strip() or None
+    with contextlib.suppress(OSError, ValueError):
+        lock = json.loads((peers.NODEHUB_DIR / "package-lock.json").read_text())
+        for package in ("ws", "redis", "jsonwebtoken"):
+            entry = lock.get("packages", {}).get(f"node_modules/{package}", {})
+            peers_versions[f"npm {package}"] = entry.get("version")
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
@@ -884,6 +903,7 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         "kernel": platform.release(),
         "redis_server": redis_version,
         "packages": versions,
+        "peers": peers_versions,
         "git_commit": commit,
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "pinning": ({"hub": sorted(cpus[0]), "everything_else": sorted(cpus[1])} if cpus else None),

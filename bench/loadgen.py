@@ -21,6 +21,7 @@ import contextlib
 import errno
 import multiprocessing
 import multiprocessing.connection
+import os
 import select
 import signal
 import socket
@@ -579,6 +580,19 @@ class LoadGen:
             stats.update(wstats)
         return out, dict(stats)
 
+    def pause(self) -> None:
+        """Stop every worker (``SIGSTOP``) until :meth:`resume`: their sockets keep
+        receiving, and the kernel stamps each segment as it arrives, but the workers
+        take no CPU at all. Ask them nothing while paused."""
+        for proc in self._procs:
+            os.kill(proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let paused workers run again (``SIGCONT``); harmless when not paused."""
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                os.kill(proc.pid, signal.SIGCONT)
+
     def close_all(self) -> None:
         """Close every client connection (bounded wait per worker)."""
         for i in range(len(self._pipes)):
@@ -586,6 +600,7 @@ class LoadGen:
 
     def shutdown(self) -> None:
         """Stop every worker: ask, then terminate, then kill. Never raises."""
+        self.resume()  # a stopped worker would not act on "quit" or SIGTERM
         for pipe in self._pipes:
             with contextlib.suppress(OSError, ValueError):
                 pipe.send(("quit",))

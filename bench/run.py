@@ -1,19 +1,21 @@
 """Run the smapws benchmark: every workload against each hub, side by side.
 
 ``python -m bench.run`` (or ``python bench/run.py``) measures, for each hub named in
-``--hubs`` (``smapws``, ``baseline``), in one process tree it owns and cleans up:
+``--hubs`` (``smapws``, ``baseline``, ``go``, ``node``, ``floor``; see
+:mod:`bench.peers`), in one process tree it owns and cleans up:
 
 - **W4 connect storm**: authenticated handshakes per second until all connections
-  (default 5,000 users x 2 tabs) are open;
+  (default 2,000 users x 2 tabs) are open;
 - **W3 idle memory**: hub RSS per idle authenticated connection,
   ``(RSS with N open - RSS with none) / N``;
 - **W2 fan-out burst**: one message to every user in one pipelined write; time from
-  the publish stamp until the last tab has it;
-- **W1 routed**: ~200 B messages to random users at stepped offered rates; the highest
-  delivered rate whose p99 publish-to-receive latency is <= 50 ms while the hub kept
-  up (under 0.1 % of deliveries missing, >= 95 % of the rate delivered, backlog gone
-  within 1 s), then p99 at half that rate; also the highest rate the hub kept up
-  with whatever its p99.
+  the publish stamp until the last tab has it, with the load generator stopped
+  during the burst (so it cannot be the limit) and, for comparison, running;
+- **W1 routed**: ~200 B messages to random users at stepped offered rates: the hub's
+  CPU per delivery and p99 at the cost rate (24,000 deliveries/s); the highest
+  rate the hub kept up with (under 0.1 % of deliveries missing, >= 95 % of the rate
+  delivered, backlog gone within 1 s) and the highest whose p99 publish-to-receive
+  latency is <= 50 ms, each with what limited it (the hub's CPU or the clients').
 
 Each hub gets its own redis-server on a free port. The hub runs on CPU 0 (``taskset
 -c 0``), everything else (Redis, load generator, publisher, this coordinator) on CPU
@@ -22,8 +24,9 @@ is stopped on the way out, including on Ctrl-C, SIGTERM and errors.
 
 Output: ``<out>/bench-<stamp>.json`` (machine info, configuration, every figure),
 ``<out>/bench-<stamp>.png`` (p99 against offered rate, if matplotlib is installed) and
-a table on stdout with the ratio smapws/baseline. The exit status is 0 only if every
-hub ran all workloads.
+a table on stdout with the ratios smapws/baseline and smapws/go, each hub's CPU per
+delivery as a multiple of the floor's, and the issue's targets. The exit status is 0
+only if every hub ran all workloads.
 """
 
 from __future__ import annotations
@@ -52,18 +55,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import procs
+from bench import peers, procs
 from bench.loadgen import LoadGen, Samples, user_id
 from bench.publisher import MESSAGE_SIZE, Publisher
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-BASELINE_HUB = BENCH_DIR / "baselines" / "asyncio_hub.py"
 HOST = "127.0.0.1"
-HUB_COMMANDS: dict[str, list[str]] = {
-    "smapws": [sys.executable, "-m", "smapws", "serve"],
-    "baseline": [sys.executable, str(BASELINE_HUB)],
-}
 # The issue's latency budget for W1.
 P99_BUDGET_MS = 50.0
 # A step also fails when more than this share of its deliveries never arrived.
@@ -79,7 +77,9 @@ KEEP_UP_SHARE = 0.95
 DEEP_OVERLOAD_DRAIN_S = 5.0
 # Foreign CPU on the hub's CPU above this (in any measurement window) marks the run noisy.
 NOISY_FOREIGN_PCT = 10.0
-SCHEMA = 1
+# A process (or CPU) this busy in a step is saturated: it may be what limited the step.
+SATURATED_PCT = 90.0
+SCHEMA = 2
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,8 @@ class Plan:
     settle_s: float  # idle time before RSS readings
     max_inflight: int  # handshakes in progress at once (all workers)
     stop_after_overloads: int  # consecutive W1 steps not kept up that end the stepping
+    cost_rate: int  # the W1 rate (one of ``rates``) where CPU per delivery and p99 are read
+    pause_s: float  # how long the load generator stays stopped in a paused W2 burst
 
     @property
     def connections(self) -> int:
@@ -102,19 +104,21 @@ class Plan:
         return self.users * self.tabs
 
 
-# W1 offered deliveries/s: dense where the baseline and the targets (40k/s) sit.
-FULL_RATES: tuple[int, ...] = (2000, 4000, 6000, 8000, 10000, 12500, 15000, 20000, 25000)
-FULL_RATES += (30000, 35000, 40000, 45000, 50000, 60000, 70000, 80000, 100000)
+# W1 offered deliveries/s: the cost rate (24,000/s, the issue's) and up, dense where
+# the Python hubs and the Go peer saturate one core.
+FULL_RATES: tuple[int, ...] = (12000, 24000, 32000, 40000, 48000, 56000, 64000, 80000, 100000)
 FULL = Plan(
-    users=5000,
+    users=2000,
     tabs=2,
     workers=2,
     rates=FULL_RATES,
-    step_s=8.0,
+    step_s=6.0,
     fanout_runs=3,
     settle_s=3.0,
     max_inflight=100,
     stop_after_overloads=2,
+    cost_rate=24000,
+    pause_s=1.5,
 )
 QUICK = Plan(
     users=10,
@@ -126,6 +130,8 @@ QUICK = Plan(
     settle_s=0.5,
     max_inflight=10,
     stop_after_overloads=2,
+    cost_rate=100,
+    pause_s=0.3,
 )
 
 
@@ -238,7 +244,7 @@ def _read_health(port: int) -> dict[str, Any] | None:
     return None
 
 
-def _clean_env(port: int, redis_port: int, secret: str) -> dict[str, str]:
+def _clean_env(port: int, redis_port: int, secret: str, extra: dict[str, str]) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
@@ -257,7 +263,41 @@ def _clean_env(port: int, redis_port: int, secret: str) -> dict[str, str]:
         SMAPWS_MAX_ACCEPT_RATE="0",
         SMAPWS_MAX_CONNECTIONS="20000",
     )
+    env.update(extra)
     return env
+
+
+def _per_delivery(cpu_s: float | None, deliveries: int) -> float | None:
+    """CPU microseconds per delivery (None when nothing was delivered)."""
+    if cpu_s is None or deliveries <= 0:
+        return None
+    return round(cpu_s * 1e6 / deliveries, 2)
+
+
+def limited_by(step: dict[str, Any] | None) -> str:
+    """What limited a W1 step that failed: ``hub`` (its CPU saturated, the clients'
+    CPU not), ``clients`` (the other way round: the load generator, Redis and the
+    publisher share that CPU), ``hub and clients``, ``foreign load`` (neither was
+    saturated while other processes took CPU from them), ``unclear``, or ``not
+    reached`` (no step failed: the figure is a lower bound)."""
+    if step is None:
+        return "not reached"
+    hub = step.get("hub_cpu_pct", 0.0) >= SATURATED_PCT
+    side = step.get("core1_busy_pct", 0.0) >= SATURATED_PCT
+    if hub and side:
+        return "hub and clients"
+    if hub or side:
+        return "hub" if hub else "clients"
+    foreign = max(step.get("foreign_hub_cpu_pct", 0.0), step.get("foreign_side_cpu_pct", 0.0))
+    return "foreign load" if foreign >= NOISY_FOREIGN_PCT else "unclear"
+
+
+def _first_failure(
+    steps: list[dict[str, Any]], ok: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any] | None:
+    """The first step above the fastest one that is ``ok`` that is not ``ok``."""
+    best = max((s["offered_per_s"] for s in steps if ok(s)), default=0)
+    return next((s for s in steps if s["offered_per_s"] > best and not ok(s)), None)
 
 
 # -- one hub -------------------------------------------------------------------------
@@ -313,9 +353,11 @@ class HubBench:
         plan: Plan,
         cpus: tuple[set[int], set[int]] | None,
         logdir: Path,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.env = dict(env or {})
         self.plan = plan
         self.cpus = cpus
         self.logdir = logdir
@@ -347,7 +389,12 @@ class HubBench:
         The result has ``ok`` (all workloads measured) and ``error`` (a message, or
         None) beside each workload's figures.
         """
-        result: dict[str, Any] = {"command": self.argv, "ok": False, "error": None}
+        result: dict[str, Any] = {
+            "command": self.argv,
+            "extra_env": self.env,
+            "ok": False,
+            "error": None,
+        }
         with contextlib.ExitStack() as stack:
             try:
                 self._run(result, stack)
@@ -373,9 +420,9 @@ class HubBench:
         self.hub = procs.spawn(
             self.argv,
             self.hub_log,
-            env=_clean_env(port, redis_port, secret),
+            env=_clean_env(port, redis_port, secret, self.env),
             cpus=hub_cpus,
-            cwd=REPO_DIR,
+            cwd=Path(self.env.get("BENCH_CWD", REPO_DIR)),
         )
         stack.callback(procs.stop, self.hub, 10)
         result["ready_s"] = round(procs.wait_ready(self.hub, HOST, port, self.hub_log), 3)
@@ -403,6 +450,7 @@ class HubBench:
                 machine.mark(1.0, 0.0, 0.0)
                 return {}
             pct = {f"{k}_cpu_pct": round(100 * v / wall_s, 1) for k, v in used.items()}
+            pct.update({f"{k}_cpu_s": round(v, 3) for k, v in used.items()})
             side = sum(v for k, v in used.items() if k != "hub")
             pct["core1_busy_pct"] = round(100 * side / wall_s, 1)
             pct.update(machine.mark(wall_s, used["hub"], side))
@@ -452,66 +500,108 @@ class HubBench:
             "hub_health": health,
         }
 
-        # W2: fan-out bursts.
-        runs = []
-        for _ in range(plan.fanout_runs):
-            step = self._next_step()
-            mark_all(None)
-            t0 = time.monotonic()
-            pub = publisher.burst(step, plan.users)
-            expected = plan.users * plan.tabs
-            _wait_received(loadgen, step, expected, timeout_s=20)
-            cpu = mark_all(time.monotonic() - t0)
-            samples, _ = loadgen.collect([step])
-            summary = percentiles(samples[step].latency_ns, expected)
-            summary["last_tab_ms"] = summary.pop("max_ms")
-            summary["publish_write_ms"] = round(pub["send_s"] * 1000, 3)
-            summary["redis_receivers"] = pub["receivers"]
-            runs.append({**summary, **cpu})
-            self._check_hub()
-            time.sleep(0.5)
-        lasts = [r["last_tab_ms"] for r in runs]
+        # W2: fan-out bursts, first with the clients reading as the frames arrive,
+        # then with every load-generator process stopped (SIGSTOP) for the burst:
+        # the receive stamps are the kernel's, taken as each frame reaches the
+        # client socket, so a stopped load generator cannot be what limits the
+        # figure. The frames wait in the socket buffers (one per connection).
+        runs = [self._burst(loadgen, publisher, mark_all, paused=False)]
+        runs += [
+            self._burst(loadgen, publisher, mark_all, paused=p)
+            for p in [True, False, True, False, True][: 2 * plan.fanout_runs - 1]
+        ]
+
+        def median_last(rows: list[dict[str, Any]]) -> float | None:
+            lasts = [r["last_tab_ms"] for r in rows]
+            return statistics.median(lasts) if lasts and None not in lasts else None
+
+        paused = [r for r in runs if r["clients_paused"]]
+        reading = [r for r in runs if not r["clients_paused"]]
         result["w2_fanout"] = {
             "users": plan.users,
             "deliveries": plan.users * plan.tabs,
-            "runs": runs,
-            "last_tab_ms_median": (
-                statistics.median(lasts) if all(x is not None for x in lasts) else None
-            ),
+            "runs": reading,
+            "paused_runs": paused,
+            "last_tab_ms_median": median_last(paused),
+            "last_tab_ms_median_reading": median_last(reading),
+            "done_while_paused": all(r["done_while_paused"] for r in paused),
         }
 
-        # W1: routed, stepping the offered rate up until the hub no longer keeps up.
+        # W1: routed, stepping the offered rate up until the hub no longer keeps up
+        # (never before the cost rate has been measured).
         steps: list[dict[str, Any]] = []
         overloads = 0
         for rate in plan.rates:
             row = self._routed_step(rate, loadgen, publisher, mark_all)
             steps.append(row)
             overloads = 0 if row["kept_up"] else overloads + 1
-            if overloads >= plan.stop_after_overloads or row["drain_s"] > DEEP_OVERLOAD_DRAIN_S:
+            stop = overloads >= plan.stop_after_overloads or row["drain_s"] > DEEP_OVERLOAD_DRAIN_S
+            if stop and rate >= plan.cost_rate:
                 break
+            if row["drain_s"] > KEEP_UP_DRAIN_S:
+                _wait_quiet(loadgen)  # start the next step without a backlog
         best = max((s["delivered_per_s"] for s in steps if s["passed"]), default=None)
         sustained = max((s["delivered_per_s"] for s in steps if s["kept_up"]), default=None)
-        half = None
-        if best is not None:
-            _wait_quiet(loadgen)
-            half = self._routed_step(
-                max(1, round(best / 2)), loadgen, publisher, mark_all, label="half"
-            )
+        cost = next((s for s in steps if s["offered_per_s"] == plan.cost_rate), None)
         result["w1_routed"] = {
             "message_bytes": MESSAGE_SIZE,
             "p99_budget_ms": P99_BUDGET_MS,
             "steps": steps,
             "max_delivered_per_s_p99_ok": best,
+            "p99_ok_limited_by": limited_by(_first_failure(steps, lambda s: s["passed"])),
             "max_delivered_per_s_kept_up": sustained,
-            "half_rate_step": half,
-            "p99_at_half_rate_ms": half["p99_ms"] if half else None,
-            "client_bound_steps": [s["offered_per_s"] for s in steps if s["core1_busy_pct"] > 90],
+            "kept_up_limited_by": limited_by(_first_failure(steps, lambda s: s["kept_up"])),
+            "cost_rate": plan.cost_rate,
+            "cost_step": cost,
+            "client_bound_steps": [
+                s["offered_per_s"] for s in steps if s["core1_busy_pct"] >= SATURATED_PCT
+            ],
         }
         _, stats = loadgen.collect([])
         result["loadgen_events"] = stats
         result["hub_rss_end_bytes"] = self._rss()
         self._check_hub()
         loadgen.close_all()
+
+    def _burst(
+        self,
+        loadgen: LoadGen,
+        publisher: Publisher,
+        mark_all: Callable[[float | None], dict[str, float]],
+        *,
+        paused: bool,
+    ) -> dict[str, Any]:
+        """One W2 burst; with ``paused`` the load generator is stopped from just
+        before the publish until ``pause_s`` later."""
+        plan = self.plan
+        step = self._next_step()
+        expected = plan.users * plan.tabs
+        mark_all(None)
+        t0 = time.monotonic()
+        if paused:
+            loadgen.pause()
+        try:
+            pub = publisher.burst(step, plan.users)
+            if paused:
+                time.sleep(max(0.0, plan.pause_s - (time.monotonic() - t0)))
+        finally:
+            loadgen.resume()
+        paused_ms = (time.monotonic() - t0) * 1000
+        _wait_received(loadgen, step, expected, timeout_s=20)
+        cpu = mark_all(time.monotonic() - t0)
+        samples, _ = loadgen.collect([step])
+        summary = percentiles(samples[step].latency_ns, expected)
+        summary["last_tab_ms"] = summary.pop("max_ms")
+        summary["publish_write_ms"] = round(pub["send_s"] * 1000, 3)
+        summary["redis_receivers"] = pub["receivers"]
+        summary["clients_paused"] = paused
+        if paused:
+            summary["paused_ms"] = round(paused_ms, 1)
+            last = summary["last_tab_ms"]
+            summary["done_while_paused"] = last is not None and last < paused_ms
+        self._check_hub()
+        time.sleep(0.3)
+        return {**summary, **cpu}
 
     def _routed_step(
         self,
@@ -550,6 +640,10 @@ class HubBench:
             "passed": kept_up and p99 is not None and p99 <= P99_BUDGET_MS,
             "hub_rss_bytes": self._rss(),
             **cpu,
+            "hub_cpu_us_per_delivery": _per_delivery(cpu.get("hub_cpu_s"), summary["received"]),
+            "loadgen_cpu_us_per_delivery": _per_delivery(
+                cpu.get("loadgen_cpu_s"), summary["received"]
+            ),
             "worst_ms_per_second": worst_per_second(samples[step]),
         }
         self._check_hub()
@@ -560,13 +654,22 @@ class HubBench:
 
 # (key, label, lower is better)
 SUMMARY_ROWS: list[tuple[str, str, bool]] = [
-    ("w1_max_delivered_per_s", "W1 deliveries/s at p99<=50ms", False),
-    ("w1_p99_at_half_ms", "W1 p99 at half that rate (ms)", True),
+    ("w1_cpu_us_per_delivery", "hub CPU per delivery at the cost rate (us)", True),
+    ("w1_p99_at_cost_ms", "W1 p99 at the cost rate (ms)", True),
     ("w1_kept_up_per_s", "W1 deliveries/s kept up (any p99)", False),
-    ("w2_last_tab_ms", "W2 fan-out: last tab served (ms)", True),
+    ("w1_max_delivered_per_s", "W1 deliveries/s at p99<=50ms", False),
+    ("w2_last_tab_ms", "W2 fan-out, last tab, clients stopped (ms)", True),
+    ("w2_last_tab_reading_ms", "W2 fan-out, last tab, clients reading (ms)", True),
     ("w3_kib_per_connection", "W3 idle RSS per connection (KiB)", True),
     ("w4_handshakes_per_s", "W4 authenticated handshakes/s", False),
     ("hub_rss_peak_mib", "hub RSS peak (MiB)", True),
+    ("clients_cpu_us_per_delivery", "clients' CPU per delivery at cost rate (us)", True),
+    ("core1_busy_pct_at_cost", "clients' CPU busy at the cost rate (%)", True),
+]
+# Ratio columns: (label, numerator hub, denominator hub).
+RATIOS: list[tuple[str, str, str]] = [
+    ("smapws/baseline", "smapws", "baseline"),
+    ("smapws/go", "smapws", "go"),
 ]
 
 
@@ -583,47 +686,121 @@ def summarize(hub: dict[str, Any]) -> dict[str, float | None]:
 
     peak = hub.get("hub_rss_peak_bytes")
     return {
-        "w1_max_delivered_per_s": get("w1_routed", "max_delivered_per_s_p99_ok"),
-        "w1_p99_at_half_ms": get("w1_routed", "p99_at_half_rate_ms"),
+        "w1_cpu_us_per_delivery": get("w1_routed", "cost_step", "hub_cpu_us_per_delivery"),
+        "w1_p99_at_cost_ms": get("w1_routed", "cost_step", "p99_ms"),
         "w1_kept_up_per_s": get("w1_routed", "max_delivered_per_s_kept_up"),
+        "w1_max_delivered_per_s": get("w1_routed", "max_delivered_per_s_p99_ok"),
         "w2_last_tab_ms": get("w2_fanout", "last_tab_ms_median"),
+        "w2_last_tab_reading_ms": get("w2_fanout", "last_tab_ms_median_reading"),
         "w3_kib_per_connection": get("w3_idle_memory", "kib_per_connection"),
         "w4_handshakes_per_s": get("w4_connect", "handshakes_per_s"),
         "hub_rss_peak_mib": round(peak / 2**20, 1) if peak else None,
+        "clients_cpu_us_per_delivery": get("w1_routed", "cost_step", "loadgen_cpu_us_per_delivery"),
+        "core1_busy_pct_at_cost": get("w1_routed", "cost_step", "core1_busy_pct"),
     }
 
 
-def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """``{figure: {hub: value, ..., "ratio": smapws/baseline or None}}``."""
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{figure: {hub: value, ..., "ratio": smapws/baseline, "ratio_go": smapws/go}}``,
+    plus ``x_floor`` (each hub's CPU per delivery over the floor's) and ``limits``
+    (what limited each hub's throughput figures)."""
     sums = {name: summarize(result) for name, result in hubs.items()}
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for key, _, _ in SUMMARY_ROWS:
-        row: dict[str, float | None] = {name: s[key] for name, s in sums.items()}
-        a, b = row.get("smapws"), row.get("baseline")
-        row["ratio"] = round(a / b, 2) if a is not None and b else None
+        row: dict[str, Any] = {name: s[key] for name, s in sums.items()}
+        row["ratio"] = _ratio(row.get("smapws"), row.get("baseline"))
+        row["ratio_go"] = _ratio(row.get("smapws"), row.get("go"))
         out[key] = row
+    cpu = out["w1_cpu_us_per_delivery"]
+    out["x_floor"] = {name: _ratio(cpu.get(name), cpu.get("floor")) for name in sums}
+    out["limits"] = {
+        name: {
+            "kept_up": (result.get("w1_routed") or {}).get("kept_up_limited_by"),
+            "p99_ok": (result.get("w1_routed") or {}).get("p99_ok_limited_by"),
+            "w2_done_while_paused": (result.get("w2_fanout") or {}).get("done_while_paused"),
+        }
+        for name, result in hubs.items()
+    }
     return out
 
 
-def format_table(table: dict[str, dict[str, float | None]], hubs: Sequence[str]) -> str:
-    """A plain-text table: one row per figure, one column per hub, then the ratio."""
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
 
-    def fmt(v: float | None) -> str:
-        if v is None:
-            return "-"
-        return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.2f}"
 
-    cols = [*hubs, "smapws/baseline"] if {"smapws", "baseline"} <= set(hubs) else list(hubs)
+def format_table(table: dict[str, dict[str, Any]], hubs: Sequence[str]) -> str:
+    """A plain-text table: one row per figure, one column per hub, then the ratios;
+    then CPU per delivery over the floor's and what limited each throughput figure."""
+    ratios = [r for r in RATIOS if {r[1], r[2]} <= set(hubs)]
+    if "smapws" in hubs:  # before/after runs: smapws against smapws@REV
+        ratios += [(f"smapws/{h}", "smapws", h) for h in hubs if h.startswith("smapws@")]
+    cols = [*hubs, *(label for label, _, _ in ratios)]
     width = max(len(label) for _, label, _ in SUMMARY_ROWS)
-    lines = [f"{'figure':<{width}}  better" + "".join(f"{c:>17}" for c in cols)]
+    lines = [f"{'figure':<{width}}  better" + "".join(f"{c:>16}" for c in cols)]
     for key, label, lower in SUMMARY_ROWS:
         row = table[key]
-        cells = [fmt(row.get(h)) for h in hubs]
-        if len(cols) > len(hubs):
-            ratio = row.get("ratio")
-            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        cells = [_fmt(row.get(h)) for h in hubs]
+        for _, a, b in ratios:
+            r = _ratio(row.get(a), row.get(b))
+            cells.append("-" if r is None else f"{r:.2f}x")
         better = "lower " if lower else "higher"
-        lines.append(f"{label:<{width}}  {better}" + "".join(f"{c:>17}" for c in cells))
+        lines.append(f"{label:<{width}}  {better}" + "".join(f"{c:>16}" for c in cells))
+    if "floor" in hubs:
+        x = table["x_floor"]
+        lines.append(
+            f"{'CPU per delivery / floor':<{width}}  lower "
+            + "".join(f"{'-' if x.get(h) is None else f'{x[h]:.2f}x':>16}" for h in hubs)
+        )
+    limits = table["limits"]
+    for what, label in (
+        ("kept_up", "kept-up figure limited by"),
+        ("p99_ok", "p99-ok figure limited by"),
+    ):
+        lines.append(
+            f"{label:<{width}}        " + "".join(f"{limits[h][what]!s:>16}" for h in hubs)
+        )
+    return "\n".join(lines)
+
+
+def targets(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets for smapws, each with its measured figure and verdict
+    (``met`` is None when a figure is missing)."""
+
+    def row(key: str, hub: str) -> float | None:
+        value = table[key].get(hub)
+        return value if isinstance(value, int | float) else None
+
+    p99 = row("w1_p99_at_cost_ms", "smapws")
+    shakes = _ratio(row("w4_handshakes_per_s", "smapws"), row("w4_handshakes_per_s", "go"))
+    kib = row("w3_kib_per_connection", "smapws")
+    specs: list[tuple[str, float | None, float, bool]] = [
+        ("hub CPU per delivery <= 0.8x baseline", table["w1_cpu_us_per_delivery"]["ratio"],
+         0.8, True),
+        ("hub CPU per delivery <= 1.1x go", table["w1_cpu_us_per_delivery"]["ratio_go"],
+         1.1, True),
+        ("p99 at the cost rate <= 10 ms", p99, 10.0, True),
+        ("handshakes/s >= 0.6x go", shakes, 0.6, False),
+        ("idle RSS per connection <= 12 KiB", kib, 12.0, True),
+    ]  # fmt: skip
+    out = []
+    for label, value, bound, upper in specs:
+        met = None if value is None else (value <= bound if upper else value >= bound)
+        out.append({"target": label, "measured": value, "met": met})
+    return out
+
+
+def format_targets(rows: list[dict[str, Any]]) -> str:
+    """One line per target: measured figure and met/missed."""
+    lines = []
+    for r in rows:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[r["met"]]
+        lines.append(f"  {r['target']:<40} {_fmt(r['measured']):>10}  {verdict}")
     return "\n".join(lines)
 
 
@@ -645,7 +822,7 @@ def plot(hubs: dict[str, dict[str, Any]], path: Path) -> bool:
             for k in ("p99_ms", "p50_ms"):
                 if s[k] is not None:
                     ceiling = max(ceiling, s[k])
-    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:gray")
     for (name, result), color in zip(hubs.items(), colors, strict=False):
         steps = (result.get("w1_routed") or {}).get("steps", [])
         if not steps:
@@ -692,6 +869,25 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=5)
         redis_version = out.stdout.strip()
+    peers_versions: dict[str, str | None] = {}
+    for name, argv in (("go", ["go", "version"]), ("node", ["node", "--version"])):
+        peers_versions[name] = None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+            peers_versions[name] = out.stdout.strip() or None
+    for package in peers.GO_PACKAGES[1:]:
+        peers_versions[package] = None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["dpkg-query", "-W", "-f=${Version}", package],
+                capture_output=True, text=True, timeout=10,
+            )  # fmt: skip
+            peers_versions[package] = out.stdout.strip() or None
+    with contextlib.suppress(OSError, ValueError):
+        lock = json.loads((peers.NODEHUB_DIR / "package-lock.json").read_text())
+        for package in ("ws", "redis", "jsonwebtoken"):
+            entry = lock.get("packages", {}).get(f"node_modules/{package}", {})
+            peers_versions[f"npm {package}"] = entry.get("version")
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
@@ -707,6 +903,7 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         "kernel": platform.release(),
         "redis_server": redis_version,
         "packages": versions,
+        "peers": peers_versions,
         "git_commit": commit,
         "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "pinning": ({"hub": sorted(cpus[0]), "everything_else": sorted(cpus[1])} if cpus else None),
@@ -747,8 +944,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     """Parse the command line into options and the :class:`Plan` to run."""
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke size: 20 connections, seconds")
-    parser.add_argument("--hubs", default="smapws,baseline", help="comma list of: " +
-                        ", ".join(HUB_COMMANDS))  # fmt: skip
+    parser.add_argument("--hubs", default=",".join(peers.HUBS),
+                        help="comma list of: " + ", ".join(peers.HUBS) +
+                        "; smapws@REV is smapws as of git revision REV")  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="output folder")
     parser.add_argument("--users", type=int, help="override the number of users")
     parser.add_argument("--tabs", type=int, help="override connections per user")
@@ -770,9 +968,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     if args.step_seconds:
         plan = replace(plan, step_s=args.step_seconds)
     hubs = [h.strip() for h in args.hubs.split(",") if h.strip()]
-    unknown = [h for h in hubs if h not in HUB_COMMANDS]
+    unknown = [h for h in hubs if not peers.valid_name(h)]
     if unknown or not hubs:
-        parser.error(f"unknown hub(s) {unknown}; choose from {', '.join(HUB_COMMANDS)}")
+        parser.error(f"unknown hub(s) {unknown}; choose from {', '.join(peers.HUBS)}")
     args.hub_list = hubs
     return args, plan
 
@@ -803,8 +1001,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for hub in args.hub_list:
             print(f"== {hub}: {plan.connections} connections ...", flush=True)
             t0 = time.monotonic()
-            bench = HubBench(hub, HUB_COMMANDS[hub], plan, cpus, Path(tmp))
-            result = bench.run()
+            try:
+                argv, env = peers.prepare(hub, Path(tmp))
+            except peers.PeerError as exc:
+                result = {"ok": False, "error": f"could not prepare {hub}: {exc}"}
+            else:
+                result = HubBench(hub, argv, plan, cpus, Path(tmp), env).run()
             result["wall_s"] = round(time.monotonic() - t0, 1)
             report["hubs"][hub] = result
             state = "ok" if result["ok"] else f"FAILED: {result['error']}"
@@ -819,10 +1021,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     report["machine_was_quiet"] = not noisy
     report["summary"] = comparison(report["hubs"])
+    report["targets"] = targets(report["summary"])
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(format_table(report["summary"], args.hub_list))
+    print(f"\ntargets (smapws; cost rate {plan.cost_rate:,} deliveries/s):")
+    print(format_targets(report["targets"]))
     for hub, peak in noisy.items():
         print(
             f"WARNING: other processes took up to {peak:.0f} % of the hub's CPU while {hub} "

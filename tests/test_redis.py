@@ -6,7 +6,9 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trio
 import websockets.trio.client
 
@@ -168,3 +170,73 @@ async def test_unreachable_redis_at_start_then_recovers(
             assert (await receive_json(ws))["payload"] == {"n": 1}
     finally:
         late.kill()
+
+
+async def test_a_pipelined_burst_arrives_whole_and_in_order_through_the_fast_read_path(
+    redis_server: RedisServer,
+) -> None:
+    """The pump takes replies straight from the connection's hiredis reader
+    (engaged with the installed redis-py, RESP2), not through ``get_message``:
+    a burst of 2,000 messages in one pipelined write arrives complete and in
+    order, and subscription confirmations and probes still reach their
+    callbacks."""
+    import trio_asyncio
+
+    from smapws._io.brokers.redis import Progress, RedisBroker, _fast_reader, _pump, _subscribe
+
+    broker = RedisBroker(redis_server.url, "user_noti:*", timeout=5, reconnect_max=1)
+    clients = broker._clients()
+    send, receive = trio.open_memory_channel[tuple[bytes, bytes]](5000)
+    controls: list[tuple[str, bytes]] = []
+    probes: list[bytes] = []
+    calls = 0
+
+    def publish_burst() -> None:
+        with redis_server.client() as c:
+            pipe = c.pipeline(transaction=False)
+            for i in range(2000):
+                pipe.publish(f"user_noti:u{i % 7}", str(i))
+            pipe.publish("probe:x", "p1")
+            pipe.execute()
+
+    async with trio_asyncio.open_loop():
+        pubsub = clients.client.pubsub()
+        clients.pubsub = pubsub
+        get_message = pubsub.get_message
+
+        async def counting_get_message(**kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            return await get_message(**kwargs)
+
+        pubsub.get_message = counting_get_message  # type: ignore[method-assign]
+        try:
+            with trio.fail_after(10):
+                await trio_asyncio.aio_as_trio(_subscribe)(pubsub, "user_noti:*", b"probe:x")
+                assert _fast_reader(pubsub) is not None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(
+                        trio_asyncio.aio_as_trio(_pump),
+                        pubsub,
+                        send,
+                        lambda: pytest.fail("dropped"),
+                        Progress(),
+                        b"probe:x",
+                        probes.append,
+                        lambda kind, channel: controls.append((kind, channel)),
+                    )
+                    while len(controls) < 2:
+                        await trio.sleep(0.01)
+                    await trio.to_thread.run_sync(publish_burst)
+                    got = [await receive.receive() for _ in range(2000)]
+                    while not probes:
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await clients.aclose()
+    assert controls == [("psubscribe", b"user_noti:*"), ("subscribe", b"probe:x")]
+    assert [int(data) for _, data in got] == list(range(2000))
+    assert got[8] == (b"user_noti:u1", b"8")
+    assert probes == [b"p1"]
+    assert calls == 0, calls

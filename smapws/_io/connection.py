@@ -120,8 +120,7 @@ class Connection:
             frame = envelope.frame
             n = ws.try_send(frame)
             if n == len(frame):
-                self._metrics.messages_sent.inc()
-                self._metrics.delivery_latency.observe(trio.current_time() - envelope.received_at)
+                self._metrics.direct_writes.add(envelope, envelope.received_at)
                 return QUEUED
             if n > 0:
                 self._partial = envelope

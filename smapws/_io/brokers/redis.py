@@ -13,7 +13,9 @@ Shape of one subscription ("session")::
 
 - The read loop runs on the asyncio side of the bridge and hands each message
   to trio with ``send_nowait``: crossing the bridge once per message costs ~4x
-  more (DESIGN.md §1).
+  more (DESIGN.md §1). It reads RESP2 replies straight from the hiredis
+  reader of redis-py's connection (:func:`_fast_reader`), not through
+  ``get_message``, whose layers cost more than the rest of a delivery.
 - **Liveness.** A half-open TCP link (peer gone, no RST) gives redis-py no error
   and no message for as long as it lasts. So the subscribing connection also
   ``SUBSCRIBE``\\ s ``smapws:probe:<node id>``, and every ``probe_interval`` the
@@ -82,6 +84,13 @@ from smapws._core.cluster import Address, SlotMap
 from smapws._io.brokers import BrokerError, Item
 from smapws._io.brokers.channels import UserChannels
 from smapws._log import fields, logger
+
+try:  # redis-py internals, for the pump's fast path (see _fast_reader)
+    from redis._parsers import hiredis as _redis_hiredis
+except ImportError:  # pragma: no cover - another redis-py layout: no fast path
+    _redis_hiredis = None  # type: ignore[assignment]
+_HIREDIS_PARSER: type | None = getattr(_redis_hiredis, "_AsyncHiredisParser", None)
+_NOT_ENOUGH_DATA: object | None = getattr(_redis_hiredis, "NOT_ENOUGH_DATA", None)
 
 #: First reconnect delay ceiling; doubles per failed attempt up to
 #: ``reconnect_max``. Small, so that a one-off drop (``CLIENT KILL``, a
@@ -580,11 +589,16 @@ def safe_error(target: Target, exc: BaseException) -> str:
 
 def client_options(timeout: float) -> dict[str, Any]:
     """What every client of the hub is made with: no retries inside redis-py
-    (the reconnect policy is ours alone), raw bytes."""
+    (the reconnect policy is ours alone), raw bytes, and RESP2: with RESP3
+    (redis-py's default since 8.0) every pub/sub message goes through its
+    push-notification handler, which formats the whole message for a debug
+    log line whether or not anyone logs: 15% of the hub's CPU at 24,000
+    deliveries/s."""
     return {
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
+        "protocol": 2,
     }
 
 
@@ -743,6 +757,34 @@ async def _close(
         pass
 
 
+def _fast_reader(
+    pubsub: aioredis.client.PubSub,
+) -> tuple[Callable[[], Any], Callable[[], Awaitable[object]]] | None:
+    """``(gets, read_more)`` of the hiredis reader behind ``pubsub``'s
+    connection when it has one and speaks RESP2, else None (then every reply
+    goes through ``get_message``).
+
+    Each reply that redis-py hands over costs eight coroutine layers (retry,
+    timeout, push handling, a dict): at 12,000 messages/s that was most of
+    the pump's time. With the fast reader the pump takes each reply from the
+    reader's buffer itself (``gets()``, one C call), and when the buffer is
+    empty waits for the next socket read (``read_more()``, the parser's own
+    read: it feeds the reader, and raises ``ConnectionError`` at EOF). Every
+    reply that is not a ``pmessage`` still goes through redis-py's
+    ``PubSub.handle_message``, so its subscription state stays right."""
+    if _HIREDIS_PARSER is None or _NOT_ENOUGH_DATA is None:
+        return None
+    conn = pubsub.connection
+    parser = getattr(conn, "_parser", None)
+    if conn is None or conn.protocol != 2 or not isinstance(parser, _HIREDIS_PARSER):
+        return None
+    gets = getattr(getattr(parser, "_reader", None), "gets", None)
+    read_more = getattr(parser, "read_from_socket", None)
+    if not callable(gets) or not callable(read_more):
+        return None
+    return gets, read_more
+
+
 async def _pump(
     pubsub: aioredis.client.PubSub,
     sink: trio.MemorySendChannel[Item],
@@ -762,25 +804,57 @@ async def _pump(
     read after it are that tab's). Returns or raises when the connection
     fails."""
     get = pubsub.get_message
+    handle = pubsub.handle_message
     send = sink.send_nowait
-    while True:
-        msg = await get(timeout=None)
-        if msg is None:
-            continue
+
+    def on_message(msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind in _DATA_KINDS:
-            progress.messages += 1
-            channel = msg["channel"]
-            if channel == probe:
-                on_probe(msg["data"])
-                continue
-            try:
-                send((channel, msg["data"]))
-            except trio.WouldBlock:
-                on_drop()
+            data_message(msg["channel"], msg["data"])
         else:
             on_control(kind, msg["channel"])
+
+    def data_message(channel: bytes, data: bytes) -> None:
+        progress.messages += 1
+        if channel == probe:
+            on_probe(data)
+            return
+        try:
+            send((channel, data))
+        except trio.WouldBlock:
+            on_drop()
+
+    fast = _fast_reader(pubsub)
+    if fast is None:
+        while True:
+            msg = await get(timeout=None)
+            if msg is not None:
+                on_message(msg)
+    gets, read_more = fast
+    while True:
+        reply = gets()
+        if reply is _NOT_ENOUGH_DATA:
+            await read_more()
+            continue
+        if type(reply) is list:
+            # Data replies skip redis-py's dict-building handler: ``pmessage``
+            # is [kind, pattern, channel, data], ``message``/``smessage``
+            # [kind, channel, data]. Confirmations go through it (it keeps
+            # the subscription state redis-py needs to resubscribe).
+            n = len(reply)
+            if n == 4 and reply[0] == b"pmessage":
+                data_message(reply[2], reply[3])
+                continue
+            if n == 3 and reply[0] in _DATA_KINDS_RAW:
+                data_message(reply[1], reply[2])
+                continue
+        elif isinstance(reply, Exception):  # an error reply: the link is unusable
+            raise reply
+        msg = await handle(reply)  # type: ignore[no-untyped-call]
+        if msg is not None:
+            on_message(msg)
 
 
 #: The message kinds that carry data (the rest are confirmations).
 _DATA_KINDS: Final = frozenset({"pmessage", "message", "smessage"})
+_DATA_KINDS_RAW: Final = frozenset({b"message", b"smessage"})

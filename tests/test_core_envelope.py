@@ -90,6 +90,24 @@ def test_channel_to_user() -> None:
             user_from_channel(bad, b"user_noti:")
 
 
+@pytest.mark.parametrize(
+    "user",
+    ["u" * 257, "u" * 1_000_000, "u1\x1b[31m", "u1\r\nforged", "\x00", "u\x85"],
+)
+def test_a_channel_no_token_can_name_is_bad_channel(user: str) -> None:
+    # No token carries such a user id (auth.valid_user_id), so no tab can
+    # receive the message; and its user id would be held by the replay
+    # window and the current state outside their byte bounds.
+    with pytest.raises(InvalidMessage) as info:
+        user_from_channel(b"user_noti:" + user.encode(), b"user_noti:")
+    assert info.value.reason == "bad_channel"
+
+
+def test_the_longest_user_id_names_a_channel() -> None:
+    for user in ("u" * 256, "\U0001f600" * 256):
+        assert user_from_channel(b"user_noti:" + user.encode(), b"user_noti:") == user
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 def test_text_frame_lengths(size: int) -> None:
     payload = b"a" * size

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from smapws._core.auth import valid_user_id
+from smapws._core.auth import MAX_USER_ID_LENGTH, valid_user_id
 from smapws._core.frames import text_frame
 
 #: Default bound on one broker message, in bytes. Seed payloads are ~200 B; a
@@ -33,6 +33,10 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 #: CPython's parser raises ``RecursionError`` somewhere near 1,000, and a
 #: browser's ``JSON.parse`` has a limit of its own: a bound well under both.
 DEFAULT_MAX_JSON_DEPTH: Final = 32
+
+#: Longest user id in UTF-8 bytes (4 per character at most): a longer channel
+#: is refused before it is decoded.
+_MAX_USER_ID_BYTES: Final = 4 * MAX_USER_ID_LENGTH
 
 #: The reasons :class:`InvalidMessage` may carry; they are metric label values.
 INVALID_REASONS: Final = (
@@ -264,14 +268,22 @@ def user_from_channel(channel: bytes, prefix: bytes) -> str:
     """Return the user id of a channel ``prefix + user_id``.
 
     Raises :class:`InvalidMessage` (``bad_channel``) when the channel does not
-    start with ``prefix``, names no user, or is not UTF-8.
+    start with ``prefix``, is not UTF-8, or names no user a token can carry
+    (:func:`~smapws._core.auth.valid_user_id`: 1-256 characters, no control
+    character). No tab could receive such a message, and the user id is kept
+    (replay window, current state) outside what their byte bounds count: a
+    channel of a megabyte would cost a megabyte per message.
     """
-    if not channel.startswith(prefix) or len(channel) == len(prefix):
+    user_bytes = len(channel) - len(prefix)
+    if not channel.startswith(prefix) or not 0 < user_bytes <= _MAX_USER_ID_BYTES:
         raise InvalidMessage("bad_channel")
     try:
-        return channel[len(prefix) :].decode("utf-8")
+        user = channel[len(prefix) :].decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidMessage("bad_channel") from None
+    if not valid_user_id(user):
+        raise InvalidMessage("bad_channel")
+    return user
 
 
 def encode_message(mtype: str, payload: dict[str, Any]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hypothesis import given
@@ -147,13 +148,32 @@ def test_any_valid_message_round_trips(mtype: str, payload: dict[str, object], w
         (b'{"type":"x","payload":{"a":' + b"[" * 1000 + b"]" * 1000 + b"}}", "too_deep"),
         (b"[" * 60_000, "too_deep"),
         (b"{" * 60_000, "too_deep"),
-        (b'{"type":"x","payload":{"v":' + b"9" * 5000 + b"}}", "not_json"),
+        (b'{"type":"x","payload":{"v":' + b"9" * 5000 + b"}}", "bad_number"),
+        # JSON.parse gives Infinity (and JSON.stringify null) for these:
+        (b'{"type":"x","payload":{"v":1' + b"0" * 309 + b"}}", "bad_number"),
+        (b'{"type":"x","payload":{"v":-1' + b"0" * 309 + b"}}", "bad_number"),
+        (b'{"type":"x","payload":{"v":' + b"9" * 309 + b"}}", "bad_number"),
+        (
+            b'{"type":"x","payload":{"v":[1,"' + b"7" * 400 + b'",2' + b"0" * 400 + b"]}}",
+            "bad_number",
+        ),
     ],
 )
 def test_strict_json_refuses_what_a_browser_would_not_take_back(raw: bytes, reason: str) -> None:
     with pytest.raises(InvalidMessage) as info:
         parse(raw, wall_time=WALL, received_at=0)
     assert info.value.reason == reason
+
+
+def test_the_largest_finite_integers_are_taken() -> None:
+    # 1e308 (309 digits) and the largest integer a double holds are finite in
+    # JSON.parse; so is a long run of digits inside a string.
+    largest = str(int(sys.float_info.max)).encode()
+    for number in (b"1" + b"0" * 308, largest, b"-" + largest):
+        raw = b'{"type":"x","payload":{"v":' + number + b',"s":"' + b"9" * 500 + b'"}}'
+        assert json.loads(parse(raw, wall_time=WALL, received_at=0).text)["payload"]["v"] == int(
+            number
+        )
 
 
 def test_strict_json_takes_what_is_valid() -> None:

@@ -208,3 +208,30 @@ async def _publish(server: Server, user: str, message: dict[str, Any]) -> None:
         body=json.dumps({"user_id": user, "message": message}).encode(),
     )
     assert r.status == 202, r.body
+
+
+async def test_the_demo_service_survives_a_broker_that_refuses(
+    nursery: trio.Nursery, records: list[logging.LogRecord]
+) -> None:
+    """SMAPWS_DEMO=true on a Redis that is down: the simulated Project
+    service's publishes fail (BrokerError). That used to end the hub (the
+    error left the demo task and the root nursery); now each failing tick is
+    one rate-limited log line and the hub goes on serving its tabs."""
+    from smapws._io import demo
+
+    from .conftest import free_port
+
+    config = make_config(SMAPWS_DEMO="true", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    server: Server = await nursery.start(serve, config)
+    user = demo.USER_PREFIX + "tab"
+    async with connect(server, user):
+        with trio.fail_after(10):
+            while not any(r.getMessage() == "demo publish failed" for r in records):
+                await trio.sleep(0.05)
+            # Two more ticks: still running, still one line per interval.
+            await trio.sleep(2 * demo.TICK_S)
+        assert server.app.hub.connections(user)
+        assert (await http(server.port, "GET", "/health")).status == 200
+        async with connect(server, "someone"):  # new tabs still get in
+            pass
+    assert sum(r.getMessage() == "demo publish failed" for r in records) == 1

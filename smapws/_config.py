@@ -322,6 +322,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "largest client frame accepted (1009 beyond)",
     ),
     _Option(
+        "max_client_frame_rate",
+        "SMAPWS_MAX_CLIENT_FRAME_RATE",
+        _non_negative_float,
+        20.0,
+        "frames a client may send per second, with a burst as large (1008 beyond; 0: unlimited)",
+    ),
+    _Option(
         "send_queue_high_water",
         "SMAPWS_SEND_QUEUE_HIGH_WATER",
         _positive_int,
@@ -477,6 +484,7 @@ class Config:
     max_message_bytes: int = 65536
     max_json_depth: int = 32
     max_client_message_bytes: int = 4096
+    max_client_frame_rate: float = 20.0
     send_queue_high_water: int = 32
     send_queue_messages: int = 256
     send_queue_bytes: int = 1024 * 1024

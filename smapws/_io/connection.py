@@ -172,7 +172,10 @@ class Connection:
         self.ping_sent_at = None
 
     def on_closed(self, code: int) -> None:
-        cause = "message_too_big" if code == TOO_BIG else "client_closed"
+        self.request_close(PEER_CLOSED, "", cause="client_closed")
+
+    def on_refused(self, code: int) -> None:
+        cause = "message_too_big" if code == TOO_BIG else "frame_rate"
         self.request_close(PEER_CLOSED, "", cause=cause)
 
     # -- the writer's side --------------------------------------------------

@@ -174,7 +174,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_INTERNAL_HOST",
         _str,
         None,
-        "listening address of SMAPWS_INTERNAL_PORT (default: SMAPWS_HOST)",
+        "listening address of SMAPWS_INTERNAL_PORT (unset: SMAPWS_HOST)",
     ),
     _Option(
         "workers",
@@ -290,8 +290,8 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_PENDING_REQUESTS",
         _positive_int,
         1024,
-        "accepted sockets still sending their request head; past it the oldest is "
-        "answered 408 and closed",
+        "accepted sockets still sending their request head; at the bound no more are "
+        "accepted until one is done or the oldest has been silent 2 s (then answered 408)",
     ),
     _Option(
         "max_accept_rate",

@@ -235,3 +235,37 @@ async def test_the_demo_service_survives_a_broker_that_refuses(
         async with connect(server, "someone"):  # new tabs still get in
             pass
     assert sum(r.getMessage() == "demo publish failed" for r in records) == 1
+
+
+async def test_a_fault_while_registering_a_connection_leaves_nothing_behind(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while a new connection is registered (here: while its
+    current state is gathered) closes it with 1011, and it is forgotten:
+    it used to stay in the hub for good, counted in active_connections,
+    against SMAPWS_MAX_CONNECTIONS and its user's limit, and offered every
+    message of its user."""
+    server: Server = await nursery.start(
+        serve, make_config(SMAPWS_MAX_CONNECTIONS_PER_USER=1, SMAPWS_MAX_CONNECTIONS=2)
+    )
+    real = Snapshots.for_user
+    fault = True
+
+    def for_user(self: Snapshots, user: str, now: float) -> Any:
+        if user == "victim" and fault:
+            raise RuntimeError("injected fault while registering")
+        return real(self, user, now)
+
+    monkeypatch.setattr(Snapshots, "for_user", for_user)
+    async with connect(server, "bystander") as other:
+        async with connect(server, "victim") as victim:
+            assert await close_code(victim) == 1011
+        await wait_connections(server, 1)
+        assert not server.app.hub.connections("victim")
+        fault = False
+        async with connect(server, "victim") as victim:  # neither limit holds it out
+            await _publish(server, "victim", {"type": "notification", "payload": {"n": 1}})
+            assert (await receive_json(victim))["payload"] == {"n": 1}
+        await _publish(server, "bystander", {"type": "alert", "payload": {}})
+        assert (await receive_json(other))["type"] == "alert"
+    assert metric(server, ERRORS, {"where": "connection"}) == 1

@@ -225,9 +225,11 @@ async def run(
     unregisters the connection before returning. ``resume``: what the client
     asked for with ``?since=``."""
     conn._ws = ws
-    app.register(conn, resume)
-    ws.listen(conn)
     try:
+        # Inside the try: a fault while registering (a bug) must not leave
+        # the connection in the hub, against every limit, for good.
+        app.register(conn, resume)
+        ws.listen(conn)
         await _writer(app, ws, conn)
     finally:
         nursery.cancel_scope.cancel()

@@ -326,7 +326,8 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_CLIENT_FRAME_RATE",
         _non_negative_float,
         20.0,
-        "frames a client may send per second, with a burst as large (1008 beyond; 0: unlimited)",
+        "frames one connection may send per second, with a burst as large (1008 beyond; "
+        "0: unlimited)",
     ),
     _Option(
         "send_queue_high_water",

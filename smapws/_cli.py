@@ -30,7 +30,8 @@ _PUBLISH_ENV = """\
 environment (the hub's own variables):
   Redis:  REDIS_URL, or REDIS_HOST, REDIS_PORT, REDIS_DB, REDIS_PASSWORD,
           or REDIS_SENTINELS with REDIS_SENTINEL_MASTER
-  else the HTTP API of a hub: SMAPWS_API_KEY, at --url or SMAPWS_HOST:SMAPWS_PORT
+  else the HTTP API of a hub: SMAPWS_API_KEY, at --url or at SMAPWS_HOST (127.0.0.1
+          for 0.0.0.0) on SMAPWS_INTERNAL_PORT when set, else SMAPWS_PORT
   both:   SMAPWS_CHANNEL_PREFIX, SMAPWS_REDIS_TIMEOUT (the publish timeout),
           SMAPWS_MAX_MESSAGE_BYTES
 
@@ -80,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         "--url",
         default=None,
         help="publish through the HTTP API of the hub at this base URL, even when Redis "
-        "is configured (default: SMAPWS_HOST:SMAPWS_PORT when Redis is not configured)",
+        "is configured (default when Redis is not configured: the hub SMAPWS_HOST, "
+        "SMAPWS_INTERNAL_PORT and SMAPWS_PORT describe, see below)",
     )
 
     tok = sub.add_parser(

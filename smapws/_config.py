@@ -174,7 +174,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_INTERNAL_HOST",
         _str,
         None,
-        "listening address of SMAPWS_INTERNAL_PORT (default: SMAPWS_HOST)",
+        "listening address of SMAPWS_INTERNAL_PORT (unset: SMAPWS_HOST)",
     ),
     _Option(
         "workers",
@@ -290,8 +290,8 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_PENDING_REQUESTS",
         _positive_int,
         1024,
-        "accepted sockets still sending their request head; past it the oldest is "
-        "answered 408 and closed",
+        "accepted sockets still sending their request head; at the bound no more are "
+        "accepted until one is done or the oldest has been silent 2 s (then answered 408)",
     ),
     _Option(
         "max_accept_rate",
@@ -320,6 +320,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _positive_int,
         4096,
         "largest client frame accepted (1009 beyond)",
+    ),
+    _Option(
+        "max_client_frame_rate",
+        "SMAPWS_MAX_CLIENT_FRAME_RATE",
+        _non_negative_float,
+        20.0,
+        "frames one connection may send per second, with a burst as large (1008 beyond; "
+        "0: unlimited)",
     ),
     _Option(
         "send_queue_high_water",
@@ -477,6 +485,7 @@ class Config:
     max_message_bytes: int = 65536
     max_json_depth: int = 32
     max_client_message_bytes: int = 4096
+    max_client_frame_rate: float = 20.0
     send_queue_high_water: int = 32
     send_queue_messages: int = 256
     send_queue_bytes: int = 1024 * 1024

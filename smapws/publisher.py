@@ -70,6 +70,20 @@ __all__ = [
     "Publisher",
 ]
 
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """An answer 3xx is the answer: urllib would follow it (a POST as a GET)
+    with every header of the request, the ``Authorization: Bearer`` key
+    included, to whatever host the ``Location`` names."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+#: How the HTTP flavour talks to a hub: urllib's defaults (proxies from the
+#: environment, https) without following redirects.
+_OPENER = urllib.request.build_opener(_NoRedirects)
+
 #: Seconds one publish may take (connect, send, answer) unless told otherwise.
 DEFAULT_TIMEOUT = 5.0
 
@@ -354,7 +368,7 @@ class _Methods(Generic[_R, _C]):
         )
         try:
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as answer:
+                with _OPENER.open(request, timeout=self._timeout) as answer:
                     status, body = answer.status, answer.read(_MAX_ANSWER_BYTES)
             except urllib.error.HTTPError as exc:
                 with exc:

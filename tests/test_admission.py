@@ -236,6 +236,31 @@ async def test_deep_broker_message_is_a_counted_drop(
     assert metric(server, invalid, {"reason": "bad_unicode"}) == 1
 
 
+async def test_a_channel_no_token_can_name_is_a_counted_drop(
+    nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    """A channel whose user id no token can carry (over 256 characters, or
+    with a control character) is dropped as ``bad_channel``: no tab could
+    receive it, and the replay window would otherwise hold its user id
+    outside SMAPWS_HISTORY_MAX_BYTES (a megabyte of channel per message)."""
+    from .conftest import wait_connections, wait_ready
+
+    server: Server = await nursery.start(serve, make_config(REDIS_URL=redis_server.url))
+    await wait_ready(server)
+    history = server.app.history
+    assert history is not None
+    async with connect(server, "u1") as ws:
+        await wait_connections(server, 1)
+        message = {"type": "notification", "payload": {"n": 1}}
+        for user in ("x" * 257, "y" * (1 << 20), "u1\x1b[2J"):
+            assert redis_server.publish(user, message) == 1
+        redis_server.publish("u1", message)
+        assert (await receive_json(ws))["payload"] == {"n": 1}
+    invalid = "websocket_broker_messages_invalid_total"
+    assert metric(server, invalid, {"reason": "bad_channel"}) == 3
+    assert (len(history), history.users()) == (1, 1)  # u1's message alone
+
+
 async def test_an_integer_sub_is_accepted_as_its_decimal_string(memory_hub: Server) -> None:
     import time
 

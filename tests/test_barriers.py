@@ -208,3 +208,64 @@ async def _publish(server: Server, user: str, message: dict[str, Any]) -> None:
         body=json.dumps({"user_id": user, "message": message}).encode(),
     )
     assert r.status == 202, r.body
+
+
+async def test_the_demo_service_survives_a_broker_that_refuses(
+    nursery: trio.Nursery, records: list[logging.LogRecord]
+) -> None:
+    """SMAPWS_DEMO=true on a Redis that is down: the simulated Project
+    service's publishes fail (BrokerError). That used to end the hub (the
+    error left the demo task and the root nursery); now each failing tick is
+    one rate-limited log line and the hub goes on serving its tabs."""
+    from smapws._io import demo
+
+    from .conftest import free_port
+
+    config = make_config(SMAPWS_DEMO="true", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    server: Server = await nursery.start(serve, config)
+    user = demo.USER_PREFIX + "tab"
+    async with connect(server, user):
+        with trio.fail_after(10):
+            while not any(r.getMessage() == "demo publish failed" for r in records):
+                await trio.sleep(0.05)
+            # Two more ticks: still running, still one line per interval.
+            await trio.sleep(2 * demo.TICK_S)
+        assert server.app.hub.connections(user)
+        assert (await http(server.port, "GET", "/health")).status == 200
+        async with connect(server, "someone"):  # new tabs still get in
+            pass
+    assert sum(r.getMessage() == "demo publish failed" for r in records) == 1
+
+
+async def test_a_fault_while_registering_a_connection_leaves_nothing_behind(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while a new connection is registered (here: while its
+    current state is gathered) closes it with 1011, and it is forgotten:
+    it used to stay in the hub for good, counted in active_connections,
+    against SMAPWS_MAX_CONNECTIONS and its user's limit, and offered every
+    message of its user."""
+    server: Server = await nursery.start(
+        serve, make_config(SMAPWS_MAX_CONNECTIONS_PER_USER=1, SMAPWS_MAX_CONNECTIONS=2)
+    )
+    real = Snapshots.for_user
+    fault = True
+
+    def for_user(self: Snapshots, user: str, now: float) -> Any:
+        if user == "victim" and fault:
+            raise RuntimeError("injected fault while registering")
+        return real(self, user, now)
+
+    monkeypatch.setattr(Snapshots, "for_user", for_user)
+    async with connect(server, "bystander") as other:
+        async with connect(server, "victim") as victim:
+            assert await close_code(victim) == 1011
+        await wait_connections(server, 1)
+        assert not server.app.hub.connections("victim")
+        fault = False
+        async with connect(server, "victim") as victim:  # neither limit holds it out
+            await _publish(server, "victim", {"type": "notification", "payload": {"n": 1}})
+            assert (await receive_json(victim))["payload"] == {"n": 1}
+        await _publish(server, "bystander", {"type": "alert", "payload": {}})
+        assert (await receive_json(other))["type"] == "alert"
+    assert metric(server, ERRORS, {"where": "connection"}) == 1

@@ -120,3 +120,47 @@ def test_readme_renders_without_warnings() -> None:
     docutils.core.publish_doctree(
         text, settings_overrides={"report_level": 2, "halt_level": 2, "warning_stream": False}
     )
+
+
+def _readme() -> str:
+    return (Path(__file__).parent.parent / "README.rst").read_text()
+
+
+def test_the_readme_configuration_table_is_the_code() -> None:
+    """Every row of the README's Configuration table names a setting the
+    code has, with its flag and its default (the README may explain a
+    default after it, ``unset (API off)``), and every setting has a row."""
+    import re
+
+    from smapws._config import OPTIONS, shown_default
+
+    text = _readme()
+    table = text[text.index(".. list-table::") : text.index("\nCommand line\n")]
+    rows = re.findall(r"   \* - ``(\w+)``\n     - ``(--[\w-]+)``\n     - (.+)\n", table)
+    readme = {env: (flag, default.replace("``", "")) for env, flag, default in rows}
+    assert len(readme) == len(rows)
+    assert set(readme) == {opt.env for opt in OPTIONS}
+    for opt in OPTIONS:
+        flag, default = readme[opt.env]
+        assert flag == opt.flag, opt.env
+        shown = shown_default(opt.default)
+        # SMAPWS_INTERNAL_HOST is unset in the code and means SMAPWS_HOST.
+        assert default in (shown, "SMAPWS_HOST") or default.startswith(f"{shown} ("), opt.env
+
+
+def test_the_readme_metrics_table_is_the_registry() -> None:
+    """Every ``websocket_*`` series the README's Metrics table names is one
+    the hub registers, and the other way round."""
+    import re
+
+    from smapws.metrics import Metrics
+
+    text = _readme()
+    table = text[text.index("\nMetrics\n=======\n") : text.index("\nLogs\n====\n")]
+    documented = {name.removesuffix("_total") for name in re.findall(r"``(websocket_\w+)", table)}
+    families = Metrics().registry.collect()
+    registered = {f.name for f in families if f.name.startswith("websocket_")}
+    # The supervisor's own (SMAPWS_WORKERS > 1), registered when it starts.
+    supervisor = (Path(__file__).parent.parent / "smapws/_io/supervisor.py").read_text()
+    registered |= set(re.findall(r'"(websocket_\w+)"', supervisor))
+    assert documented == registered

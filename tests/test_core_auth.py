@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from smapws._core.auth import AuthConfig, AuthError, mint, verify
+from smapws._core.auth import AuthConfig, AuthError, mint, token_key, verify
 
 KEY = "k" * 64
 NOW = 1_800_000_000.0
@@ -126,4 +126,20 @@ def test_verified_tokens_are_remembered_but_expire() -> None:
     tokens.verify(a, now=NOW)
     tokens.verify(c, now=NOW)
     assert len(tokens) == 2
-    assert list(tokens._cache) == [a, c]
+    assert list(tokens._cache) == [token_key(a), token_key(c)]
+
+
+def test_remembered_tokens_cost_the_same_whatever_their_length() -> None:
+    """One valid token can be written many ways (PyJWT before 2.14, which
+    pyproject allowed, took ``signature!!!!``), each up to the 16 KiB head
+    limit: the cache keeps a digest, never the token, so 10,000 such
+    variants cannot make it hold 160 MiB."""
+    from smapws._core.auth import VerifiedTokens
+
+    tokens = VerifiedTokens(CFG, max_entries=100)
+    for i in range(100):
+        long_token = mint("u", key=KEY, now=NOW, ttl=60, extra={"pad": f"{i:05d}" * 3000})
+        assert tokens.verify(long_token, now=NOW).user_id == "u"
+        assert tokens.verify(long_token, now=NOW + 1).user_id == "u"  # remembered
+    assert len(tokens) == 100
+    assert all(len(key) == 16 for key in tokens._cache)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from hypothesis import given
@@ -90,6 +91,24 @@ def test_channel_to_user() -> None:
             user_from_channel(bad, b"user_noti:")
 
 
+@pytest.mark.parametrize(
+    "user",
+    ["u" * 257, "u" * 1_000_000, "u1\x1b[31m", "u1\r\nforged", "\x00", "u\x85"],
+)
+def test_a_channel_no_token_can_name_is_bad_channel(user: str) -> None:
+    # No token carries such a user id (auth.valid_user_id), so no tab can
+    # receive the message; and its user id would be held by the replay
+    # window and the current state outside their byte bounds.
+    with pytest.raises(InvalidMessage) as info:
+        user_from_channel(b"user_noti:" + user.encode(), b"user_noti:")
+    assert info.value.reason == "bad_channel"
+
+
+def test_the_longest_user_id_names_a_channel() -> None:
+    for user in ("u" * 256, "\U0001f600" * 256):
+        assert user_from_channel(b"user_noti:" + user.encode(), b"user_noti:") == user
+
+
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
 def test_text_frame_lengths(size: int) -> None:
     payload = b"a" * size
@@ -129,13 +148,32 @@ def test_any_valid_message_round_trips(mtype: str, payload: dict[str, object], w
         (b'{"type":"x","payload":{"a":' + b"[" * 1000 + b"]" * 1000 + b"}}", "too_deep"),
         (b"[" * 60_000, "too_deep"),
         (b"{" * 60_000, "too_deep"),
-        (b'{"type":"x","payload":{"v":' + b"9" * 5000 + b"}}", "not_json"),
+        (b'{"type":"x","payload":{"v":' + b"9" * 5000 + b"}}", "bad_number"),
+        # JSON.parse gives Infinity (and JSON.stringify null) for these:
+        (b'{"type":"x","payload":{"v":1' + b"0" * 309 + b"}}", "bad_number"),
+        (b'{"type":"x","payload":{"v":-1' + b"0" * 309 + b"}}", "bad_number"),
+        (b'{"type":"x","payload":{"v":' + b"9" * 309 + b"}}", "bad_number"),
+        (
+            b'{"type":"x","payload":{"v":[1,"' + b"7" * 400 + b'",2' + b"0" * 400 + b"]}}",
+            "bad_number",
+        ),
     ],
 )
 def test_strict_json_refuses_what_a_browser_would_not_take_back(raw: bytes, reason: str) -> None:
     with pytest.raises(InvalidMessage) as info:
         parse(raw, wall_time=WALL, received_at=0)
     assert info.value.reason == reason
+
+
+def test_the_largest_finite_integers_are_taken() -> None:
+    # 1e308 (309 digits) and the largest integer a double holds are finite in
+    # JSON.parse; so is a long run of digits inside a string.
+    largest = str(int(sys.float_info.max)).encode()
+    for number in (b"1" + b"0" * 308, largest, b"-" + largest):
+        raw = b'{"type":"x","payload":{"v":' + number + b',"s":"' + b"9" * 500 + b'"}}'
+        assert json.loads(parse(raw, wall_time=WALL, received_at=0).text)["payload"]["v"] == int(
+            number
+        )
 
 
 def test_strict_json_takes_what_is_valid() -> None:

@@ -85,12 +85,22 @@ def strict_json(text: bytes) -> Any:
         text.decode("utf-8"),
         parse_constant=_refuse_constant,
         parse_float=lambda s: _finite(float(s)),
+        parse_int=_finite_int,
     )
 
 
 def _finite(x: float) -> float:
     assert math.isfinite(x), "a number that parses as infinity"
     return x
+
+
+def _finite_int(digits: str) -> int:
+    n = int(digits)
+    try:
+        float(n)  # JSON.parse rounds the same way, to Infinity where this overflows
+    except OverflowError:
+        raise AssertionError("an integer that parses as infinity") from None
+    return n
 
 
 def depth(obj: Any) -> int:
@@ -162,15 +172,24 @@ def deep_nesting(draw: st.DrawFn) -> bytes:
 
 @st.composite
 def json_value(draw: st.DrawFn, *, nasty: bool) -> Any:
-    """A Python value to encode as JSON: with ``nasty``, NaN, infinities and
-    lone surrogates are in the mix."""
+    """A Python value to encode as JSON: with ``nasty``, NaN, infinities,
+    integers beyond a double and lone surrogates are in the mix."""
     text = st.text(
         st.characters(codec="utf-8")
         | (st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) if nasty else st.nothing()),
         max_size=12,
     )
     floats = st.floats(allow_nan=nasty, allow_infinity=nasty)
-    leaves = st.none() | st.booleans() | st.integers() | floats | text
+    # Integers beyond a double's range parse as Infinity in a browser.
+    huge = st.integers(10**307, 10**310).map(lambda n: -n if n % 2 else n)
+    leaves = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | floats
+        | text
+        | (huge if nasty else st.nothing())
+    )
     return draw(
         st.recursive(
             leaves,

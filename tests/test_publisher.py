@@ -463,6 +463,59 @@ async def test_http_api_refusals(nursery: trio.Nursery) -> None:
     assert (disabled.status, disabled.reason) == (404, "HTTP 404 publish_api_disabled")
 
 
+def test_the_api_key_does_not_follow_a_redirect() -> None:
+    """A 3xx from the hub's address is a refusal: urllib would follow it,
+    as a GET, with the Authorization header (the API key) to whatever host
+    Location names. Two HTTP servers on the loopback: one answers 302 to
+    the other, which records the headers it is sent."""
+    import http.server
+    import socketserver
+    import threading
+
+    seen: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(202)
+            self.end_headers()
+            self.wfile.write(b'{"status": "accepted", "receivers": 1}')
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    elsewhere = socketserver.TCPServer(("127.0.0.1", 0), Elsewhere)
+    target = f"http://127.0.0.1:{elsewhere.server_address[1]}/collect"
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    redirect = socketserver.TCPServer(("127.0.0.1", 0), Redirect)
+    servers = (elsewhere, redirect)
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = redirect.server_address[1]
+        publisher = Publisher(api_url=f"http://127.0.0.1:{port}", api_key="the-api-key-42")
+        with pytest.raises(PublishRefused) as info:
+            publisher.notify("u1", "t", "m")
+        assert info.value.status == 302
+        assert seen == []
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
 def test_http_api_unreachable() -> None:
     port = free_port()
     with pytest.raises(PublishError) as info:

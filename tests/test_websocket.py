@@ -284,6 +284,77 @@ async def test_client_message_over_the_limit_closes_with_1009(nursery: trio.Nurs
     assert metric(server, "websocket_connections_closed_total", closed) == 1
 
 
+def _client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
+    """A masked client frame (RFC 6455 §5.2) of under 126 bytes."""
+    mask = b"\x01\x02\x03\x04"
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + mask + masked
+
+
+async def test_a_client_frame_flood_closes_with_1008_and_spares_the_others(
+    nursery: trio.Nursery,
+) -> None:
+    """Parsing a frame costs the hub far more than sending it costs the
+    client: one tab sending empty continuation frames as fast as it could
+    took the event loop (every other tab's delivery waited), and went on
+    being parsed long after it left. Past SMAPWS_MAX_CLIENT_FRAME_RATE
+    (a burst as large) the connection is closed with 1008."""
+    from smapws import serve
+
+    server: Server = await nursery.start(serve, make_config(SMAPWS_MAX_CLIENT_FRAME_RATE=20))
+    async with connect(server, "bystander") as bystander:
+        flood = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with flood:
+            head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
+            await flood.send_all(head.encode())
+            frames = _client_frame(0x1, fin=False) + _client_frame(0x0, fin=False) * 1000
+            await flood.send_all(frames)
+            data = b""
+            with trio.fail_after(5):
+                while chunk := await flood.receive_some(65536):
+                    data += chunk
+        ((opcode, payload),) = parse_frames(data.partition(b"\r\n\r\n")[2])
+        assert (opcode, struct.unpack("!H", payload[:2])[0], payload[2:]) == (
+            0x8,
+            1008,
+            b"too many frames",
+        )
+        await wait_connections(server, 1)
+        await publish(server, "bystander", n=1)
+        assert (await receive_json(bystander))["payload"] == {"n": 1}
+    closed = {"cause": "frame_rate"}
+    assert metric(server, "websocket_connections_closed_total", closed) == 1
+
+
+async def test_client_frames_within_the_rate_keep_the_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Pings (each counted as a frame) at half the rate for a minute keep the
+    connection open and are answered; a burst over the rate closes it with
+    1008."""
+    app = memory_app(SMAPWS_MAX_CLIENT_FRAME_RATE=20, SMAPWS_PING_INTERVAL=1000)
+    client, server = trio.testing.memory_stream_pair()
+    async with running(app) as nursery:
+        nursery.start_soon(frontdoor.handle, app, server)
+        ws = await memory_client(nursery, client, "u1")
+        for i in range(600):
+            await ws.ping(b"%d" % i)  # returns when the pong is back
+            await trio.sleep(0.1)
+        assert app.hub.active_connections == 1
+
+        async def ping(payload: bytes) -> None:
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                await ws.ping(payload)
+
+        for i in range(30):
+            nursery.start_soon(ping, b"burst %d" % i)
+        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+            await ws.get_message()
+        assert (info.value.reason.code, info.value.reason.reason) == (1008, "too many frames")
+        nursery.cancel_scope.cancel()
+    assert app.hub.active_connections == 0
+
+
 # -- timeouts (MockClock, in-memory streams) ----------------------------------------------
 
 

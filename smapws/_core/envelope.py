@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from smapws._core.auth import valid_user_id
+from smapws._core.auth import MAX_USER_ID_LENGTH, valid_user_id
 from smapws._core.frames import text_frame
 
 #: Default bound on one broker message, in bytes. Seed payloads are ~200 B; a
@@ -33,6 +33,10 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
 #: CPython's parser raises ``RecursionError`` somewhere near 1,000, and a
 #: browser's ``JSON.parse`` has a limit of its own: a bound well under both.
 DEFAULT_MAX_JSON_DEPTH: Final = 32
+
+#: Longest user id in UTF-8 bytes (4 per character at most): a longer channel
+#: is refused before it is decoded.
+_MAX_USER_ID_BYTES: Final = 4 * MAX_USER_ID_LENGTH
 
 #: The reasons :class:`InvalidMessage` may carry; they are metric label values.
 INVALID_REASONS: Final = (
@@ -124,6 +128,25 @@ def _finite_float(text: str) -> float:
     return x
 
 
+#: Digits of the largest integer a double holds (1.797e308): an integer
+#: written with more parses as Infinity in a browser, as 1e999 does.
+_MAX_FINITE_DIGITS: Final = 309
+#: A run of that many digits (in a number or a string): only then are the
+#: integers of a text checked one by one (a Python call per integer).
+_LONG_DIGITS: Final = re.compile(rf"\d{{{_MAX_FINITE_DIGITS}}}")
+
+
+def _finite_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_FINITE_DIGITS:
+        raise InvalidMessage("bad_number")
+    n = int(text)
+    try:
+        float(n)  # rounds as JSON.parse does: OverflowError where it gives Infinity
+    except OverflowError:
+        raise InvalidMessage("bad_number") from None
+    return n
+
+
 #: A JSON string (with its escapes), and the brackets outside strings. An
 #: unterminated string runs to the end of the text (the parser stops there
 #: anyway): were a match allowed to fail, the search would start again at the
@@ -153,12 +176,12 @@ def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     ``JSON.parse`` takes back as it was sent.
 
     Guarantees: UTF-8 text; no ``NaN``/``Infinity``, and no number that only
-    parses as infinity (``1e999``); no lone UTF-16 surrogate (``"\ud800"``)
-    in any string or key; arrays and objects nested at most ``max_depth``
-    deep, checked before parsing, so that no input reaches the parser's
-    recursion limit. Raises :class:`InvalidMessage` (``not_utf8``,
-    ``not_json``, ``too_deep``, ``bad_number``, ``bad_unicode``) and nothing
-    else.
+    parses as infinity (``1e999``, or an integer beyond a double's range);
+    no lone UTF-16 surrogate (``"\ud800"``) in any string or key; arrays and
+    objects nested at most ``max_depth`` deep, checked before parsing, so
+    that no input reaches the parser's recursion limit. Raises
+    :class:`InvalidMessage` (``not_utf8``, ``not_json``, ``too_deep``,
+    ``bad_number``, ``bad_unicode``) and nothing else.
     """
     try:
         text = raw.decode("utf-8")
@@ -168,8 +191,11 @@ def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     # (slower) count runs only for messages with many brackets.
     if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
         raise InvalidMessage("too_deep", f"deeper than {max_depth}")
+    parse_int = _finite_int if _LONG_DIGITS.search(text) else None
     try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        obj = json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=parse_int
+        )
     except InvalidMessage:
         raise
     except (ValueError, RecursionError):
@@ -264,14 +290,22 @@ def user_from_channel(channel: bytes, prefix: bytes) -> str:
     """Return the user id of a channel ``prefix + user_id``.
 
     Raises :class:`InvalidMessage` (``bad_channel``) when the channel does not
-    start with ``prefix``, names no user, or is not UTF-8.
+    start with ``prefix``, is not UTF-8, or names no user a token can carry
+    (:func:`~smapws._core.auth.valid_user_id`: 1-256 characters, no control
+    character). No tab could receive such a message, and the user id is kept
+    (replay window, current state) outside what their byte bounds count: a
+    channel of a megabyte would cost a megabyte per message.
     """
-    if not channel.startswith(prefix) or len(channel) == len(prefix):
+    user_bytes = len(channel) - len(prefix)
+    if not channel.startswith(prefix) or not 0 < user_bytes <= _MAX_USER_ID_BYTES:
         raise InvalidMessage("bad_channel")
     try:
-        return channel[len(prefix) :].decode("utf-8")
+        user = channel[len(prefix) :].decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidMessage("bad_channel") from None
+    if not valid_user_id(user):
+        raise InvalidMessage("bad_channel")
+    return user
 
 
 def encode_message(mtype: str, payload: dict[str, Any]) -> bytes:

@@ -171,7 +171,10 @@ class Connection:
         self.ping_sent_at = None
 
     def on_closed(self, code: int) -> None:
-        cause = "message_too_big" if code == TOO_BIG else "client_closed"
+        self.request_close(PEER_CLOSED, "", cause="client_closed")
+
+    def on_refused(self, code: int) -> None:
+        cause = "message_too_big" if code == TOO_BIG else "frame_rate"
         self.request_close(PEER_CLOSED, "", cause=cause)
 
     # -- the writer's side --------------------------------------------------
@@ -221,9 +224,11 @@ async def run(
     unregisters the connection before returning. ``resume``: what the client
     asked for with ``?since=``."""
     conn._ws = ws
-    app.register(conn, resume)
-    ws.listen(conn)
     try:
+        # Inside the try: a fault while registering (a bug) must not leave
+        # the connection in the hub, against every limit, for good.
+        app.register(conn, resume)
+        ws.listen(conn)
         await _writer(app, ws, conn)
     finally:
         nursery.cancel_scope.cancel()

@@ -28,7 +28,8 @@ from smapws._core.envelope import encode_message
 from smapws._core.http import RequestHead, parse_cookies, response
 from smapws._io import assets
 from smapws._io.app import App
-from smapws._log import fields, logger
+from smapws._io.brokers import BrokerError
+from smapws._log import RateLimitedLog, fields, logger
 
 #: Paths that exist only in demo mode, with their methods.
 ROUTES: Final = {"/demo": ("GET", "HEAD"), "/demo/login": ("POST",)}
@@ -46,6 +47,8 @@ TICK_S: Final = 0.5
 FORGET_AFTER_S: Final = 300.0
 #: Projects running at once per user.
 RUNNING: Final = 3
+#: At most one "demo publish failed" line per this many seconds.
+PUBLISH_ERROR_LOG_INTERVAL: Final = 10.0
 
 _JSON: Final = "application/json"
 
@@ -185,38 +188,57 @@ async def simulate(app: App, *, seed: int | None = None) -> None:
     """Run the simulated Project service until cancelled: for every demo user
     with a tab open (or open within :data:`FORGET_AFTER_S`), keep
     :data:`RUNNING` projects going, publishing their progress every
-    :data:`TICK_S` and their completion, with a notification or an alert."""
+    :data:`TICK_S` and their completion, with a notification or an alert.
+
+    A publish the broker refuses (Redis down under ``SMAPWS_DEMO=true``, the
+    router's queue full) ends that tick, with one log line at most every
+    :data:`PUBLISH_ERROR_LOG_INTERVAL`; the next tick goes on. It never ends
+    the hub."""
     rng = random.Random(seed)
     users: dict[str, _User] = {}
-    prefix = app.config.channel_prefix.encode()
+    errors = RateLimitedLog(PUBLISH_ERROR_LOG_INTERVAL)
     while True:
         await trio.sleep(TICK_S)
-        now = trio.current_time()
-        for user_id in app.hub.users():
-            if user_id.startswith(USER_PREFIX):
-                users.setdefault(user_id, _User()).seen_at = now
-        for user_id in [u for u, s in users.items() if now - s.seen_at > FORGET_AFTER_S]:
-            del users[user_id]
-        for user_id, state in users.items():
-            channel = prefix + user_id.encode()
-            if state.count == 0:
-                welcome = {
-                    "title": "Welcome",
-                    "message": f"the simulated Project service runs {RUNNING} projects for you",
-                    "level": "info",
-                }
-                await app.broker.publish(channel, encode_message("notification", welcome))
-            state.projects = [p for p in state.projects if p.status not in ("DONE", "FAILED")]
-            while len(state.projects) < RUNNING:
-                state.count += 1
-                state.projects.append(
-                    _Project(
-                        project_id=f"proj_{state.count:03d}",
-                        total=rng.choice((200, 400, 600, 1000)),
-                        rate=rng.choice((10, 20, 30)),
-                        fails=rng.random() < 0.25,
-                    )
+        try:
+            await _tick(app, users, rng)
+        except BrokerError as exc:
+            suppressed = errors.allow("publish", trio.current_time())
+            if suppressed is not None:
+                logger.warning(
+                    "demo publish failed",
+                    extra=fields(error=str(exc), suppressed_since_last=suppressed),
                 )
-            for project in state.projects:
-                for data in _step(project, rng):
-                    await app.broker.publish(channel, data)
+
+
+async def _tick(app: App, users: dict[str, _User], rng: random.Random) -> None:
+    """One step of the simulated service; raises :class:`BrokerError`."""
+    prefix = app.config.channel_prefix.encode()
+    now = trio.current_time()
+    for user_id in app.hub.users():
+        if user_id.startswith(USER_PREFIX):
+            users.setdefault(user_id, _User()).seen_at = now
+    for user_id in [u for u, s in users.items() if now - s.seen_at > FORGET_AFTER_S]:
+        del users[user_id]
+    for user_id, state in users.items():
+        channel = prefix + user_id.encode()
+        if state.count == 0:
+            welcome = {
+                "title": "Welcome",
+                "message": f"the simulated Project service runs {RUNNING} projects for you",
+                "level": "info",
+            }
+            await app.broker.publish(channel, encode_message("notification", welcome))
+        state.projects = [p for p in state.projects if p.status not in ("DONE", "FAILED")]
+        while len(state.projects) < RUNNING:
+            state.count += 1
+            state.projects.append(
+                _Project(
+                    project_id=f"proj_{state.count:03d}",
+                    total=rng.choice((200, 400, 600, 1000)),
+                    rate=rng.choice((10, 20, 30)),
+                    fails=rng.random() < 0.25,
+                )
+            )
+        for project in state.projects:
+            for data in _step(project, rng):
+                await app.broker.publish(channel, data)

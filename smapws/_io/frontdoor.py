@@ -375,6 +375,7 @@ async def _websocket(
                     upgrade.key,
                     upgrade.trailing,
                     max_message_size=cfg.max_client_message_bytes,
+                    max_frame_rate=cfg.max_client_frame_rate,
                 )
         except WsClosed:
             pass

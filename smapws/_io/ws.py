@@ -53,6 +53,8 @@ import wsproto.events
 from trio_websocket._impl import CloseReason
 from wsproto.connection import ConnectionState, ConnectionType
 
+from smapws._core.ratelimit import TokenBucket
+
 #: Close code when the connection ended without a close frame (RFC 6455 §7.1.5).
 ABNORMAL_CLOSURE: Final = 1006
 
@@ -73,6 +75,12 @@ class WsClosed(Exception):
         super().__init__(f"websocket closed ({code})")
 
 
+#: Close codes this layer sends of its own accord (RFC 6455 §7.4.1): the
+#: client broke one of its bounds.
+POLICY_VIOLATION: Final = 1008
+MESSAGE_TOO_BIG: Final = 1009
+
+
 class Listener(Protocol):
     """What the WebSocket layer reports to its connection. Called from the
     library's reader task; must not block."""
@@ -81,7 +89,14 @@ class Listener(Protocol):
 
     def on_pong(self) -> None: ...
 
-    def on_closed(self, code: int) -> None: ...
+    def on_closed(self, code: int) -> None:
+        """The peer closed (with ``code``), or the link ended (1006)."""
+
+    def on_refused(self, code: int) -> None:
+        """This layer closed the connection with ``code`` because the client
+        broke a bound: :data:`MESSAGE_TOO_BIG` (a message over
+        ``max_message_size``) or :data:`POLICY_VIOLATION` (frames faster than
+        ``max_frame_rate``)."""
 
 
 class MessageListener(Listener, Protocol):
@@ -171,9 +186,17 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
     _deferred: bytes = b""
 
     def __init__(
-        self, stream: trio.abc.Stream, max_message_size: int, trailing_data: bytes
+        self,
+        stream: trio.abc.Stream,
+        max_message_size: int,
+        trailing_data: bytes,
+        max_frame_rate: float = 0.0,
     ) -> None:
         self._close_reason: CloseReason | None = None
+        #: Client frames allowed per second (burst as large; 0: unlimited),
+        #: and their bucket, made at the first frame.
+        self._max_frame_rate = max_frame_rate
+        self._frames: TokenBucket | None = None
         self._id = 0
         self._stream = stream
         self._stream_lock = trio.StrictFIFOLock()
@@ -244,27 +267,56 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
                 await self._send(event)
         await super()._handle_close_connection_event(event)
 
+    async def _refuse(self, code: int, reason: str) -> None:
+        """Close on our own account (the client broke a bound): the close
+        frame, then the report (which ends the connection)."""
+        self._close_reason = CloseReason(code, reason)
+        self._reader_running = False
+        try:
+            if self._wsproto.state == ConnectionState.OPEN:  # (not if we closed first)
+                await self._send(wsproto.events.CloseConnection(code=code, reason=reason))
+        finally:  # the close frame first: reporting ends the connection
+            if self.listener is not None:
+                self.listener.on_refused(code)
+
+    async def _count_frame(self) -> None:
+        """Spend one of the client's frames; 1008 beyond ``max_frame_rate``.
+
+        Parsing a frame costs the hub far more than sending it costs the
+        client (~14 us for a 6-byte empty continuation frame): without a
+        bound, one connection sending them as fast as it can took the whole
+        event loop, and what it had sent went on being parsed long after it
+        left."""
+        if self._max_frame_rate <= 0:
+            return
+        now = trio.current_time()
+        frames = self._frames
+        if frames is None:
+            rate = self._max_frame_rate
+            frames = self._frames = TokenBucket(rate, rate, now=now)
+        if not frames.take(now):
+            await self._refuse(POLICY_VIOLATION, "too many frames")
+            # Stop the reader at once, before the rest of what it has read
+            # is parsed (it breaks out on ConnectionClosed).
+            raise trio_websocket.ConnectionClosed(self._close_reason)
+
     async def _handle_message_event(
         self, event: wsproto.events.BytesMessage | wsproto.events.TextMessage
     ) -> None:
         """Count and discard client messages (or assemble them, see
         ServerWebSocket.receive); 1009 past the size limit."""
+        if event.frame_finished:
+            await self._count_frame()
         data = event.data
         # The limit is in bytes: a text message arrives decoded, and a
         # character may have taken up to 4 of them on the wire.
         self._message_size += len(data.encode()) if isinstance(data, str) else len(data)
         if self._message_size > self._max_message_size:
-            err = f"Exceeded maximum message size: {self._max_message_size} bytes"
             self._message_size = 0
             self._message_parts = []
-            self._close_reason = CloseReason(1009, err)
-            self._reader_running = False
-            try:
-                if self._wsproto.state == ConnectionState.OPEN:  # (not if we closed first)
-                    await self._send(wsproto.events.CloseConnection(code=1009, reason=err))
-            finally:  # the close frame first: reporting ends the connection
-                if self.listener is not None:
-                    self.listener.on_closed(1009)
+            await self._refuse(
+                MESSAGE_TOO_BIG, f"Exceeded maximum message size: {self._max_message_size} bytes"
+            )
             return
         on_message = self._on_message
         if on_message is not None:
@@ -288,10 +340,12 @@ class _LeanConnection(trio_websocket.WebSocketConnection):
         is sent (the hub is closing it), wsproto sends nothing more: the
         library would answer anyway, and its LocalProtocolError would end
         the reader task with an internal error."""
+        await self._count_frame()
         if self._wsproto.state == ConnectionState.OPEN:
             await self._send(event.response())
 
     async def _handle_pong_event(self, event: wsproto.events.Pong) -> None:
+        await self._count_frame()
         if self.listener is not None:
             self.listener.on_pong()
 
@@ -326,6 +380,7 @@ class ServerWebSocket:
         trailing_data: bytes,
         *,
         max_message_size: int,
+        max_frame_rate: float = 0.0,
     ) -> ServerWebSocket:
         """Answer an upgrade request that the front door already parsed and
         checked (``key`` is its ``Sec-WebSocket-Key``, ``trailing_data`` what
@@ -335,6 +390,9 @@ class ServerWebSocket:
         The request head is not parsed a second time (by h11 inside wsproto):
         that halves the cost of a handshake and keeps no handshake state.
         No extension (permessage-deflate) and no subprotocol is negotiated.
+        A client message over ``max_message_size`` is refused with 1009, and
+        client frames beyond ``max_frame_rate`` a second (a burst as large;
+        0: unlimited) with 1008 (:meth:`Listener.on_refused`).
         The caller bounds this with a deadline. Raises :class:`WsClosed` when
         the peer is gone.
         """
@@ -348,7 +406,7 @@ class ServerWebSocket:
             await stream.send_all(response)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise WsClosed(ABNORMAL_CLOSURE) from None
-        ws = _LeanConnection(stream, max_message_size, trailing_data)
+        ws = _LeanConnection(stream, max_message_size, trailing_data, max_frame_rate)
         nursery.start_soon(ws._reader_task)
         return cls(ws)
 

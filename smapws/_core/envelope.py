@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import orjson
+
 from smapws._core.auth import MAX_USER_ID_LENGTH, valid_user_id
 from smapws._core.frames import text_frame
 
@@ -171,9 +173,21 @@ def _depth(text: str) -> int:
     return deepest
 
 
+#: A run of digits long enough for an integer beyond a double's range, in
+#: the raw bytes (the fast path leaves such texts to the careful one).
+_LONG_DIGITS_RAW: Final = re.compile(rb"\d{%d}" % _MAX_FINITE_DIGITS)
+
+
 def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     """Parse ``raw`` as strict JSON (RFC 8259) that any browser's
     ``JSON.parse`` takes back as it was sent.
+
+    Most messages take the fast path: few brackets (so the depth bound holds
+    without a scan), no long run of digits, and orjson, which refuses all
+    that this function refuses (NaN, Infinity, infinite numbers, lone
+    surrogates, invalid UTF-8) and parses 5-10x faster than the standard
+    library. Whatever it refuses, or cannot be judged that fast, is parsed
+    again by the careful path below, which names the reason.
 
     Guarantees: UTF-8 text; no ``NaN``/``Infinity``, and no number that only
     parses as infinity (``1e999``, or an integer beyond a double's range);
@@ -183,6 +197,17 @@ def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     :class:`InvalidMessage` (``not_utf8``, ``not_json``, ``too_deep``,
     ``bad_number``, ``bad_unicode``) and nothing else.
     """
+    if raw.count(b"[") + raw.count(b"{") <= max_depth and not _LONG_DIGITS_RAW.search(raw):
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass  # refused: the careful path says why
+    return _loads_careful(raw, max_depth)
+
+
+def _loads_careful(raw: bytes, max_depth: int) -> Any:
+    """:func:`loads_strict` with the standard library's parser and a check
+    of its own for each guarantee, so that a refusal has its reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

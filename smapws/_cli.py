@@ -21,7 +21,7 @@ from typing import Any
 
 from smapws import _log
 from smapws._config import Config, ConfigError, add_arguments, load
-from smapws._core.auth import MAC_ALGORITHMS, mint
+from smapws._core.auth import MAC_ALGORITHMS, mint_for
 from smapws._version import __version__
 from smapws.publisher import Publisher, PublishError
 
@@ -225,14 +225,7 @@ def _token(config: Config, user: str, ttl: float) -> int:
             file=sys.stderr,
         )
         return 2
-    extra: dict[str, Any] = {}
-    if auth.issuer:
-        extra["iss"] = auth.issuer
-    if auth.audience:
-        extra["aud"] = auth.audience
-    if auth.user_claim != "sub":
-        extra[auth.user_claim] = user
-    print(mint(user, key=auth.key, algorithm=alg, now=time.time(), ttl=ttl, extra=extra))
+    print(mint_for(auth, user, now=time.time(), ttl=ttl))
     return 0
 
 

@@ -232,3 +232,20 @@ class VerifiedTokens:
 
     def __len__(self) -> int:
         return len(self._cache)
+
+
+def mint_for(config: AuthConfig, user_id: str, *, now: float, ttl: float) -> str:
+    """A token for ``user_id`` that ``config`` accepts: signed with its first
+    algorithm, with its ``iss``/``aud`` when it requires them, and the user
+    id also in its user claim when that is not ``sub``. For ``smapws token``
+    and the demo's login; production tokens come from the gateway."""
+    extra: dict[str, Any] = {}
+    if config.issuer:
+        extra["iss"] = config.issuer
+    if config.audience:
+        extra["aud"] = config.audience
+    if config.user_claim != "sub":
+        extra[config.user_claim] = user_id
+    return mint(
+        user_id, key=config.key, algorithm=config.algorithms[0], now=now, ttl=ttl, extra=extra
+    )

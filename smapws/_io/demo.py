@@ -19,11 +19,11 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import trio
 
-from smapws._core.auth import MAC_ALGORITHMS, AuthError, mint
+from smapws._core.auth import MAC_ALGORITHMS, AuthError, mint_for
 from smapws._core.envelope import encode_message
 from smapws._core.http import RequestHead, parse_cookies, response
 from smapws._io import assets
@@ -89,16 +89,7 @@ def _login(app: App, head: RequestHead) -> bytes:
             if claims.user_id.startswith(USER_PREFIX):
                 user = claims.user_id
     user = user or USER_PREFIX + secrets.token_hex(4)
-    extra: dict[str, Any] = {}
-    if auth.issuer:
-        extra["iss"] = auth.issuer
-    if auth.audience:
-        extra["aud"] = auth.audience
-    if auth.user_claim != "sub":
-        extra[auth.user_claim] = user
-    token = mint(
-        user, key=auth.key, algorithm=auth.algorithms[0], now=time.time(), ttl=ttl, extra=extra
-    )
+    token = mint_for(auth, user, now=time.time(), ttl=ttl)
     cookie_header = f"access_token={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={int(ttl)}"
     body = json.dumps({"user": user, "expires_in_s": int(ttl)}).encode()
     logger.info("demo login", extra=fields(user=user, ttl_s=int(ttl)))

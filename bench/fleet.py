@@ -106,6 +106,10 @@ SCHEMA = 1
 # A step that did not get the offered rate out of the publisher (CPU 1 too busy) is
 # not a measurement of the hub: two such steps, or two not kept up, end the ladder.
 PUBLISHED_SHARE = 0.9
+# A failed capacity step is run up to this many times in all while other processes
+# take the hub's core (see capacity_phase).
+NOISY_ATTEMPTS = 3
+NOISE = ("foreign_hub_cpu_pct", "foreign_side_cpu_pct")
 # A process (or CPU 1) this busy in a step may be what limited it.
 SATURATED_PCT = 90.0
 # The capacity phase's users, far from the connection phase's (bench0, bench1, ...).
@@ -643,7 +647,10 @@ def connection_phase(
         "redis_bytes_per_connection": round((mem_n - mem0) / storm.ok, 1),
         "subscribed_channels_with_probes_open": subscribed,
         "subscribed_channels_end": left,
-        "all_unsubscribed_after_close_s": round(unsubscribed_s, 2) if left == 0 else None,
+        # (Pattern mode holds no channel: nothing to wait for.)
+        "all_unsubscribed_after_close_s": (
+            round(unsubscribed_s, 2) if left == 0 and subscribed else None
+        ),
         "probes": plan.probes,
         "connect_open": distribution(opened["connect_open"]),
         "connect_first_message": distribution(opened["connect_first"]),
@@ -693,19 +700,25 @@ def capacity_phase(
     overloads = 0
     step = 100
     for rate in plan.rates:
-        step += 1
-        row = _capacity_step(hub, plan, loadgen, publisher, meters, step, rate)
-        if not row["passed"] and row.get("foreign_hub_cpu_pct", 0.0) > NOISY_FOREIGN_PCT:
-            # Other processes took the hub's core: that is no measurement of the hub.
-            # Once more (both attempts are kept).
-            time.sleep(1.0)
+        attempts = []
+        while True:
             step += 1
-            first = row
-            row = _capacity_step(hub, plan, loadgen, publisher, meters, step, rate)
-            row["noisy_first_attempt"] = {
-                k: first[k]
-                for k in ("p99_ms", "kept_up", "foreign_hub_cpu_pct", "hub_cpu_pct", "lost")
-            }
+            attempts.append(_capacity_step(hub, plan, loadgen, publisher, meters, step, rate))
+            last = attempts[-1]
+            # A failed step while other processes took the hub's core is no measurement
+            # of the hub: it is run again (up to NOISY_ATTEMPTS in all), and the attempt
+            # that had the core most to itself stands (chosen by noise, not by result).
+            if last["passed"] or last.get("foreign_hub_cpu_pct", 0.0) <= NOISY_FOREIGN_PCT:
+                break
+            if len(attempts) >= NOISY_ATTEMPTS:
+                break
+            time.sleep(1.0)
+        row = min(attempts, key=lambda a: a.get("foreign_hub_cpu_pct", 0.0))
+        if len(attempts) > 1:
+            row["noisy_attempts"] = [
+                {k: a.get(k) for k in ("p99_ms", "kept_up", "passed", "hub_cpu_pct", *NOISE)}
+                for a in attempts
+            ]
         steps.append(row)
         bad = not row["kept_up"] or not row["rate_reached"]
         overloads = overloads + 1 if bad else 0
@@ -963,17 +976,17 @@ def _wait_subscribed(conn: RedisConn, audience: str, want: int, field: str) -> N
 # (label, path in a mode's result)
 ROWS: list[tuple[str, tuple[str, ...]]] = [
     ("capacity: published msg/s at p99<=50ms", ("capacity", "max_published_per_s_p99_ok")),
-    ("  that step: deliveries/s (local x tabs)", ("capacity", "best_step", "delivered_per_s")),
-    ("  that step: hub CPU %", ("capacity", "best_step", "hub_cpu_pct")),
-    ("  that step: p99 (ms)", ("capacity", "best_step", "p99_ms")),
+    ("  p99-ok step: deliveries/s", ("capacity", "best_step", "delivered_per_s")),
+    ("  p99-ok step: hub CPU %", ("capacity", "best_step", "hub_cpu_pct")),
+    ("  p99-ok step: p99 (ms)", ("capacity", "best_step", "p99_ms")),
     ("capacity: published msg/s kept up", ("capacity", "max_published_per_s_kept_up")),
-    ("  that step: hub CPU %", ("capacity", "kept_up_step", "hub_cpu_pct")),
+    ("  kept-up step: hub CPU %", ("capacity", "kept_up_step", "hub_cpu_pct")),
     (
-        "  that step: hub CPU us / published msg",
+        "  kept-up step: hub CPU us / published",
         ("capacity", "kept_up_step", "hub_cpu_us_per_published"),
     ),
     (
-        "  that step: Redis CPU us / published",
+        "  kept-up step: Redis CPU us / published",
         ("capacity", "kept_up_step", "redis_cpu_us_per_published"),
     ),
     ("  one hub core would carry (msg/s)", ("capacity", "one_core_estimate_per_s")),

@@ -73,6 +73,7 @@ from bench.publisher import (
     _publish_command,
     _Replies,
     encode_message,
+    publisher_socket,
 )
 from bench.run import (
     BENCH_DIR,
@@ -354,10 +355,7 @@ def _split_main(
 ) -> None:
     """Entry point of the split publisher process: ``("rate", step, rate, seconds,
     every)`` or quit."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.create_connection((HOST, port), timeout=10)
-    sock.settimeout(None)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = publisher_socket(HOST, port)
     while True:
         try:
             cmd = ctl.recv()

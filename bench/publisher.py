@@ -157,12 +157,20 @@ def _run_burst(sock: socket.socket, step: int, users: int) -> dict[str, Any]:
     }
 
 
-def _publisher_main(ctl: multiprocessing.connection.Connection, host: str, port: int) -> None:
-    """Entry point of the publisher process: serve requests until ``quit`` or EOF."""
+def publisher_socket(host: str, port: int) -> socket.socket:
+    """A publisher process's connection to Redis: blocking once connected
+    (within 10 s), no Nagle delay. The process ignores SIGINT (the
+    coordinator stops it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.create_connection((host, port), timeout=10)
     sock.settimeout(None)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _publisher_main(ctl: multiprocessing.connection.Connection, host: str, port: int) -> None:
+    """Entry point of the publisher process: serve requests until ``quit`` or EOF."""
+    sock = publisher_socket(host, port)
     while True:
         try:
             cmd = ctl.recv()

@@ -20,13 +20,8 @@ import json
 import tracemalloc
 
 from smapws._core.envelope import encode_message, parse, with_id
-from smapws._core.history import (
-    ENTRY_OVERHEAD,
-    History,
-    HistoryLimits,
-    content_digest,
-    message_id,
-)
+from smapws._core.fleet import Chains, chain_id
+from smapws._core.history import ENTRY_OVERHEAD, History, HistoryLimits
 
 
 def seed_message(i: int) -> bytes:
@@ -81,13 +76,14 @@ def main() -> None:
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     history = History(HistoryLimits(ttl=limits.ttl, per_user=per_user, max_bytes=1 << 62))
+    chains = Chains(None, floor_wall=0.0)
     for n, (user, channel, data) in enumerate(published):
         now = n * 1e-6  # all within the TTL
         env = parse(data, wall_time=1.7e9, received_at=now)
-        digest = content_digest(channel, data)
-        copy = history.occurrence(user, digest, now)
-        mid = message_id(digest, copy)
-        history.record(user, digest, copy, with_id(env, mid), now)
+        prev = chains.last(user)
+        mid = chain_id(channel, data, prev)
+        chains.advance(user, mid, now)
+        history.record(user, mid, prev, with_id(env, mid), now)
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()

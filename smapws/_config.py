@@ -400,6 +400,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "bytes kept in all for ?since= recovery, oldest forgotten first (0: off)",
     ),
     _Option(
+        "fleet_history",
+        "SMAPWS_FLEET_HISTORY",
+        _bool,
+        True,
+        "with Redis: keep the replay window in Redis too, shared by every hub, so that "
+        "a tab resumes on any hub (off: this hub's window only)",
+    ),
+    _Option(
         "demo",
         "SMAPWS_DEMO",
         _bool,
@@ -496,6 +504,7 @@ class Config:
     history_ttl: float = 300.0
     history_per_user: int = 100
     history_max_bytes: int = 32 * 1024 * 1024
+    fleet_history: bool = True
     demo: bool = False
     ingest_queue: int = 65536
     redis_timeout: float = 5.0

@@ -325,9 +325,24 @@ class Metrics:
         )
         self.resumes = Counter(
             "websocket_resumes",
-            "Connections that asked for ?since=: replayed (the window had the id) "
-            "or gap (a resync with reason history_gap was sent instead).",
+            "Connections that asked for ?since=: replayed (this hub's window had the id), "
+            "fleet (the fleet's log in Redis had it) or gap (a resync with reason "
+            "history_gap was sent instead).",
             ["result"],
+            registry=r,
+        )
+        self.fleet_appends = Counter(
+            "websocket_fleet_log_appends",
+            "Messages this hub appended to the fleet's replay log in Redis, by result: "
+            "written, duplicate (another hub had written it), off_chain (written after "
+            "another entry than its predecessor), failed, dropped (append queue full).",
+            ["result"],
+            registry=r,
+        )
+        self.fleet_errors = Counter(
+            "websocket_fleet_log_errors",
+            "Failed operations on the fleet's replay log (append, consult, read).",
+            ["op"],
             registry=r,
         )
         self.replayed_messages = Counter(

@@ -162,6 +162,7 @@ class BalancerProcess:
     def __init__(self, backends: list[int]) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.tcpbalancer", *map(str, backends)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=ROOT,
         )
@@ -170,11 +171,26 @@ class BalancerProcess:
         assert line.startswith("listening "), line
         self.port = int(line.split()[1])
 
+    def _tell(self, line: str) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+        assert self.proc.stdout.readline() == b"ok\n"
+
+    def add(self, port: int) -> None:
+        """New connections may go to ``port`` (once its /ready says so)."""
+        self._tell(f"add {port}")
+
+    def remove(self, port: int) -> None:
+        """New connections no longer go to ``port``; open ones stay."""
+        self._tell(f"remove {port}")
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 #: A page around the client, served by :class:`PageServer` (a frontend's dev

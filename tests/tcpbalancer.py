@@ -9,11 +9,16 @@ then piped both ways until either side closes. Loopback only.
 Run as a process (the browser tests drive it from synchronous code)::
 
     python -m tests.tcpbalancer 8001 8002     # prints "listening <port>"
+
+Backends come and go as a Service's endpoints do during a rolling update:
+a line ``add <port>`` or ``remove <port>`` on standard input changes the set
+for new connections (open ones stay piped), answered with ``ok``.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from typing import Final
 
@@ -85,6 +90,24 @@ async def _pipe(src: trio.SocketStream, dst: trio.SocketStream, scope: trio.Canc
         scope.cancel()  # either side ending ends the pair
 
 
+async def control(balancer: Balancer) -> None:
+    """``add <port>`` / ``remove <port>`` lines on standard input."""
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    buf = b""
+    while data := await stdin.receive_some(CHUNK):
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            verb, _, arg = line.decode().partition(" ")
+            port = int(arg)
+            if verb == "add" and port not in balancer.backends:
+                balancer.backends.append(port)
+            elif verb == "remove" and port in balancer.backends:
+                balancer.backends.remove(port)
+                balancer.ready.discard(port)
+            print("ok", flush=True)
+
+
 async def main(backends: list[int]) -> None:
     balancer = Balancer(backends)
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -92,6 +115,7 @@ async def main(backends: list[int]) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(balancer.probe_forever)
         nursery.start_soon(trio.serve_listeners, balancer.handle, listeners)
+        nursery.start_soon(control, balancer)
         print(f"listening {port}", flush=True)
 
 

@@ -1,4 +1,4 @@
-"""Message ids and the replay window (smapws._core.history), sans-IO."""
+"""The replay window (smapws._core.history), sans-IO."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smapws._core.envelope import parse, with_id
+from smapws._core.fleet import Chains, chain_id
 from smapws._core.history import (
     AGE_TOLERANCE,
     ENTRY_OVERHEAD,
@@ -17,8 +18,6 @@ from smapws._core.history import (
     HistoryLimits,
     Resume,
     conflate,
-    content_digest,
-    message_id,
     parse_resume,
 )
 
@@ -32,15 +31,19 @@ class Hub:
 
     def __init__(self, **limits: Any) -> None:
         self.history = History(HistoryLimits(**limits))
+        self.chains = Chains(None, floor_wall=0.0)
 
     def route(self, user: str, data: bytes, now: float) -> tuple[str, dict[str, Any]]:
         channel = b"user_noti:" + user.encode()
         env = parse(data, wall_time=1_700_000_000.0, received_at=now)
-        digest = content_digest(channel, data)
-        n = self.history.occurrence(user, digest, now)
-        mid = message_id(digest, n)
+        # As the hub's sweep does: a chain idle for the window is forgotten.
+        self.chains.sweep(now, self.history.limits.ttl)
+        prev = self.chains.prev(user, now)
+        assert prev is not None
+        mid = chain_id(channel, data, prev)
+        self.chains.advance(user, mid, now)
         env = with_id(env, mid)
-        self.history.record(user, digest, n, env, now)
+        self.history.record(user, mid, prev, env, now)
         return mid, json.loads(env.text)
 
     def after(self, user: str, since: str, now: float, age: float | None = None) -> Any:
@@ -48,14 +51,17 @@ class Hub:
         return None if missed is None else [json.loads(e.text) for e in missed]
 
 
-def test_ids_are_derived_from_channel_and_bytes_and_copy_number() -> None:
-    d = content_digest(b"user_noti:u1", b'{"type":"a","payload":{}}')
-    ids = {message_id(d, n) for n in range(5)}
-    assert len(ids) == 5
+def test_ids_are_chained_on_channel_bytes_and_predecessor() -> None:
+    data = b'{"type":"a","payload":{}}'
+    first = chain_id(b"user_noti:u1", data, "-" * 16)
+    ids = [first]
+    for _ in range(4):  # identical copies: each follows the one before
+        ids.append(chain_id(b"user_noti:u1", data, ids[-1]))
+    assert len(set(ids)) == 5
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
-    assert message_id(d, 0) == message_id(d, 0)
-    assert content_digest(b"user_noti:u2", b'{"type":"a","payload":{}}') != d
-    assert content_digest(b"user_noti:u1", b'{"type":"a","payload":{} }') != d
+    assert chain_id(b"user_noti:u1", data, "-" * 16) == first
+    assert chain_id(b"user_noti:u2", data, "-" * 16) != first
+    assert chain_id(b"user_noti:u1", b'{"type":"a","payload":{} }', "-" * 16) != first
 
 
 def test_two_hubs_agree_and_identical_publishes_get_different_ids() -> None:
@@ -145,9 +151,10 @@ def test_sweep_forgets_what_is_older_than_the_ttl() -> None:
 
 
 def test_a_reused_id_is_told_apart_by_the_age_of_since() -> None:
-    # An identical message after the first has left the window gets the same
-    # id again. A tab that saw the first (long ago) must not be told it has
-    # seen the second: its since_age says when it saw its message.
+    # Without a fleet log, an identical message after the first has left the
+    # window (and the hub forgot its chain) gets the same id again. A tab
+    # that saw the first (long ago) must not be told it has seen the second:
+    # its since_age says when it saw its message.
     hub = Hub(ttl=60.0)
     note = raw("notification", title="daily report")
     first, _ = hub.route("u1", note, 0.0)

@@ -1,18 +1,7 @@
-"""Message ids and the per-user replay window behind ``/ws?since=<id>``.
+"""The per-user replay window behind ``/ws?since=<id>``, in this hub.
 
-**Ids.** Every delivered message carries an ``id`` that every hub computes
-alike from the message itself, with no help from the publisher::
-
-    digest = blake2b(channel + b"\\0" + published bytes)          (16 bytes)
-    id     = hex(digest[:8])                       for the first copy
-             hex(blake2b(digest + n)[:8])          for the n-th identical copy
-
-``n`` counts the identical messages (same channel, same bytes) that are still
-in this hub's window for the user: a message published twice gets two ids,
-and hubs that have seen the same messages over the window agree on both. The
-limits of that (hubs that joined late, windows that ended) are in the README
-("Message ids and recovery"); :meth:`History.after` turns every case it can
-detect into a gap rather than a wrong replay.
+**Ids** are chained (:mod:`smapws._core.fleet`): each commits to the id of
+the message before it on its channel, so every hub computes the same ones.
 
 **Window.** For each user the hub keeps the messages of the last ``ttl``
 seconds, at most ``per_user`` of them, and at most ``max_bytes`` in all
@@ -20,8 +9,8 @@ seconds, at most ``per_user`` of them, and at most ``max_bytes`` in all
 last saw ``since`` has missed: every event (notification, alert, completion,
 other types) in order, and of progress only each project's latest update,
 where it stands in the order, and only when no completion of that project
-followed it. Every hub keeps the window of every user (all hubs see all
-messages), so a tab resumes on whichever hub the load balancer picks.
+followed it. A tab whose id this window does not hold is answered from the
+fleet's log in Redis where there is one (:mod:`smapws._io.fleetlog`).
 
 Sans-IO: time is an argument; nothing here reads a clock.
 """
@@ -32,7 +21,6 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from hashlib import blake2b
 from typing import Final
 
 from smapws._core.envelope import COMPLETED, PROGRESS, Envelope
@@ -59,19 +47,6 @@ AGE_TOLERANCE: Final = 2.0
 MAX_SINCE_AGE: Final = 7 * 24 * 3600.0
 
 
-def content_digest(channel: bytes, raw: bytes) -> bytes:
-    """The digest of one published message: its channel and its bytes."""
-    return blake2b(channel + b"\0" + raw, digest_size=16).digest()
-
-
-def message_id(digest: bytes, n: int) -> str:
-    """The id of the ``n``-th identical copy (0 for the first) of the
-    message whose :func:`content_digest` is ``digest``."""
-    if n == 0:
-        return digest[: ID_HEX_CHARS // 2].hex()
-    return blake2b(digest + n.to_bytes(8, "big"), digest_size=ID_HEX_CHARS // 2).hexdigest()
-
-
 @dataclass(frozen=True, slots=True)
 class HistoryLimits:
     ttl: float = 300.0
@@ -91,6 +66,19 @@ class Resume:
 
     since: str
     age: float | None = None
+    #: What the fleet's log had after ``since`` (set by the hub before the
+    #: connection registers, when this window does not hold ``since``).
+    fleet: FleetReplay | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetReplay:
+    """The log's chain after a resuming tab's ``since``, and the mark of
+    this hub's window when it was read (:meth:`History.routed_since`)."""
+
+    envelopes: tuple[Envelope, ...]
+    links: tuple[tuple[str, str], ...]
+    mark: int
 
 
 def parse_resume(query: Mapping[str, str]) -> Resume | None:
@@ -117,36 +105,34 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
 
 class _Entry:
     # Lean on purpose (there are tens of thousands): the user is the window's
-    # (one string per user, not per message) and the id is recomputed from
-    # digest and copy number when a tab resumes (rare) instead of stored.
-    __slots__ = ("at", "digest", "envelope", "n", "size", "window")
+    # (one string per user, not per message).
+    __slots__ = ("at", "envelope", "mid", "prev", "seq", "size", "window")
 
     def __init__(
-        self, window: _UserWindow, digest: bytes, n: int, envelope: Envelope, at: float
+        self, window: _UserWindow, mid: str, prev: str, envelope: Envelope, at: float, seq: int
     ) -> None:
         self.window = window
-        self.digest = digest
-        self.n = n
+        self.mid = mid
+        self.prev = prev
         self.envelope = envelope
         self.at = at
+        self.seq = seq
         self.size = len(envelope.frame) + ENTRY_OVERHEAD
 
 
 class _UserWindow:
-    __slots__ = ("entries", "latest", "user")
+    __slots__ = ("entries", "user")
 
     def __init__(self, user: str) -> None:
         self.user = user
         self.entries: deque[_Entry] = deque()
-        #: digest -> the newest entry with that digest (for the copy number).
-        self.latest: dict[bytes, _Entry] = {}
 
 
 class History:
     """The replay window of every user. Sans-IO: ``now`` is an argument, on
     one monotonic clock (the hub passes ``trio.current_time()``)."""
 
-    __slots__ = ("_bytes", "_limits", "_order", "_users")
+    __slots__ = ("_bytes", "_dropped", "_limits", "_order", "_seq", "_users")
 
     def __init__(self, limits: HistoryLimits) -> None:
         self._limits = limits
@@ -154,37 +140,47 @@ class History:
         #: Every entry, oldest first (for the total bound and expiry).
         self._order: OrderedDict[_Entry, None] = OrderedDict()
         self._bytes = 0
+        #: Messages recorded so far (the mark of :meth:`routed_since`).
+        self._seq = 0
+        #: The newest mark of a message forgotten so far.
+        self._dropped = 0
 
     @property
     def limits(self) -> HistoryLimits:
         return self._limits
 
-    def occurrence(self, user: str, digest: bytes, now: float) -> int:
-        """How many identical messages (same ``digest``) precede a new one
-        in ``user``'s window: its copy number for :func:`message_id`."""
-        window = self._users.get(user)
-        if window is None:
-            return 0
-        self._expire_user(window, now)
-        latest = window.latest.get(digest)
-        return 0 if latest is None else latest.n + 1
+    @property
+    def mark(self) -> int:
+        """A mark for :meth:`routed_since`: how many messages were recorded."""
+        return self._seq
 
-    def record(self, user: str, digest: bytes, n: int, envelope: Envelope, now: float) -> None:
-        """Append a message (as delivered, id included) to ``user``'s window
-        and enforce the bounds, oldest first."""
+    def record(self, user: str, mid: str, prev: str, envelope: Envelope, now: float) -> None:
+        """Append a message (as delivered, id included; ``prev``: the id it
+        follows) to ``user``'s window and enforce the bounds, oldest first."""
         lim = self._limits
         window = self._users.get(user)
         if window is None:
             window = self._users[user] = _UserWindow(user)
-        entry = _Entry(window, digest, n, envelope, now)
+        self._seq += 1
+        entry = _Entry(window, mid, prev, envelope, now, self._seq)
         window.entries.append(entry)
-        window.latest[digest] = entry
         self._order[entry] = None
         self._bytes += entry.size
         while len(window.entries) > lim.per_user:
             self._forget(window.entries[0])
         while self._bytes > lim.max_bytes and self._order:
             self._forget(next(iter(self._order)))
+
+    def routed_since(self, user: str, mark: int) -> list[tuple[str, str, Envelope]] | None:
+        """``(id, previous id, envelope)`` of what ``user`` was sent after
+        :attr:`mark` was ``mark``, in order; None when the window may have
+        lost some of it (anything recorded after the mark was forgotten)."""
+        if self._dropped > mark:
+            return None
+        window = self._users.get(user)
+        if window is None:
+            return []
+        return [(e.mid, e.prev, e.envelope) for e in window.entries if e.seq > mark]
 
     def after(self, user: str, resume: Resume, now: float) -> list[Envelope] | None:
         """What a tab of ``user`` that last saw ``resume.since`` has missed,
@@ -198,10 +194,10 @@ class History:
         self._expire_user(window, now)
         entries = list(window.entries)
         since = resume.since
-        found = [i for i, e in enumerate(entries) if message_id(e.digest, e.n) == since]
+        found = [i for i, e in enumerate(entries) if e.mid == since]
         if not found:
             return None
-        i = found[0]  # ids are unique within a window
+        i = found[-1]  # the newest, should an id recur (a log that expired)
         if resume.age is not None and now - entries[i].at < resume.age - AGE_TOLERANCE:
             return None
         return conflate([entry.envelope for entry in entries[i + 1 :]])
@@ -212,6 +208,7 @@ class History:
         self._users.clear()
         self._order.clear()
         self._bytes = 0
+        self._dropped = self._seq
 
     def forget_user(self, user: str) -> None:
         """Forget ``user``'s window: that user's subscription was down (user
@@ -244,8 +241,8 @@ class History:
         window = entry.window
         removed = window.entries.popleft()
         assert removed is entry
-        if window.latest.get(entry.digest) is entry:
-            del window.latest[entry.digest]
+        if entry.seq > self._dropped:
+            self._dropped = entry.seq
         del self._order[entry]
         self._bytes -= entry.size
         if not window.entries:

@@ -8,6 +8,7 @@ into one :class:`App`, all on the trio thread.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import select
@@ -29,13 +30,23 @@ from smapws._core.envelope import (
     user_from_channel,
     with_id,
 )
+from smapws._core.fleet import (
+    Chains,
+    Header,
+    chain_after,
+    chain_id,
+    encode_entry,
+    resolve,
+    splice,
+)
 from smapws._core.group import GroupView, WorkerReport, group_health
 from smapws._core.history import (
+    AGE_TOLERANCE,
+    FleetReplay,
     History,
     HistoryLimits,
     Resume,
-    content_digest,
-    message_id,
+    conflate,
 )
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
@@ -44,6 +55,7 @@ from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
+from smapws._io.fleetlog import FleetLog
 from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
@@ -55,6 +67,10 @@ INVALID_LOG_INTERVAL = 1.0
 #: How long the oldest socket still sending its request head is left alone
 #: once ``SMAPWS_MAX_PENDING_REQUESTS`` is reached, before a new one evicts it.
 HEAD_EVICT_AGE = 2.0
+
+#: Seconds the router waits for the fleet's log to place a batch's first
+#: messages, and a resuming tab for its replay, before carrying on without.
+CONSULT_TIMEOUT = 1.0
 
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
@@ -98,7 +114,13 @@ class HubState(NamedTuple):
 class App:
     """State shared by every task of one hub."""
 
-    def __init__(self, config: Config, broker: Broker, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        metrics: Metrics | None = None,
+        fleet: FleetLog | None = None,
+    ) -> None:
         self.config = config
         self.broker = broker
         self.hub: Hub[Connection] = Hub()
@@ -129,6 +151,17 @@ class App:
             history = self.history = History(history_limits)
             self.metrics.history_entries.set_function(lambda: len(history))
             self.metrics.history_bytes.set_function(lambda: history.bytes)
+        #: The fleet's replay log in Redis (None: the embedded broker, or
+        #: SMAPWS_FLEET_HISTORY off, or no window at all).
+        self.fleet = fleet if self.history is not None else None
+        #: The last id of each user's chain (:mod:`smapws._core.fleet`). With
+        #: a fleet log, one older than half the window is asked for again.
+        self.chains = Chains(
+            None if self.fleet is None else config.history_ttl / 2, floor_wall=time.time()
+        )
+        #: The log's last entries for users whose chain this hub asks for,
+        #: filled by the router before it routes a batch.
+        self._consulted: dict[str, list[Header]] = {}
         self.prefix = config.channel_prefix.encode()
         self._draining = AsyncBool(False)
         #: The broker's status and the drain flag as one observable value:
@@ -293,13 +326,14 @@ class App:
             channels.acquire(conn.user_id)
             if not channels.is_subscribed(conn.user_id):
                 channels.mark_gap(conn.user_id)
+                self.chains.reset(conn.user_id, time.time())
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
         now = trio.current_time()
         if resume is not None:
-            missed = None if self.history is None else self.history.after(conn.user_id, resume, now)
+            result, missed = self._missed(conn.user_id, resume, now)
             if missed is not None:
-                self.metrics.resumes.labels("replayed").inc()
+                self.metrics.resumes.labels(result).inc()
                 for env in missed:
                     conn.offer(env)
                 if missed:
@@ -312,6 +346,27 @@ class App:
             self._send_current_state(conn, now)
         if self.draining:
             conn.go_away()
+
+    def _missed(self, user: str, resume: Resume, now: float) -> tuple[str, list[Envelope] | None]:
+        """What a resuming tab missed: from this hub's window (``replayed``)
+        or from the fleet's log and what this hub routed since it read it
+        (``fleet``); None when neither can tell."""
+        history = self.history
+        if history is None:
+            return "gap", None
+        local = history.after(user, resume, now)
+        if local is not None:
+            return "replayed", local
+        fleet = resume.fleet
+        if fleet is None:
+            return "gap", None
+        routed = history.routed_since(user, fleet.mark)
+        if routed is None:
+            return "gap", None
+        keep = splice(fleet.links, resume.since, [(mid, prev) for mid, prev, _ in routed])
+        if keep is None:
+            return "gap", None
+        return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)])
 
     def _send_current_state(self, conn: Connection, now: float) -> None:
         if self.snapshots is not None:
@@ -358,11 +413,13 @@ class App:
                 # The window has a hole where the subscription was down: no
                 # replay may cross it, so forget what came before.
                 self.history.clear()
+            self.chains.reset_all(time.time())
         else:
             user = user_from_channel(channel, self.prefix)
             conns = tuple(self.hub.connections(user))
             if self.history is not None:
                 self.history.forget_user(user)  # that user's hole only
+            self.chains.reset(user, time.time())
         env = self._resync_envelope(reason, trio.current_time(), down_s=round(down_s, 3))
         queued = self._offer_all(conns, env)
         self.metrics.resync_messages.inc(queued)
@@ -375,8 +432,16 @@ class App:
     def forget_state(self, channel: bytes) -> None:
         """User mode: ``channel`` is no longer subscribed, so what the
         current-state cache holds for its user would go stale: forget it."""
+        user = user_from_channel(channel, self.prefix)
         if self.snapshots is not None:
-            self.snapshots.forget_user(user_from_channel(channel, self.prefix))
+            self.snapshots.forget_user(user)
+        self.chains.reset(user, time.time())
+
+    def off_chain(self, channel: bytes) -> None:
+        """The fleet's log took an append of this hub's after another entry
+        than its predecessor: ask the log before the next message there."""
+        with contextlib.suppress(InvalidMessage):
+            self.chains.reset(user_from_channel(channel, self.prefix), time.time())
 
     # -- barriers ----------------------------------------------------------
 
@@ -427,7 +492,7 @@ class App:
             m.broker_invalid.labels(exc.reason).inc()
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
-        env = self._identify(user, channel, data, env, now)
+        env = self._identify(user, channel, data, env, wall_time, now)
         if env.kind and self.snapshots is not None:
             self.snapshots.observe(user, env, now)
         conns = self.hub.connections(user)
@@ -443,18 +508,31 @@ class App:
         return queued
 
     def _identify(
-        self, user: str, channel: bytes, data: bytes, env: Envelope, now: float
+        self, user: str, channel: bytes, data: bytes, env: Envelope, wall: float, now: float
     ) -> Envelope:
         """``env`` with its id (the same on every hub, see
-        :mod:`smapws._core.history`), recorded in the replay window."""
-        digest = content_digest(channel, data)
-        history = self.history
-        if history is None:
-            return with_id(env, message_id(digest, 0))
-        n = history.occurrence(user, digest, now)
-        mid = message_id(digest, n)
+        :mod:`smapws._core.fleet`), recorded in the replay window and
+        appended to the fleet's log."""
+        chains = self.chains
+        prev = chains.prev(user, now)
+        written = False  # already in the fleet's log
+        if prev is not None:
+            mid = chain_id(channel, data, prev)
+        else:
+            recent = self._consulted.pop(user, None)
+            if recent is None:  # the log did not answer: carry on alone
+                prev = chains.last(user)
+                mid = chain_id(channel, data, prev)
+            else:
+                mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
+                written = any(h.mid == mid for h in recent)
+        chains.advance(user, mid, now)
         env = with_id(env, mid)
-        history.record(user, digest, n, env, now)
+        if self.history is not None:
+            self.history.record(user, mid, prev, env, now)
+        if self.fleet is not None and not written:
+            entry = encode_entry(mid, prev, int(wall * 1000), data)
+            self.fleet.append_nowait(channel, mid, prev, entry)
         return env
 
     def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:
@@ -498,18 +576,99 @@ class App:
 
         Messages that arrived together are routed together, up to
         :data:`ROUTER_BATCH`, with one clock reading and one checkpoint:
-        they were received in the same instant."""
+        they were received in the same instant. With a fleet log, the
+        users of a batch whose chain this hub does not know are looked up
+        in it first, in one round trip (:meth:`_consult`)."""
         route = self.route
         receive_nowait = receive.receive_nowait
-        async for channel, data in receive:
-            wall, now = time.time(), trio.current_time()
-            route(channel, data, wall_time=wall, now=now)
+        async for item in receive:
+            batch = [item]
             for _ in range(ROUTER_BATCH):
                 try:
-                    channel, data = receive_nowait()
+                    batch.append(receive_nowait())
                 except trio.WouldBlock:
                     break
+            if self.fleet is not None:
+                await self._consult(batch)
+            wall, now = time.time(), trio.current_time()
+            for channel, data in batch:
                 route(channel, data, wall_time=wall, now=now)
+            self._consulted.clear()
+
+    async def _consult(self, batch: list[Item]) -> None:
+        """Ask the fleet's log for the last entries of each user of
+        ``batch`` whose chain this hub does not know (at most
+        :data:`CONSULT_TIMEOUT`: on failure those users' messages carry on
+        this hub's own chain). A barrier, like :meth:`route`."""
+        fleet = self.fleet
+        assert fleet is not None
+        try:
+            now = trio.current_time()
+            wanted: dict[str, bytes] = {}
+            for channel, _ in batch:
+                try:
+                    user = user_from_channel(channel, self.prefix)
+                except InvalidMessage:
+                    continue  # route() counts it
+                if user not in wanted and self.chains.prev(user, now) is None:
+                    wanted[user] = channel
+            if not wanted:
+                return
+            found = None
+            with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:
+                found = await fleet.consult(list(wanted.values()))
+            if scope.cancelled_caught:
+                self.metrics.fleet_errors.labels("consult").inc()
+            if found is not None:
+                for user, channel in wanted.items():
+                    self._consulted[user] = found[channel]
+        except Exception as exc:
+            self.internal_error("route", exc)
+
+    async def prepare_resume(self, user: str, resume: Resume | None) -> Resume | None:
+        """``resume`` with what the fleet's log holds after its ``since``,
+        when this hub's window does not hold that id (at most
+        :data:`CONSULT_TIMEOUT`; then :meth:`register` answers a gap)."""
+        history, fleet = self.history, self.fleet
+        if resume is None or history is None or fleet is None:
+            await trio.lowlevel.checkpoint()
+            return resume
+        if history.after(user, resume, trio.current_time()) is not None:
+            await trio.lowlevel.checkpoint()
+            return resume
+        mark = history.mark
+        entries = None
+        with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:
+            entries = await fleet.read(self.prefix + user.encode())
+        if scope.cancelled_caught:
+            self.metrics.fleet_errors.labels("read").inc()
+        found = None if entries is None else chain_after(entries, resume.since)
+        if found is None:
+            return resume
+        since, chain = found
+        age = time.time() - since.wall_ms / 1000
+        if resume.age is not None and age < resume.age - AGE_TOLERANCE:
+            return resume  # a message of the same id, from before the log expired
+        now = trio.current_time()
+        try:
+            envelopes = tuple(
+                with_id(
+                    parse(
+                        e.raw,
+                        wall_time=e.wall_ms / 1000,
+                        received_at=now,
+                        max_bytes=self.config.max_message_bytes,
+                        max_depth=self.config.max_json_depth,
+                    ),
+                    e.mid,
+                )
+                for e in chain
+            )
+        except InvalidMessage:  # not what a hub wrote: no replay from it
+            self.metrics.fleet_errors.labels("read").inc()
+            return resume
+        links = tuple((e.mid, e.prev) for e in chain)
+        return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, mark))
 
     async def maintain(self) -> None:
         """The hub's periodic duties, in one task: a heartbeat tick for every
@@ -535,6 +694,7 @@ class App:
                     self.snapshots.sweep(now)
                 if self.history is not None:
                     self.history.sweep(now)
+                self.chains.sweep(now, max(cfg.history_ttl, SWEEP_INTERVAL))
                 next_sweep = now + SWEEP_INTERVAL
 
     # -- health ----------------------------------------------------------

@@ -369,6 +369,9 @@ async def _websocket(
                 # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
                 left = upgrade.deadline - now
                 await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
+                # A tab resuming with an id this hub does not hold: what the
+                # fleet's log has after it, read before the 101.
+                upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
                 ws = await ServerWebSocket.accept(
                     nursery,
                     stream,

@@ -39,10 +39,12 @@ from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.brokers.redis import (
     RESYNC_REASON,
     ClusterTarget,
+    PublishClient,
     RedisBroker,
     SentinelTarget,
     Target,
 )
+from smapws._io.fleetlog import FleetLog
 from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
@@ -158,6 +160,36 @@ class Server:
             await trio.sleep(DRAIN_TICK)
 
 
+def redis_target(config: Config) -> Target:
+    """Where the configuration's Redis is: a URL, a Sentinel-found master or
+    a cluster's seed nodes."""
+    if config.redis_cluster_nodes:
+        return ClusterTarget(config.redis_cluster_nodes, password=config.redis_password)
+    if config.redis_sentinels:
+        assert config.redis_sentinel_master is not None  # load() checks the pair
+        return SentinelTarget(
+            config.redis_sentinels,
+            config.redis_sentinel_master,
+            password=config.redis_password,
+            db=config.redis_db,
+        )
+    assert config.redis_url is not None
+    return config.redis_url
+
+
+def make_fleet_log(config: Config, metrics: Metrics) -> FleetLog | None:
+    """The fleet's replay log, where the configuration has Redis, a replay
+    window and ``SMAPWS_FLEET_HISTORY`` on; else None."""
+    if config.broker != "redis" or not config.fleet_history:
+        return None
+    if config.history_ttl <= 0 or config.history_per_user <= 0 or config.history_max_bytes <= 0:
+        return None
+    client = PublishClient(redis_target(config), timeout=config.redis_timeout)
+    return FleetLog(
+        client, ttl=config.history_ttl, per_user=config.history_per_user, metrics=metrics
+    )
+
+
 def make_broker(
     config: Config,
     metrics: Metrics,
@@ -196,23 +228,10 @@ def make_broker(
         "on_drop": metrics.broker_dropped.inc,
         "on_error": on_error,
     }
-    target: Target
-    if config.redis_cluster_nodes:
-        target = ClusterTarget(config.redis_cluster_nodes, password=config.redis_password)
-        if config.sharded_pubsub:
-            assert channels is not None  # load() checks the pair
-            return ShardedBroker(target, channels=channels, **common)
-    elif config.redis_sentinels:
-        assert config.redis_sentinel_master is not None  # load() checks the pair
-        target = SentinelTarget(
-            config.redis_sentinels,
-            config.redis_sentinel_master,
-            password=config.redis_password,
-            db=config.redis_db,
-        )
-    else:
-        assert config.redis_url is not None
-        target = config.redis_url
+    target = redis_target(config)
+    if isinstance(target, ClusterTarget) and config.sharded_pubsub:
+        assert channels is not None  # load() checks the pair
+        return ShardedBroker(target, channels=channels, **common)
     return RedisBroker(
         target,
         config.channel_prefix + "*",
@@ -297,7 +316,8 @@ async def serve(
         on_error=lambda exc: app.internal_error("broker", exc),
         on_forget=lambda channel: app.forget_state(channel),
     )
-    app = App(config, broker, metrics)
+    fleet = make_fleet_log(config, metrics)
+    app = App(config, broker, metrics, fleet)
     on_app(app)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
     # Before any task: a port in use is one line (ListenError), not a group.
@@ -311,6 +331,8 @@ async def serve(
                 internal_port=_bound_port(internal) if internal else None,
             )
             await root.start(broker.run, send)
+            if app.fleet is not None:
+                await root.start(app.fleet.run, app.off_chain)
             root.start_soon(app.router, receive)
             root.start_soon(app.maintain)
             root.start_soon(server._drain_when_asked)
@@ -332,6 +354,8 @@ async def serve(
             finally:
                 if isinstance(broker, RedisBroker | ShardedBroker):
                     await broker.aclose()
+                if app.fleet is not None:
+                    await app.fleet.aclose()
     finally:
         _close(public + internal)  # however serve ends
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, NoReturn
@@ -662,20 +662,31 @@ class PublishClient:
         :class:`BrokerError` (no credentials in it) when Redis fails; the
         client is then replaced, so the next call reconnects (with Sentinel,
         finds the current master; with a cluster, its current topology)."""
+        n = await self._call(
+            "publish", lambda client: getattr(client, self._command)(channel, data)
+        )
+        return int(n)
+
+    async def pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one pipeline (no transaction; a cluster's is
+        split by node) and return each reply, or the error Redis answered
+        it with as an exception object. Raises :class:`BrokerError` as
+        :meth:`publish` does when the link fails."""
+        return list(await self._call("command", lambda client: _pipeline(client, commands)))
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[Any]]) -> Any:
         clients = self._clients
         if clients is None:
             clients = self._clients = self._new()
         try:
             with trio.fail_after(self._timeout):
-                send = getattr(clients.client, self._command)
-                n = await trio_asyncio.aio_as_trio(send)(channel, data)
+                return await trio_asyncio.aio_as_trio(fn)(clients.client)
         except (*_LINK_ERRORS, redis.exceptions.RedisClusterException) as exc:
             if self._clients is clients:
                 self._clients = None
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
                     await clients.aclose()
-            raise BrokerError(f"Redis publish failed: {type(exc).__name__}") from None
-        return int(n)
+            raise BrokerError(f"Redis {what} failed: {type(exc).__name__}") from None
 
     async def aclose(self) -> None:
         if self._clients is not None:
@@ -721,6 +732,15 @@ def _address(pubsub: aioredis.client.PubSub) -> str | None:
 
 
 # -- asyncio side ---------------------------------------------------------
+
+
+async def _pipeline(
+    client: aioredis.Redis | RedisCluster, commands: Sequence[tuple[Any, ...]]
+) -> Any:
+    pipe = client.pipeline() if isinstance(client, RedisCluster) else client.pipeline(False)
+    for command in commands:
+        pipe.execute_command(*command)
+    return await pipe.execute(raise_on_error=False)
 
 
 async def _subscribe(pubsub: aioredis.client.PubSub, pattern: str | None, probe: bytes) -> None:

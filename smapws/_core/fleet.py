@@ -1,0 +1,230 @@
+"""Chained message ids and the fleet's replay log, sans-IO.
+
+**Ids.** A message's id commits to the id of the message before it on the
+same channel, so that every hub that saw the same stream computes the same
+ids, however long each has been subscribed::
+
+    id(m) = hex(blake2b(id(previous) + "\\0" + channel + "\\0" + bytes)[:8])
+
+with :data:`GENESIS` for the first message of a channel whose log is empty
+(or has expired). Identical copies get different ids (their predecessors
+differ), and a hub that has just joined learns ``id(previous)`` from the
+fleet log in Redis (:func:`resolve`) instead of counting copies in a window
+of its own, which made a hub that joined late number them differently.
+
+**Log.** Each user's channel has one list in Redis, in the channel's cluster
+slot (:func:`log_key`), of entries ``id | previous id | wall ms | bytes``
+(:func:`encode_entry`). Every hub appends what it routes; the append script
+drops an id already there, so each message is written once however many
+hubs received it. A tab that resumes with an id its hub does not hold is
+answered from the log (:func:`chain_after`): only a single unbroken chain
+from that id to the log's end is replayed; a fork or a missing link (a hub
+missed messages, an append failed) is a gap, and the tab gets ``resync``.
+
+Nothing here reads a clock or a socket: ``now`` (monotonic) and wall times
+are arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Final, NamedTuple
+
+#: The "previous id" of a channel's first message.
+GENESIS: Final = "-" * 16
+ID_LEN: Final = 16
+#: Wall milliseconds, zero-padded: good until the year 2286.
+_MS_LEN: Final = 13
+#: Bytes before the published message in a log entry.
+HEADER_LEN: Final = 2 * ID_LEN + _MS_LEN
+
+#: Seconds subtracted from the moment a hub (re)subscribed when it decides
+#: whether a log entry can be the message it is looking at: entries appended
+#: before that were published before it subscribed. The margin covers the
+#: wall clocks of two hosts and the subscription's round trip; within it, two
+#: identical consecutive copies of a message may be taken for one (the
+#: README's "Message ids and recovery" states it).
+SUBSCRIBE_MARGIN: Final = 1.0
+
+#: Log entries a hub reads to place its first message of a channel.
+CONSULT_ENTRIES: Final = 32
+
+
+def chain_id(channel: bytes, raw: bytes, prev: str) -> str:
+    """The id of the message ``raw`` on ``channel`` that follows ``prev``."""
+    h = blake2b(prev.encode("ascii") + b"\0" + channel + b"\0" + raw, digest_size=ID_LEN // 2)
+    return h.hexdigest()
+
+
+def log_key(channel: bytes) -> bytes:
+    """The Redis key of ``channel``'s log: hash-tagged with the channel, so
+    that it lives in the channel's cluster slot (where sharded pub/sub
+    publishes it)."""
+    return b"{" + channel + b"}:smapws:log"
+
+
+class Header(NamedTuple):
+    mid: str
+    prev: str
+    wall_ms: int
+
+
+class LogEntry(NamedTuple):
+    mid: str
+    prev: str
+    wall_ms: int
+    raw: bytes
+
+
+def encode_entry(mid: str, prev: str, wall_ms: int, raw: bytes) -> bytes:
+    return b"%s%s%013d%s" % (mid.encode("ascii"), prev.encode("ascii"), wall_ms, raw)
+
+
+def decode_header(data: bytes) -> Header:
+    """Raises :class:`ValueError` for anything that is not an entry's header
+    (a key written by someone else)."""
+    if len(data) < HEADER_LEN:
+        raise ValueError("short log entry")
+    head = data[:HEADER_LEN].decode("ascii")
+    ms = head[2 * ID_LEN :]
+    if not ms.isdigit():
+        raise ValueError("bad log entry time")
+    return Header(head[:ID_LEN], head[ID_LEN : 2 * ID_LEN], int(ms))
+
+
+def decode_entry(data: bytes) -> LogEntry:
+    h = decode_header(data)
+    return LogEntry(h.mid, h.prev, h.wall_ms, data[HEADER_LEN:])
+
+
+def resolve(channel: bytes, raw: bytes, recent: Sequence[Header], floor_ms: int) -> tuple[str, str]:
+    """``(id, previous id)`` of a hub's first message on ``channel`` since
+    it (re)subscribed, from the log's last entries ``recent`` (oldest first)
+    and the wall time ``floor_ms`` before which nothing in the log can be
+    this message. The earliest later entry that this message chains to is
+    this message (another hub appended it first); else it follows the log's
+    last entry; else it is the channel's first."""
+    for h in recent:
+        if h.wall_ms >= floor_ms and chain_id(channel, raw, h.prev) == h.mid:
+            return h.mid, h.prev
+    prev = recent[-1].mid if recent else GENESIS
+    return chain_id(channel, raw, prev), prev
+
+
+def chain_after(entries: Sequence[LogEntry], since: str) -> tuple[LogEntry, list[LogEntry]] | None:
+    """The entry ``since`` in a user's log and what follows it, oldest
+    first; None when the log cannot tell: ``since`` is not in it, or what
+    follows is not one unbroken chain from it (a link is missing or the
+    chain forks)."""
+    start = None
+    for i in range(len(entries) - 1, -1, -1):  # the newest, should ids recur
+        if entries[i].mid == since:
+            start = i
+            break
+    if start is None:
+        return None
+    out: list[LogEntry] = []
+    expected = since
+    for e in entries[start + 1 :]:
+        if e.prev != expected:
+            return None
+        out.append(e)
+        expected = e.mid
+    return entries[start], out
+
+
+def splice(
+    fleet: Sequence[tuple[str, str]], since: str, local: Iterable[tuple[str, str]]
+) -> list[int] | None:
+    """Join what the log had after ``since`` (``fleet``: (id, previous id)
+    pairs in order) with what this hub routed since it read the log
+    (``local``, in order): the indexes into ``local`` to replay after
+    ``fleet``, or None when the two do not make one chain."""
+    seen = {mid for mid, _ in fleet}
+    last = fleet[-1][0] if fleet else since
+    keep: list[int] = []
+    for i, (mid, prev) in enumerate(local):
+        if mid in seen:
+            continue
+        if prev != last:
+            return None
+        keep.append(i)
+        seen.add(mid)
+        last = mid
+    return keep
+
+
+@dataclass(slots=True)
+class _Link:
+    mid: str
+    at: float
+
+
+class Chains:
+    """The last id of each channel's chain as this hub knows it.
+
+    ``stale_after``: seconds after which a user's last id is no longer
+    trusted (the log may have expired or moved on without this hub):
+    :meth:`prev` answers None and the hub asks the log. ``None``: trusted
+    until forgotten (a hub with no fleet log: the embedded broker)."""
+
+    __slots__ = ("_floor", "_floors", "_links", "_stale_after")
+
+    def __init__(self, stale_after: float | None, floor_wall: float) -> None:
+        self._stale_after = stale_after
+        self._links: dict[str, _Link] = {}
+        self._floor = floor_wall
+        self._floors: dict[str, float] = {}
+
+    def prev(self, user: str, now: float) -> str | None:
+        """The id the next message of ``user`` follows, or None when the hub
+        must ask the log (with a fleet log) — without one, :data:`GENESIS`
+        for a user it has not seen."""
+        link = self._links.get(user)
+        if link is None:
+            return None if self._stale_after is not None else GENESIS
+        if self._stale_after is not None and now - link.at > self._stale_after:
+            return None
+        return link.mid
+
+    def last(self, user: str) -> str:
+        """The last id of ``user``'s chain however old (:data:`GENESIS` when
+        none): what a hub falls back on when the log does not answer."""
+        link = self._links.get(user)
+        return GENESIS if link is None else link.mid
+
+    def advance(self, user: str, mid: str, now: float) -> None:
+        link = self._links.get(user)
+        if link is None:
+            self._links[user] = _Link(mid, now)
+        else:
+            link.mid, link.at = mid, now
+
+    def floor_ms(self, user: str) -> int:
+        """Wall ms before which no log entry of ``user`` can be a message
+        this hub receives now (:func:`resolve`)."""
+        return int((self._floors.get(user, self._floor) - SUBSCRIBE_MARGIN) * 1000)
+
+    def reset_all(self, wall: float) -> None:
+        """The subscription was down: every chain may have moved on."""
+        self._links.clear()
+        self._floors.clear()
+        self._floor = wall
+
+    def reset(self, user: str, wall: float) -> None:
+        """``user``'s channel was (or is about to be) subscribed anew."""
+        self._links.pop(user, None)
+        self._floors[user] = wall
+
+    def sweep(self, now: float, idle: float) -> None:
+        """Forget the users idle for ``idle`` seconds (bounded memory)."""
+        old = [u for u, link in self._links.items() if now - link.at > idle]
+        for u in old:
+            del self._links[u]
+        if len(self._floors) > len(self._links):
+            self._floors = {u: f for u, f in self._floors.items() if u in self._links}
+
+    def __len__(self) -> int:
+        return len(self._links)

@@ -1,0 +1,238 @@
+"""The fleet's replay log in Redis: what every hub of a fleet appends and
+reads, so that a tab resumes without loss on any hub (see
+:mod:`smapws._core.fleet` for the ids and the entries).
+
+Three operations, each one pipeline with a deadline:
+
+- **append** (every routed message, batched by a task of its own, never in
+  the router's way): a script that drops an id already in the log, pushes
+  the entry, trims the list to ``SMAPWS_HISTORY_PER_USER`` entries and sets
+  its expiry to ``SMAPWS_HISTORY_TTL``;
+- **consult** (a hub's first message on a channel since it subscribed, or
+  after its chain went stale): the headers of the log's last entries;
+- **read** (a tab resumes with an id its hub does not hold): the whole log
+  of one user.
+
+A failure is counted (``websocket_fleet_log_errors_total{op}``) and logged
+at most every 10 s; it never stops the hub. What it costs a resuming tab is a
+``resync``, never a silent gap (:func:`smapws._core.fleet.chain_after`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import redis.exceptions
+import trio
+
+from smapws._core.fleet import (
+    CONSULT_ENTRIES,
+    HEADER_LEN,
+    Header,
+    LogEntry,
+    decode_entry,
+    decode_header,
+    log_key,
+)
+from smapws._io.brokers import BrokerError
+from smapws._io.brokers.redis import PublishClient
+from smapws._log import RateLimitedLog, fields
+from smapws.metrics import Metrics
+
+logger = logging.getLogger("smapws.fleetlog")
+
+#: KEYS[1] the log; ARGV id, previous id, entry, max entries, ttl ms.
+#: Returns 0 (the id was there), 1 (appended after its predecessor) or 2
+#: (appended, but after another entry: this hub's chain is off the log's).
+APPEND: Final = b"""
+local key = KEYS[1]
+local id = ARGV[1]
+local tail = redis.call('LINDEX', key, -1)
+local status = 1
+if tail then
+  local tid = string.sub(tail, 1, 16)
+  if tid == id then return 0 end
+  if tid ~= ARGV[2] then
+    local recent = redis.call('LRANGE', key, -tonumber(ARGV[4]), -2)
+    for i = 1, #recent do
+      if string.sub(recent[i], 1, 16) == id then return 0 end
+    end
+    status = 2
+  end
+elseif ARGV[2] ~= '----------------' then
+  status = 2
+end
+redis.call('RPUSH', key, ARGV[3])
+redis.call('LTRIM', key, -tonumber(ARGV[4]), -1)
+redis.call('PEXPIRE', key, ARGV[5])
+return status
+"""
+
+#: KEYS[1] the log; ARGV how many. The headers of its last entries.
+HEADERS: Final = (
+    b"""
+local r = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+for i = 1, #r do r[i] = string.sub(r[i], 1, %d) end
+return r
+"""
+    % HEADER_LEN
+)
+
+_APPEND_SHA: Final = hashlib.sha1(APPEND).hexdigest()
+_HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
+
+#: Appends sent in one pipeline at most.
+APPEND_BATCH: Final = 512
+#: Seconds between two log lines about the same failing operation.
+_LOG_EVERY: Final = 10.0
+
+_APPEND_RESULTS: Final = {0: "duplicate", 1: "written", 2: "off_chain"}
+
+
+class FleetLog:
+    """One hub's handle on the fleet log. ``on_off_chain(channel)`` is called
+    when an append found this hub's chain for ``channel`` off the log's (it
+    then asks the log again before its next message there)."""
+
+    def __init__(
+        self,
+        client: PublishClient,
+        *,
+        ttl: float,
+        per_user: int,
+        metrics: Metrics,
+        queue: int = 65536,
+    ) -> None:
+        self._client = client
+        self._ttl_ms = max(1, int(ttl * 1000))
+        self._per_user = per_user
+        self._metrics = metrics
+        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
+        self._log = RateLimitedLog(_LOG_EVERY)
+
+    def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
+        """Queue an append; a full queue drops it (counted): the log then
+        lacks a link, which resuming tabs see as a gap."""
+        try:
+            self._send.send_nowait((channel, mid.encode("ascii") + prev.encode("ascii"), entry))
+        except trio.WouldBlock:
+            self._metrics.fleet_appends.labels("dropped").inc()
+
+    async def run(
+        self,
+        on_off_chain: Callable[[bytes], object],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send the queued appends, a pipeline at a time, until cancelled."""
+        task_status.started()
+        receive = self._receive
+        appends = self._metrics.fleet_appends
+        async for first in receive:
+            batch = [first]
+            while len(batch) < APPEND_BATCH:
+                try:
+                    batch.append(receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            commands = [
+                (
+                    "EVALSHA",
+                    _APPEND_SHA,
+                    1,
+                    log_key(channel),
+                    ids[:16],
+                    ids[16:],
+                    entry,
+                    self._per_user,
+                    self._ttl_ms,
+                )
+                for channel, ids, entry in batch
+            ]
+            replies = await self._scripted("append", commands, APPEND)
+            if replies is None:
+                appends.labels("failed").inc(len(batch))
+                continue
+            for (channel, _, _), reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    appends.labels("failed").inc()
+                    self._failed("append", reply)
+                    continue
+                appends.labels(_APPEND_RESULTS.get(int(reply), "failed")).inc()
+                if reply == 2:
+                    on_off_chain(channel)
+
+    async def consult(self, channels: Sequence[bytes]) -> dict[bytes, list[Header]] | None:
+        """The headers of the last :data:`CONSULT_ENTRIES` entries of each
+        channel's log (oldest first); None when Redis did not answer."""
+        commands = [("EVALSHA", _HEADERS_SHA, 1, log_key(ch), CONSULT_ENTRIES) for ch in channels]
+        replies = await self._scripted("consult", commands, HEADERS)
+        if replies is None:
+            return None
+        out: dict[bytes, list[Header]] = {}
+        for channel, reply in zip(channels, replies, strict=True):
+            try:
+                if isinstance(reply, Exception):
+                    raise reply
+                out[channel] = [decode_header(h) for h in reply]
+            except (ValueError, redis.exceptions.RedisError) as exc:
+                # Not ours (a WRONGTYPE key of that name, a foreign entry):
+                # as if the log were empty, so the chain starts afresh.
+                self._failed("consult", exc)
+                out[channel] = []
+        return out
+
+    async def read(self, channel: bytes) -> list[LogEntry] | None:
+        """``channel``'s whole log, oldest first; None when Redis did not
+        answer or the log is not one this hub can read."""
+        replies = await self._commands("read", [("LRANGE", log_key(channel), 0, -1)])
+        if replies is None:
+            return None
+        reply = replies[0]
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            return [decode_entry(e) for e in reply]
+        except (ValueError, redis.exceptions.RedisError) as exc:
+            self._failed("read", exc)
+            return None
+
+    async def _scripted(
+        self, op: str, commands: list[tuple[Any, ...]], script: bytes
+    ) -> list[Any] | None:
+        """Run EVALSHA ``commands``; those a node answers NOSCRIPT (it never
+        saw the script: a new or restarted Redis) go again as EVAL."""
+        replies = await self._commands(op, commands)
+        if replies is None:
+            return None
+        again = [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+        if again:
+            retry = [("EVAL", script, *commands[i][2:]) for i in again]
+            second = await self._commands(op, retry)
+            if second is None:
+                return None
+            for i, reply in zip(again, second, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _commands(self, op: str, commands: list[tuple[Any, ...]]) -> list[Any] | None:
+        try:
+            return await self._client.pipeline(commands)
+        except (BrokerError, trio.TooSlowError) as exc:
+            self._failed(op, exc)
+            return None
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self._metrics.fleet_errors.labels(op).inc()
+        suppressed = self._log.allow(op, trio.current_time())
+        if suppressed is not None:
+            logger.warning(
+                "fleet log operation failed",
+                extra=fields(op=op, error=type(exc).__name__, suppressed_since_last=suppressed),
+            )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,168 @@
+"""The fleet's replay log in Redis, with real hubs on a real redis-server:
+a tab resumes on a hub that never saw its last message, ids agree across
+hubs that joined at different times, and Redis trouble is a resync, never a
+silent gap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from smapws._core.fleet import log_key
+from smapws._io.server import Server, serve
+from tests.conftest import (
+    RedisServer,
+    connect,
+    make_config,
+    metric,
+    receive_json,
+    wait_connections,
+    wait_ready,
+)
+
+
+async def start(nursery: trio.Nursery, redis: RedisServer, **settings: Any) -> Server:
+    server: Server = await nursery.start(serve, make_config(REDIS_URL=redis.url, **settings))
+    await wait_ready(server)
+    return server
+
+
+def note(n: int, user: str = "f1") -> dict[str, Any]:
+    return {"type": "notification", "payload": {"n": n, "user": user}}
+
+
+async def receive_notes(ws: Any, count: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        msg = await receive_json(ws)
+        got.append(msg)
+    return got
+
+
+async def settle(server: Server, published: int) -> None:
+    """Until ``server`` has routed ``published`` messages and sent their appends."""
+    with trio.fail_after(5):
+        while metric(server, "websocket_broker_messages_received_total") < published:
+            await trio.sleep(0.01)
+        await trio.sleep(0.05)
+
+
+async def test_a_tab_resumes_on_a_hub_that_started_after_its_last_message(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    a = await start(nursery, own_redis)
+    async with connect(a, "f1") as tab:
+        await wait_connections(a, 1)
+        for n in range(2):
+            own_redis.publish("f1", note(n))
+        first = await receive_notes(tab, 2)
+    last = first[-1]["id"]
+    b = await start(nursery, own_redis)  # started after the tab's last message
+    for n in range(2, 5):
+        own_redis.publish("f1", note(n))
+    await settle(a, 5)
+    await settle(b, 3)
+    async with connect(b, "f1", query=f"?since={last}&since_age=0.5") as tab:
+        missed = await receive_notes(tab, 3)
+    assert [m["type"] for m in missed] == ["notification"] * 3
+    assert [m["payload"]["n"] for m in missed] == [2, 3, 4]
+    assert metric(b, "websocket_resumes_total", {"result": "fleet"}) == 1
+    assert metric(b, "websocket_resync_messages_total") == 0
+    # The same ids as hub a gave them: a tab of a resuming sees the same.
+    async with connect(a, "f1", query=f"?since={last}&since_age=0.5") as tab:
+        on_a = await receive_notes(tab, 3)
+    assert [m["id"] for m in on_a] == [m["id"] for m in missed]
+    # Each message is in the log once, though two hubs appended it.
+    with own_redis.client() as c:
+        assert c.llen(log_key(b"user_noti:f1")) == 5
+        assert c.pttl(log_key(b"user_noti:f1")) > 290_000
+    assert metric(b, "websocket_fleet_log_appends_total", {"result": "duplicate"}) >= 1
+
+
+async def test_identical_copies_get_the_same_ids_on_a_hub_that_joined_between_them(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    a = await start(nursery, own_redis)
+    same = note(0)
+    async with connect(a, "f2") as tab_a:
+        await wait_connections(a, 1)
+        own_redis.publish("f2", same)
+        own_redis.publish("f2", same)
+        early = await receive_notes(tab_a, 2)
+        await settle(a, 2)
+        await trio.sleep(1.1)  # beyond SUBSCRIBE_MARGIN
+        b = await start(nursery, own_redis)
+        async with connect(b, "f2") as tab_b:
+            await wait_connections(b, 1)
+            for msg in (same, note(1), same):
+                own_redis.publish("f2", msg)
+            on_a = await receive_notes(tab_a, 3)
+            on_b = await receive_notes(tab_b, 3)
+    ids = [m["id"] for m in early + on_a]
+    assert len(set(ids)) == 5  # every copy its own id
+    assert [m["id"] for m in on_b] == [m["id"] for m in on_a]
+
+
+async def test_without_the_fleet_log_the_late_hub_answers_a_gap(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    # The same resume as above, SMAPWS_FLEET_HISTORY=off: what main did.
+    a = await start(nursery, own_redis, SMAPWS_FLEET_HISTORY="off")
+    async with connect(a, "f3") as tab:
+        await wait_connections(a, 1)
+        own_redis.publish("f3", note(0))
+        last = (await receive_json(tab))["id"]
+    b = await start(nursery, own_redis, SMAPWS_FLEET_HISTORY="off")
+    own_redis.publish("f3", note(1))
+    await settle(b, 1)
+    async with connect(b, "f3", query=f"?since={last}") as tab:
+        first = await receive_json(tab)
+    assert first["type"] == "resync" and first["payload"]["reason"] == "history_gap"
+    with own_redis.client() as c:
+        assert c.exists(log_key(b"user_noti:f3")) == 0
+
+
+async def test_a_redis_restart_is_a_resync_never_a_silent_gap(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    a = await start(nursery, own_redis, SMAPWS_RECONNECT_MAX=0.2)
+    async with connect(a, "f4") as tab:
+        await wait_connections(a, 1)
+        own_redis.publish("f4", note(0))
+        last = (await receive_json(tab))["id"]
+        await settle(a, 1)
+        own_redis.kill()  # the log goes with it
+        own_redis.start()
+        resync = await receive_json(tab, timeout=15)
+        assert resync["type"] == "resync"
+    await wait_ready(a)
+    b = await start(nursery, own_redis)
+    own_redis.publish("f4", note(1))
+    await settle(b, 1)
+    # Neither hub can vouch for what followed `last`: a cleared its window
+    # when the subscription dropped, and the log is gone.
+    for hub in (a, b):
+        async with connect(hub, "f4", query=f"?since={last}") as tab:
+            first = await receive_json(tab)
+        assert first["type"] == "resync" and first["payload"]["reason"] == "history_gap"
+
+
+async def test_a_foreign_key_in_the_logs_place_is_a_gap_not_a_crash(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    with own_redis.client() as c:
+        c.set(log_key(b"user_noti:f5"), b"not a list")
+        c.rpush(log_key(b"user_noti:f6"), b"garbage entry")
+    a = await start(nursery, own_redis)
+    for user in ("f5", "f6"):
+        async with connect(a, user) as tab:
+            await wait_connections(a, 1)
+            own_redis.publish(user, note(0, user))
+            msg = await receive_json(tab)
+            assert msg["payload"]["user"] == user  # delivered all the same
+        async with connect(a, user, query="?since=" + "0" * 16) as tab:
+            first = await receive_json(tab)
+            assert first["type"] == "resync"
+    assert metric(a, "websocket_fleet_log_errors_total", {"op": "consult"}) >= 1
+    assert metric(a, "websocket_internal_errors_total", {"where": "route"}) == 0

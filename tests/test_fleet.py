@@ -10,10 +10,14 @@ from typing import Any
 import trio
 
 from smapws._core.fleet import log_key
+from smapws._io.brokers.redis import PublishClient
+from smapws._io.fleetlog import APPEND_QUEUE_BYTES, FleetLog
 from smapws._io.server import Server, serve
+from smapws.metrics import Metrics
 from tests.conftest import (
     RedisServer,
     connect,
+    free_port,
     make_config,
     metric,
     receive_json,
@@ -166,3 +170,35 @@ async def test_a_foreign_key_in_the_logs_place_is_a_gap_not_a_crash(
             assert first["type"] == "resync"
     assert metric(a, "websocket_fleet_log_errors_total", {"op": "consult"}) >= 1
     assert metric(a, "websocket_internal_errors_total", {"where": "route"}) == 0
+
+
+async def test_a_fleet_log_that_does_not_answer_costs_one_wait_then_none(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    # The subscription works, the log's client cannot reach its Redis: the
+    # first user's message waits for the failed consult, then delivery goes
+    # on, and for CONSULT_BACKOFF the router asks no more.
+    a = await start(nursery, own_redis)
+    assert a.app.fleet is not None
+    a.app.fleet._client = PublishClient(f"redis://127.0.0.1:{free_port()}/0", timeout=1.0)
+    async with connect(a, "f7") as t7, connect(a, "f8") as t8:
+        await wait_connections(a, 2)
+        own_redis.publish("f7", note(0, "f7"))
+        assert (await receive_json(t7))["payload"]["user"] == "f7"
+        own_redis.publish("f8", note(0, "f8"))
+        assert (await receive_json(t8))["payload"]["user"] == "f8"
+    assert metric(a, "websocket_fleet_log_errors_total", {"op": "consult"}) == 1
+
+
+def test_the_append_queue_is_bounded_in_bytes() -> None:
+    metrics = Metrics()
+    fleet = FleetLog(
+        PublishClient("redis://127.0.0.1:1/0", timeout=1.0), ttl=300, per_user=100, metrics=metrics
+    )
+    entry = b"x" * (1024 * 1024)
+    for _ in range(APPEND_QUEUE_BYTES // len(entry) + 3):
+        fleet.append_nowait(b"user_noti:u", "a" * 16, "b" * 16, entry)
+    dropped = metrics.registry.get_sample_value(
+        "websocket_fleet_log_appends_total", {"result": "dropped"}
+    )
+    assert dropped == 3

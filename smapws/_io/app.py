@@ -72,6 +72,10 @@ HEAD_EVICT_AGE = 2.0
 #: messages, and a resuming tab for its replay, before carrying on without.
 CONSULT_TIMEOUT = 1.0
 
+#: Seconds without asking the fleet's log after it failed to answer in time
+#: (the router does not wait a second per batch while Redis is slow).
+CONSULT_BACKOFF = 5.0
+
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
 ROUTER_BATCH = 64
@@ -162,6 +166,7 @@ class App:
         #: The log's last entries for users whose chain this hub asks for,
         #: filled by the router before it routes a batch.
         self._consulted: dict[str, list[Header]] = {}
+        self._consult_after = 0.0
         self.prefix = config.channel_prefix.encode()
         self._draining = AsyncBool(False)
         #: The broker's status and the drain flag as one observable value:
@@ -604,6 +609,8 @@ class App:
         assert fleet is not None
         try:
             now = trio.current_time()
+            if now < self._consult_after:
+                return
             wanted: dict[str, bytes] = {}
             for channel, _ in batch:
                 try:
@@ -619,7 +626,9 @@ class App:
                 found = await fleet.consult(list(wanted.values()))
             if scope.cancelled_caught:
                 self.metrics.fleet_errors.labels("consult").inc()
-            if found is not None:
+            if found is None:
+                self._consult_after = trio.current_time() + CONSULT_BACKOFF
+            else:
                 for user, channel in wanted.items():
                     self._consulted[user] = found[channel]
         except Exception as exc:

@@ -86,6 +86,15 @@ _HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
 
 #: Appends sent in one pipeline at most.
 APPEND_BATCH: Final = 512
+#: Bytes of entries waiting to be appended, at most: beyond it (Redis slower
+#: than the messages coming in) appends are dropped, counted, and resuming
+#: tabs see the missing links as gaps. The count bound alone would let
+#: 65,536 large messages wait.
+APPEND_QUEUE_BYTES: Final = 16 * 1024 * 1024
+#: Resumes reading the log at once, at most (each reads up to
+#: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
+#: drain wait their turn instead of holding a thousand lists in memory.
+CONCURRENT_READS: Final = 16
 #: Seconds between two log lines about the same failing operation.
 _LOG_EVERY: Final = 10.0
 
@@ -111,15 +120,22 @@ class FleetLog:
         self._per_user = per_user
         self._metrics = metrics
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
+        self._queued_bytes = 0
+        self._readers = trio.CapacityLimiter(CONCURRENT_READS)
         self._log = RateLimitedLog(_LOG_EVERY)
 
     def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
         """Queue an append; a full queue drops it (counted): the log then
         lacks a link, which resuming tabs see as a gap."""
+        if self._queued_bytes + len(entry) > APPEND_QUEUE_BYTES:
+            self._metrics.fleet_appends.labels("dropped").inc()
+            return
         try:
             self._send.send_nowait((channel, mid.encode("ascii") + prev.encode("ascii"), entry))
         except trio.WouldBlock:
             self._metrics.fleet_appends.labels("dropped").inc()
+            return
+        self._queued_bytes += len(entry)
 
     async def run(
         self,
@@ -138,6 +154,7 @@ class FleetLog:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            self._queued_bytes -= sum(len(entry) for _, _, entry in batch)
             commands = [
                 (
                     "EVALSHA",
@@ -188,7 +205,8 @@ class FleetLog:
     async def read(self, channel: bytes) -> list[LogEntry] | None:
         """``channel``'s whole log, oldest first; None when Redis did not
         answer or the log is not one this hub can read."""
-        replies = await self._commands("read", [("LRANGE", log_key(channel), 0, -1)])
+        async with self._readers:
+            replies = await self._commands("read", [("LRANGE", log_key(channel), 0, -1)])
         if replies is None:
             return None
         reply = replies[0]

@@ -1,4 +1,4 @@
-"""``smapws``: serve | publish | token.
+"""``smapws``: serve | demo | publish | token | listen.
 
 Every setting is an environment variable with a matching flag of ``smapws
 serve`` (``smapws serve --help``); flags win. ``publish`` and ``token`` have
@@ -36,6 +36,16 @@ environment (the hub's own variables):
           SMAPWS_MAX_MESSAGE_BYTES
 
 exit status: 0 published, 1 the server failed or refused, 2 bad input or settings
+"""
+
+#: What ``listen`` reads from the environment.
+_LISTEN_ENV = """\
+environment (the hub's own variables):
+  JWT_SECRET and the other JWT_* settings (to mint the token, unless --token),
+  SMAPWS_HOST, SMAPWS_PORT (the default URL)
+
+exit status: 0 after --count frames or a normal close (1000, 1001), 1 refused,
+unreachable or another close, 2 bad settings
 """
 
 #: What ``token`` reads from the environment.
@@ -97,6 +107,33 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument(
         "--ttl", type=float, default=3600.0, help="lifetime in seconds (default: 3600)"
     )
+
+    lis = sub.add_parser(
+        "listen",
+        help="open a tab as a user and print every frame the hub sends",
+        description="Connect to the hub as a browser tab of USER would (the access_token\n"
+        "cookie) and print every frame as one JSON line on stdout; status lines\n"
+        "(open, closed with its code) go to stderr. For 'connected but not receiving\n"
+        "updates': run it on the hub's host and publish to the user.",
+        epilog=_LISTEN_ENV,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lis.add_argument("--user", required=True, help="user id to listen as")
+    lis.add_argument(
+        "--url",
+        default=None,
+        help="the hub's WebSocket URL (default: ws://SMAPWS_HOST:SMAPWS_PORT/ws, "
+        "127.0.0.1 for 0.0.0.0)",
+    )
+    lis.add_argument("--since", default=None, help="resume after this message id")
+    lis.add_argument(
+        "--token",
+        default=None,
+        help="use this JWT instead of minting one with JWT_SECRET (it is never printed)",
+    )
+    lis.add_argument(
+        "--count", type=int, default=None, help="exit 0 after this many frames (default: never)"
+    )
     return p
 
 
@@ -105,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "serve"
     if command == "publish":
         return _publish(args.user, args.mtype, args.payload, args.url)
+    if command == "listen":
+        return _listen(args.user, args.url, args.since, args.token, args.count)
     # serve's flags (token has no settings flags: it reads the environment).
     flags = {k: v for k, v in vars(args).items() if v is not None}
     env: Mapping[str, str] = os.environ
@@ -214,18 +253,26 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
-def _token(config: Config, user: str, ttl: float) -> int:
+def _dev_token(config: Config, user: str, ttl: float, command: str) -> str | None:
+    """A token for ``user`` signed with JWT_SECRET, or None (after one
+    line on stderr) when the configured algorithm is not an HS* one."""
     auth = config.auth
     assert auth is not None
-    alg = auth.algorithms[0]
-    if alg not in MAC_ALGORITHMS:
+    if auth.algorithms[0] not in MAC_ALGORITHMS:
         print(
-            "smapws: configuration error: JWT_ALGORITHMS: `smapws token` signs with "
+            f"smapws: configuration error: JWT_ALGORITHMS: `smapws {command}` signs with "
             "JWT_SECRET and needs an HS* algorithm",
             file=sys.stderr,
         )
+        return None
+    return mint_for(auth, user, now=time.time(), ttl=ttl)
+
+
+def _token(config: Config, user: str, ttl: float) -> int:
+    minted = _dev_token(config, user, ttl, "token")
+    if minted is None:
         return 2
-    print(mint_for(auth, user, now=time.time(), ttl=ttl))
+    print(minted)
     return 0
 
 
@@ -254,3 +301,30 @@ def _publish(user: str, mtype: str, payload_text: str, url: str | None) -> int:
     status = "published" if publisher.transport == "redis" else "accepted"
     print(json.dumps({"status": status, "receivers": receivers}))
     return 0
+
+
+def _listen(
+    user: str, url: str | None, since: str | None, token: str | None, count: int | None
+) -> int:
+    import trio
+
+    from smapws._io.listen import listen
+
+    if url is None:
+        host = os.environ.get("SMAPWS_HOST", "").strip() or "127.0.0.1"
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        port = os.environ.get("SMAPWS_PORT", "").strip() or "8081"
+        url = f"ws://{host}:{port}/ws"
+    if token is None:
+        try:
+            config = load(os.environ, {})
+        except ConfigError as exc:
+            print(f"smapws: configuration error: {exc}", file=sys.stderr)
+            return 2
+        token = _dev_token(config, user, 3600.0, "listen")
+        if token is None:
+            return 2
+    try:
+        return trio.run(partial(listen, url, token, since=since, count=count))
+    except KeyboardInterrupt:
+        return 130

@@ -30,7 +30,7 @@ from .browser import (
     open_test_page,
     wait_for,
 )
-from .conftest import RedisServer, token
+from .conftest import RedisServer, free_port, token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -352,8 +352,14 @@ def test_a_default_hub_has_no_demo_page_and_no_login(
     assert "Set-Cookie" not in str(get(hub.port, "/demo/login", method="POST"))
 
 
-def test_demo_page_bars_move(browser: Any, hubs: list[HubProcess], tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path, command="demo")
+@pytest.mark.parametrize("internal_port", [False, True], ids=["one-port", "internal-port"])
+def test_demo_page_bars_move(
+    browser: Any, hubs: list[HubProcess], tmp_path: Path, internal_port: bool
+) -> None:
+    # With SMAPWS_INTERNAL_PORT the page and the client it imports are still
+    # on the public port (the shipped ConfigMap sets an internal port).
+    settings = {"SMAPWS_INTERNAL_PORT": str(free_port())} if internal_port else {}
+    hub = HubProcess(tmp_path, command="demo", **settings)
     hubs.append(hub)
     hub.start()
     page = browser.new_context(viewport={"width": 960, "height": 640}).new_page()

@@ -1106,7 +1106,7 @@ def _ingress_paths(ingress: dict[str, Any]) -> list[dict[str, Any]]:
     return [path for rule in spec["rules"] for path in rule["http"]["paths"]]
 
 
-def test_kubernetes_ingress_routes_only_the_websocket_with_long_timeouts() -> None:
+def test_kubernetes_ingress_routes_only_the_websocket_and_client_with_long_timeouts() -> None:
     k = kube()
     ingress = k["Ingress"]
     config = _configmap_config(k)
@@ -1114,16 +1114,21 @@ def test_kubernetes_ingress_routes_only_the_websocket_with_long_timeouts() -> No
     assert ingress["spec"]["ingressClassName"] == "nginx"
 
     paths = _ingress_paths(ingress)
-    assert [(p["path"], p["pathType"]) for p in paths] == [("/ws", "Exact")]
-    backend = paths[0]["backend"]["service"]
-    assert backend["name"] == k["Service/smapws"]["metadata"]["name"]
-    port = backend["port"].get("name") or backend["port"]["number"]
+    routed = [(p["path"], p["pathType"]) for p in paths]
+    assert routed == [("/ws", "Exact"), ("/smapws-client.js", "Exact")]
     services = {p["name"]: p for p in k["Service/smapws"]["spec"]["ports"]}
     by_number = {p["port"]: p for p in services.values()}
-    target = (services.get(port) or by_number[port])["targetPort"]
-    assert _container_port(k, target) == config.port
-    assert "GET" in frontdoor.PUBLIC_ROUTES["/ws"]
-    assert "/ws" not in frontdoor.INTERNAL_ROUTES
+    for path in paths:
+        backend = path["backend"]["service"]
+        assert backend["name"] == k["Service/smapws"]["metadata"]["name"]
+        port = backend["port"].get("name") or backend["port"]["number"]
+        target = (services.get(port) or by_number[port])["targetPort"]
+        assert _container_port(k, target) == config.port, "the public port"
+        # The ConfigMap sets SMAPWS_INTERNAL_PORT: each path must be served
+        # on the public port then, and not on the internal one.
+        assert config.internal_address is not None
+        assert "GET" in frontdoor.PUBLIC_ROUTES[path["path"]]
+        assert path["path"] not in frontdoor.INTERNAL_ROUTES
 
     # The WebSocket upgrade needs HTTP/1.1 to the pod; the proxy must keep a
     # connection open longer than the hub may stay silent on it (the seed:

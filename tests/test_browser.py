@@ -85,7 +85,8 @@ def test_the_client_is_served_as_a_module_and_packaged(
     assert b"export class WebSocketService" in body
     package = json.loads((ROOT / "smapws/static/package.json").read_text())
     assert package["version"] == __version__
-    assert package["type"] == "module" and package["exports"]["."] == "./smapws-client.js"
+    assert package["type"] == "module"
+    assert package["exports"]["."]["default"] == "./smapws-client.js"
 
 
 def test_backoff_is_full_jitter_doubling_to_the_cap(

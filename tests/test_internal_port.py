@@ -293,6 +293,6 @@ async def test_cli_publish_goes_to_the_internal_port(nursery: trio.Nursery) -> N
             check=False,
         )
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == {"status": "accepted", "receivers": 1}
+        assert json.loads(proc.stdout) == {"status": "accepted", "hubs": 1, "receivers": 1}
         got = await receive_json(ws)
         assert (got["type"], got["payload"]) == ("alert", {"level": "info"})

@@ -458,7 +458,9 @@ async def _publish_inner(
         raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from None
     channel = app.prefix + user_id.encode()
     try:
-        receivers = await app.broker.publish(channel, message)
+        hubs = await app.broker.publish(channel, message)
     except BrokerError:
         raise _Refused(503, "broker_unavailable") from None
-    return 202, {"status": "accepted", "receivers": receivers}
+    # What Redis counts is subscribers, that is hubs (1 for a user with no
+    # tab, 2 with two workers), not tabs; "receivers" is the old name.
+    return 202, {"status": "accepted", "hubs": hubs, "receivers": hubs}

@@ -382,3 +382,15 @@ def systemd_socket(notify_dir: Path) -> Iterator[NotifySocket]:
         stop.set()
         thread.join(5)
         sock.close()
+
+
+def readme_block(after: str) -> str:
+    """The README's literal block that follows the paragraph starting ``after``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    rest = readme.split("\n" + after, 1)[1].split("::\n\n", 1)[1]
+    block = []
+    for line in rest.splitlines():
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip("\n") + "\n"

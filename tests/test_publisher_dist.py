@@ -21,7 +21,7 @@ from smapws import __version__
 from smapws._core import auth, envelope
 from smapws.publisher import Publisher
 
-from .conftest import RedisServer
+from .conftest import RedisServer, readme_block
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHER = ROOT / "publisher"
@@ -118,6 +118,21 @@ def test_the_examples_publish_the_seeds_messages_from_the_fresh_venv(
         {"channel": channel, "type": "alert", "payload": {**alert, "severity": "warning"}},
     ]
     assert received(subscriber) == expected
+
+
+def test_the_readme_snippet_runs_as_written_from_the_fresh_venv(
+    fresh: Path, redis_server: RedisServer, subscriber: redis.client.PubSub
+) -> None:
+    snippet = readme_block("The same in Python (``req``")
+    assert "redis://redis:6379/0" in snippet
+    run(fresh, "-c", snippet.replace("redis://redis:6379/0", redis_server.url))
+    progress = {
+        "project_id": "proj_xyz", "status": "CRAWLING", "total": 1000, "done": 150,
+        "errors": 2, "progress_percent": 15.0,
+    }  # fmt: skip
+    assert received(subscriber) == [
+        {"channel": "user_noti:user_123", "type": "project_progress", "payload": progress}
+    ]
 
 
 def test_a_bad_message_is_refused_before_sending_from_the_fresh_venv(

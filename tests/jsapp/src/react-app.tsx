@@ -1,54 +1,19 @@
-// The seed's React usage on smapws-client/react, in StrictMode (a
-// development build: effects mount, unmount and mount again).
+// The test page around the README's React example (dashboard-react.tsx), in
+// StrictMode (a development build: effects mount, unmount and mount again).
 import { StrictMode, useState } from "react";
 import { createRoot } from "react-dom/client";
 import websocketService from "smapws-client";
-import { useConnectionState, useNotifications, useProjectProgress } from "smapws-client/react";
+import { Dashboard } from "./dashboard-react";
 
+// The hub under test instead of the example's production URL.
 const hub = new URLSearchParams(location.search).get("hub");
 websocketService.configure({ url: `ws://127.0.0.1:${hub}/ws` });
-
-function Project({ id }: { id: string }) {
-  const progress = useProjectProgress(id);
-  return (
-    <li
-      className="project"
-      data-project={id}
-      data-status={progress.status}
-      data-done={progress.done}
-      data-total={progress.total}
-      data-errors={progress.errors}
-      data-percent={progress.progressPercent}
-    >
-      {id}: {progress.status} {progress.done}/{progress.total}
-    </li>
-  );
-}
-
-function Panel() {
-  const state = useConnectionState();
-  const notifications = useNotifications();
-  return (
-    <div>
-      <p id="state">{state}</p>
-      <ul>
-        <Project id="p1" />
-        <Project id="p2" />
-      </ul>
-      <ul id="notifications">
-        {notifications.map((n, i) => (
-          <li key={i}>{n.title}</li>
-        ))}
-      </ul>
-    </div>
-  );
-}
 
 function App() {
   const [shown, setShown] = useState(true);
   window.mount = () => setShown(true);
   window.unmount = () => setShown(false);
-  return shown ? <Panel /> : <p id="unmounted">unmounted</p>;
+  return shown ? <Dashboard projectIds={["p1", "p2"]} /> : <p id="unmounted">unmounted</p>;
 }
 
 window.service = websocketService;

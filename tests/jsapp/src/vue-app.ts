@@ -1,40 +1,11 @@
-// The seed's Vue composable (useWebSocket) on smapws-client/vue.
+// The test page around the README's Vue example (dashboard-vue.ts).
 import { createApp, defineComponent, h, ref } from "vue";
 import websocketService from "smapws-client";
-import { useWebSocket } from "smapws-client/vue";
+import { Dashboard } from "./dashboard-vue";
 
+// The hub under test instead of the example's production URL.
 const hub = new URLSearchParams(location.search).get("hub");
 websocketService.configure({ url: `ws://127.0.0.1:${hub}/ws` });
-
-const Panel = defineComponent({
-  setup() {
-    const { isConnected, state, progress, notifications } = useWebSocket();
-    return () =>
-      h("div", [
-        h("p", { id: "state" }, state.value),
-        h("p", { id: "connected" }, String(isConnected.value)),
-        h(
-          "ul",
-          Object.entries(progress.value).map(([id, p]) =>
-            h(
-              "li",
-              {
-                class: "project",
-                "data-project": id,
-                "data-status": p.status,
-                "data-done": p.done,
-                "data-total": p.total,
-                "data-errors": p.errors,
-                "data-percent": p.progress_percent,
-              },
-              `${id}: ${p.status} ${p.done}/${p.total}`,
-            ),
-          ),
-        ),
-        h("ul", { id: "notifications" }, notifications.value.map((n) => h("li", n.title))),
-      ]);
-  },
-});
 
 const App = defineComponent({
   setup() {
@@ -45,7 +16,7 @@ const App = defineComponent({
     window.unmount = () => {
       shown.value = false;
     };
-    return () => (shown.value ? h(Panel) : h("p", { id: "unmounted" }, "unmounted"));
+    return () => (shown.value ? h(Dashboard) : h("p", { id: "unmounted" }, "unmounted"));
   },
 });
 

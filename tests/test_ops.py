@@ -918,9 +918,11 @@ def test_containerfile_copies_what_pip_install_needs() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["readme"] in sources, "pip install . reads the readme"
     assert "pyproject.toml" in sources
+    # smapws_publisher's source is publisher/smapws_publisher (package-dir).
+    package_dir = pyproject["tool"]["setuptools"].get("package-dir", {})
     for package in pyproject["tool"]["setuptools"]["packages"]:
         top = package.split(".")[0]
-        assert top in sources, f"package {package} is not copied"
+        assert package_dir.get(top, top) in sources, f"package {package} is not copied"
 
     patterns = [
         line.strip()
@@ -929,12 +931,14 @@ def test_containerfile_copies_what_pip_install_needs() -> None:
     ]
     needed = ["pyproject.toml", "README.rst"] + [
         str(p.relative_to(ROOT))
-        for p in (ROOT / "smapws").rglob("*")
+        for top in ("smapws", *package_dir.values())
+        for p in (ROOT / top).rglob("*")
         if p.suffix in (".py", ".typed")
     ]
     excluded = [p for p in needed if _ignored(p, patterns)]
     assert not excluded, f".containerignore keeps these out of the build: {excluded}"
     assert _ignored(".venv/bin/python", patterns) and _ignored("tests/test_ops.py", patterns)
+    assert _ignored("publisher/examples/publish_sync.py", patterns)
     assert _ignored("smapws/__pycache__/x.pyc", patterns)
 
 

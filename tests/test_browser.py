@@ -445,6 +445,45 @@ def test_resuming_sends_since_and_delivers_each_message_once_in_order(
     page.context.close()
 
 
+def test_retain_connects_while_needed_and_leaves_an_explicit_connect_alone(
+    browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    # What the React hooks and the Vue composable rely on.
+    hub = start_hub(hubs, tmp_path, pages)
+    page = open_test_page(browser, pages, hub.port, token("fake"))
+    page.evaluate(FAKE_SOCKET)
+    seen = page.evaluate(
+        """async () => {
+      const hub = new URLSearchParams(location.search).get("hub");
+      const { WebSocketService } = await import(`http://127.0.0.1:${hub}/smapws-client.js`);
+      const tick = () => new Promise((resolve) => setTimeout(resolve, 20));
+      const s = new WebSocketService({ url: "ws://127.0.0.1:9/ws", WebSocket: FakeSocket });
+      const seen = [s.state];
+      const first = s.retain();
+      await tick();
+      seen.push(s.state, sockets.length);
+      // StrictMode: the release, then at once a retain: the same socket.
+      first();
+      const second = s.retain();
+      await tick();
+      seen.push(s.state, sockets.length);
+      second();
+      second(); // idempotent: the count does not go below zero
+      await tick();
+      seen.push(s.state);
+      // An app that called connect() itself keeps its connection.
+      s.connect();
+      const third = s.retain();
+      third();
+      await tick();
+      seen.push(s.state, sockets.length);
+      return seen;
+    }"""
+    )
+    assert seen == ["idle", "open", 1, "open", 1, "closed", "open", 2]
+    page.context.close()
+
+
 def test_refused_upgrades_refresh_the_token_once_then_connect(
     browser: Any, pages: PageServer, redis_server: RedisServer, hubs: list[HubProcess],
     tmp_path: Path,

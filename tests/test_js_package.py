@@ -109,6 +109,34 @@ def test_the_tarball_holds_the_module_hooks_composable_and_types(tarball: Path) 
     assert "dependencies" not in package
 
 
+def test_the_default_export_is_a_ready_instance_that_imports_under_node(app: Path) -> None:
+    # As the seed's module: `import websocketService from ...` then
+    # websocketService.on(...). Node has no `location` (server-side
+    # rendering): importing must not touch it, nor WebSocket.
+    script = (
+        "import websocketService, { WebSocketService } from 'smapws-client';"
+        "import { useProjectProgress, useNotifications, useConnectionState }"
+        " from 'smapws-client/react';"
+        "import { useWebSocket } from 'smapws-client/vue';"
+        "const off = websocketService.on('progress', () => {});"
+        "console.log(JSON.stringify([websocketService instanceof WebSocketService,"
+        " websocketService.state, websocketService.listenerCount('progress'),"
+        " typeof off, typeof useProjectProgress, typeof useNotifications,"
+        " typeof useConnectionState, typeof useWebSocket]));"
+    )
+    proc = subprocess.run(
+        ["node", "--input-type=module", "-e", script],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [
+        True, "idle", 1, "function", "function", "function", "function", "function",
+    ]  # fmt: skip
+
+
 def test_a_strict_typescript_app_type_checks_against_the_package(app: Path) -> None:
     config = json.loads((app / "tsconfig.json").read_text())
     assert config["compilerOptions"]["strict"] is True

@@ -408,12 +408,20 @@ true;
 """
 
 
-def test_resuming_sends_since_and_delivers_each_message_once_in_order(
+def fake_socket_page(
     browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
-) -> None:
+) -> Any:
+    """The test page with :data:`FAKE_SOCKET` defined (and a hub to import from)."""
     hub = start_hub(hubs, tmp_path, pages)
     page = open_test_page(browser, pages, hub.port, token("fake"))
     page.evaluate(FAKE_SOCKET)
+    return page
+
+
+def test_resuming_sends_since_and_delivers_each_message_once_in_order(
+    browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    page = fake_socket_page(browser, pages, hubs, tmp_path)
     page.evaluate("makeClient({ WebSocket: FakeSocket, minDelay: 10, maxDelay: 10 })")
     page.wait_for_function("window.sockets.length === 1 && window.clients[0].service.connected")
     assert "since=" not in page.evaluate("sockets[0].url")
@@ -449,9 +457,7 @@ def test_retain_connects_while_needed_and_leaves_an_explicit_connect_alone(
     browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
 ) -> None:
     # What the React hooks and the Vue composable rely on.
-    hub = start_hub(hubs, tmp_path, pages)
-    page = open_test_page(browser, pages, hub.port, token("fake"))
-    page.evaluate(FAKE_SOCKET)
+    page = fake_socket_page(browser, pages, hubs, tmp_path)
     seen = page.evaluate(
         """async () => {
       const hub = new URLSearchParams(location.search).get("hub");

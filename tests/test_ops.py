@@ -1193,10 +1193,15 @@ async def test_kubernetes_routes_answer_on_the_ports_the_manifests_name(
     r = await http(bound[int(annotations["prometheus.io/port"])], "GET", "/metrics")
     assert r.status == 200 and b"websocket_active_connections" in r.body
 
-    (ws_path,) = _ingress_paths(k["Ingress"])
+    ws_path, client_path = _ingress_paths(k["Ingress"])
     assert ws_path["path"] == "/ws", "the path connect() asks for"
     public = bound[_service_ports(k, "smapws")["http"]]
     internal = bound[_service_ports(k, "smapws-internal")["internal"]]
+    # The browser client pages import from the hub's host, where the Ingress
+    # sends it: the public port.
+    assert client_path["path"] == "/smapws-client.js"
+    r = await http(public, "GET", client_path["path"])
+    assert r.status == 200 and b"export default websocketService" in r.body
     async with connect(public, "u1") as ws:
         body = json.dumps(
             {"user_id": "u1", "message": {"type": "notification", "payload": {"n": 1}}}

@@ -291,7 +291,7 @@ def _publish(user: str, mtype: str, payload_text: str, url: str | None) -> int:
         return 2
     with publisher:
         try:
-            receivers = publisher.publish(user, mtype, payload)
+            hubs = publisher.publish(user, mtype, payload)
         except PublishError as exc:
             print(f"smapws: {exc}", file=sys.stderr)
             return 1
@@ -299,7 +299,7 @@ def _publish(user: str, mtype: str, payload_text: str, url: str | None) -> int:
             print(f"smapws: invalid message: {exc}", file=sys.stderr)
             return 2
     status = "published" if publisher.transport == "redis" else "accepted"
-    print(json.dumps({"status": status, "receivers": receivers}))
+    print(json.dumps({"status": status, "hubs": hubs, "receivers": hubs}))
     return 0
 
 

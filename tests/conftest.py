@@ -75,8 +75,9 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                if self.client().ping():
-                    return
+                with self.client() as c:
+                    if c.ping():
+                        return
             except redis.ConnectionError:
                 time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
@@ -381,3 +382,15 @@ def systemd_socket(notify_dir: Path) -> Iterator[NotifySocket]:
         stop.set()
         thread.join(5)
         sock.close()
+
+
+def readme_block(after: str) -> str:
+    """The README's literal block that follows the paragraph starting ``after``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    rest = readme.split("\n" + after, 1)[1].split("::\n\n", 1)[1]
+    block = []
+    for line in rest.splitlines():
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip("\n") + "\n"

@@ -30,7 +30,7 @@ from .browser import (
     open_test_page,
     wait_for,
 )
-from .conftest import RedisServer, token
+from .conftest import RedisServer, free_port, token
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,8 @@ def test_the_client_is_served_as_a_module_and_packaged(
     assert b"export class WebSocketService" in body
     package = json.loads((ROOT / "smapws/static/package.json").read_text())
     assert package["version"] == __version__
-    assert package["type"] == "module" and package["exports"]["."] == "./smapws-client.js"
+    assert package["type"] == "module"
+    assert package["exports"]["."]["default"] == "./smapws-client.js"
 
 
 def test_backoff_is_full_jitter_doubling_to_the_cap(
@@ -352,8 +353,14 @@ def test_a_default_hub_has_no_demo_page_and_no_login(
     assert "Set-Cookie" not in str(get(hub.port, "/demo/login", method="POST"))
 
 
-def test_demo_page_bars_move(browser: Any, hubs: list[HubProcess], tmp_path: Path) -> None:
-    hub = HubProcess(tmp_path, command="demo")
+@pytest.mark.parametrize("internal_port", [False, True], ids=["one-port", "internal-port"])
+def test_demo_page_bars_move(
+    browser: Any, hubs: list[HubProcess], tmp_path: Path, internal_port: bool
+) -> None:
+    # With SMAPWS_INTERNAL_PORT the page and the client it imports are still
+    # on the public port (the shipped ConfigMap sets an internal port).
+    settings = {"SMAPWS_INTERNAL_PORT": str(free_port())} if internal_port else {}
+    hub = HubProcess(tmp_path, command="demo", **settings)
     hubs.append(hub)
     hub.start()
     page = browser.new_context(viewport={"width": 960, "height": 640}).new_page()
@@ -401,12 +408,20 @@ true;
 """
 
 
-def test_resuming_sends_since_and_delivers_each_message_once_in_order(
+def fake_socket_page(
     browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
-) -> None:
+) -> Any:
+    """The test page with :data:`FAKE_SOCKET` defined (and a hub to import from)."""
     hub = start_hub(hubs, tmp_path, pages)
     page = open_test_page(browser, pages, hub.port, token("fake"))
     page.evaluate(FAKE_SOCKET)
+    return page
+
+
+def test_resuming_sends_since_and_delivers_each_message_once_in_order(
+    browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    page = fake_socket_page(browser, pages, hubs, tmp_path)
     page.evaluate("makeClient({ WebSocket: FakeSocket, minDelay: 10, maxDelay: 10 })")
     page.wait_for_function("window.sockets.length === 1 && window.clients[0].service.connected")
     assert "since=" not in page.evaluate("sockets[0].url")
@@ -435,6 +450,43 @@ def test_resuming_sends_since_and_delivers_each_message_once_in_order(
     page.evaluate(f"sockets[2].deliver({json.dumps(gap)})")
     assert client(page, 0, "resyncs") == [{"reason": "history_gap"}]
     assert notifications(page, 0) == [0, 1, 2, 3, 4, 0, 4]
+    page.context.close()
+
+
+def test_retain_connects_while_needed_and_leaves_an_explicit_connect_alone(
+    browser: Any, pages: PageServer, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    # What the React hooks and the Vue composable rely on.
+    page = fake_socket_page(browser, pages, hubs, tmp_path)
+    seen = page.evaluate(
+        """async () => {
+      const hub = new URLSearchParams(location.search).get("hub");
+      const { WebSocketService } = await import(`http://127.0.0.1:${hub}/smapws-client.js`);
+      const tick = () => new Promise((resolve) => setTimeout(resolve, 20));
+      const s = new WebSocketService({ url: "ws://127.0.0.1:9/ws", WebSocket: FakeSocket });
+      const seen = [s.state];
+      const first = s.retain();
+      await tick();
+      seen.push(s.state, sockets.length);
+      // StrictMode: the release, then at once a retain: the same socket.
+      first();
+      const second = s.retain();
+      await tick();
+      seen.push(s.state, sockets.length);
+      second();
+      second(); // idempotent: the count does not go below zero
+      await tick();
+      seen.push(s.state);
+      // An app that called connect() itself keeps its connection.
+      s.connect();
+      const third = s.retain();
+      third();
+      await tick();
+      seen.push(s.state, sockets.length);
+      return seen;
+    }"""
+    )
+    assert seen == ["idle", "open", 1, "open", 1, "closed", "open", 2]
     page.context.close()
 
 

@@ -106,7 +106,7 @@ def test_publish_with_the_seeds_redis_variables(redis_server: RedisServer) -> No
             REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_server.port), REDIS_DB="0",
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout) == {"status": "published", "receivers": 1}
+        assert json.loads(out.stdout) == {"status": "published", "hubs": 1, "receivers": 1}
         msg = pubsub.get_message(timeout=5)
         pubsub.close()
     assert msg is not None
@@ -172,7 +172,7 @@ async def test_publish_through_a_hubs_http_api(nursery: trio.Nursery) -> None:
             )
         )  # fmt: skip
         assert ok.returncode == 0, ok.stderr
-        assert json.loads(ok.stdout) == {"status": "accepted", "receivers": 1}
+        assert json.loads(ok.stdout) == {"status": "accepted", "hubs": 1, "receivers": 1}
         assert (await receive_json(ws))["payload"] == {"title": "x"}
     refused = await trio.to_thread.run_sync(
         lambda: smapws(

@@ -331,7 +331,7 @@ async def test_sharded_user_mode_publish_paths_and_a_master_failover(
                 hub.port, "POST", "/api/publish", body=api_body(a, "api"),
                 headers={"Authorization": f"Bearer {API_KEY}"},
             )  # fmt: skip
-            assert r.json() == {"status": "accepted", "receivers": 1}
+            assert r.json() == {"status": "accepted", "hubs": 1, "receivers": 1}
             assert (await receive_json(tab_a))["payload"] == {"via": "api"}
             env = {
                 **os.environ,
@@ -344,7 +344,7 @@ async def test_sharded_user_mode_publish_paths_and_a_master_failover(
                  "--type", "notification", "--payload", '{"via": "cli"}'],
                 env=env, capture_stdout=True,
             )  # fmt: skip
-            assert json.loads(result.stdout) == {"status": "published", "receivers": 1}
+            assert json.loads(result.stdout) == {"status": "published", "hubs": 1, "receivers": 1}
             assert (await receive_json(tab_a))["payload"] == {"via": "cli"}
             # The library, given a cluster client and sharded=True.
             startup = [ClusterNode("127.0.0.1", p) for p in cluster.ports[:2]]

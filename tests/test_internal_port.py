@@ -8,9 +8,12 @@ internal one), ``/health`` and ``/ready`` on both. Real sockets on port 0.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,6 +22,7 @@ import websockets.exceptions
 from smapws import Server, serve
 from smapws._cli import _parser
 from smapws._config import ConfigError, load
+from smapws._io import demo, frontdoor
 from smapws._io.server import ListenError
 
 from .conftest import (
@@ -170,6 +174,45 @@ async def test_the_internal_port_does_not_upgrade(split_hub: Server) -> None:
         await wait_connections(split_hub, 1)
 
 
+async def test_the_browser_client_and_the_demo_only_on_the_public_port(
+    nursery: trio.Nursery,
+) -> None:
+    # Pages import /smapws-client.js from the host they connect to; the
+    # shipped ConfigMap sets SMAPWS_INTERNAL_PORT, so it must be public.
+    server: Server = await nursery.start(
+        serve, make_config(SMAPWS_INTERNAL_PORT=0, SMAPWS_DEMO="true")
+    )
+    assert server.internal_port is not None
+    shipped = (resources.files("smapws") / "static" / "smapws-client.js").read_bytes()
+    for method in ("GET", "HEAD"):
+        r = await http(server.port, method, "/smapws-client.js")
+        assert r.status == 200, method
+        assert r.headers["content-type"].startswith("application/javascript")
+        assert r.body == (shipped if method == "GET" else b"")
+        assert (await http(server.internal_port, method, "/smapws-client.js")).status == 404
+    assert (await http(server.port, "GET", "/demo")).status == 200
+    assert (await http(server.internal_port, "GET", "/demo")).status == 404
+    login = await http(server.port, "POST", "/demo/login")
+    assert login.status == 200 and "access_token=" in login.headers["set-cookie"]
+    assert (await http(server.internal_port, "POST", "/demo/login")).status == 404
+
+
+def test_the_readme_endpoints_table_lists_every_path_per_port() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    section = readme.split("\nEndpoints\n=========\n", 1)[1].split("\nSo the scraper", 1)[0]
+    table: dict[str, tuple[str, str]] = {}
+    for line in section.splitlines():
+        if line.startswith("``/"):
+            path, public, internal = (c.strip() for c in re.split(r"\s{2,}", line, maxsplit=2))
+            table[path.strip("`")] = (public, internal)
+    assert set(table) == set(frontdoor.ALL_ROUTES) | set(demo.ROUTES)
+    for path, (public, internal) in table.items():
+        expected = "yes (demo only)" if path in demo.ROUTES else "yes"
+        served = path in frontdoor.PUBLIC_ROUTES or path in demo.ROUTES
+        assert public == (expected if served else "404"), path
+        assert internal == ("yes" if path in frontdoor.INTERNAL_ROUTES else "404"), path
+
+
 async def test_one_port_serves_everything_when_unset(memory_hub: Server) -> None:
     assert memory_hub.internal_port is None
     assert (await http(memory_hub.port, "GET", "/metrics")).status == 200
@@ -250,6 +293,6 @@ async def test_cli_publish_goes_to_the_internal_port(nursery: trio.Nursery) -> N
             check=False,
         )
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == {"status": "accepted", "receivers": 1}
+        assert json.loads(proc.stdout) == {"status": "accepted", "hubs": 1, "receivers": 1}
         got = await receive_json(ws)
         assert (got["type"], got["payload"]) == ("alert", {"level": "info"})

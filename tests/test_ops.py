@@ -918,9 +918,11 @@ def test_containerfile_copies_what_pip_install_needs() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["project"]["readme"] in sources, "pip install . reads the readme"
     assert "pyproject.toml" in sources
+    # smapws_publisher's source is publisher/smapws_publisher (package-dir).
+    package_dir = pyproject["tool"]["setuptools"].get("package-dir", {})
     for package in pyproject["tool"]["setuptools"]["packages"]:
         top = package.split(".")[0]
-        assert top in sources, f"package {package} is not copied"
+        assert package_dir.get(top, top) in sources, f"package {package} is not copied"
 
     patterns = [
         line.strip()
@@ -929,12 +931,14 @@ def test_containerfile_copies_what_pip_install_needs() -> None:
     ]
     needed = ["pyproject.toml", "README.rst"] + [
         str(p.relative_to(ROOT))
-        for p in (ROOT / "smapws").rglob("*")
+        for top in ("smapws", *package_dir.values())
+        for p in (ROOT / top).rglob("*")
         if p.suffix in (".py", ".typed")
     ]
     excluded = [p for p in needed if _ignored(p, patterns)]
     assert not excluded, f".containerignore keeps these out of the build: {excluded}"
     assert _ignored(".venv/bin/python", patterns) and _ignored("tests/test_ops.py", patterns)
+    assert _ignored("publisher/examples/publish_sync.py", patterns)
     assert _ignored("smapws/__pycache__/x.pyc", patterns)
 
 
@@ -1106,7 +1110,7 @@ def _ingress_paths(ingress: dict[str, Any]) -> list[dict[str, Any]]:
     return [path for rule in spec["rules"] for path in rule["http"]["paths"]]
 
 
-def test_kubernetes_ingress_routes_only_the_websocket_with_long_timeouts() -> None:
+def test_kubernetes_ingress_routes_only_the_websocket_and_client_with_long_timeouts() -> None:
     k = kube()
     ingress = k["Ingress"]
     config = _configmap_config(k)
@@ -1114,16 +1118,21 @@ def test_kubernetes_ingress_routes_only_the_websocket_with_long_timeouts() -> No
     assert ingress["spec"]["ingressClassName"] == "nginx"
 
     paths = _ingress_paths(ingress)
-    assert [(p["path"], p["pathType"]) for p in paths] == [("/ws", "Exact")]
-    backend = paths[0]["backend"]["service"]
-    assert backend["name"] == k["Service/smapws"]["metadata"]["name"]
-    port = backend["port"].get("name") or backend["port"]["number"]
+    routed = [(p["path"], p["pathType"]) for p in paths]
+    assert routed == [("/ws", "Exact"), ("/smapws-client.js", "Exact")]
     services = {p["name"]: p for p in k["Service/smapws"]["spec"]["ports"]}
     by_number = {p["port"]: p for p in services.values()}
-    target = (services.get(port) or by_number[port])["targetPort"]
-    assert _container_port(k, target) == config.port
-    assert "GET" in frontdoor.PUBLIC_ROUTES["/ws"]
-    assert "/ws" not in frontdoor.INTERNAL_ROUTES
+    for path in paths:
+        backend = path["backend"]["service"]
+        assert backend["name"] == k["Service/smapws"]["metadata"]["name"]
+        port = backend["port"].get("name") or backend["port"]["number"]
+        target = (services.get(port) or by_number[port])["targetPort"]
+        assert _container_port(k, target) == config.port, "the public port"
+        # The ConfigMap sets SMAPWS_INTERNAL_PORT: each path must be served
+        # on the public port then, and not on the internal one.
+        assert config.internal_address is not None
+        assert "GET" in frontdoor.PUBLIC_ROUTES[path["path"]]
+        assert path["path"] not in frontdoor.INTERNAL_ROUTES
 
     # The WebSocket upgrade needs HTTP/1.1 to the pod; the proxy must keep a
     # connection open longer than the hub may stay silent on it (the seed:
@@ -1184,10 +1193,15 @@ async def test_kubernetes_routes_answer_on_the_ports_the_manifests_name(
     r = await http(bound[int(annotations["prometheus.io/port"])], "GET", "/metrics")
     assert r.status == 200 and b"websocket_active_connections" in r.body
 
-    (ws_path,) = _ingress_paths(k["Ingress"])
+    ws_path, client_path = _ingress_paths(k["Ingress"])
     assert ws_path["path"] == "/ws", "the path connect() asks for"
     public = bound[_service_ports(k, "smapws")["http"]]
     internal = bound[_service_ports(k, "smapws-internal")["internal"]]
+    # The browser client pages import from the hub's host, where the Ingress
+    # sends it: the public port.
+    assert client_path["path"] == "/smapws-client.js"
+    r = await http(public, "GET", client_path["path"])
+    assert r.status == 200 and b"export default websocketService" in r.body
     async with connect(public, "u1") as ws:
         body = json.dumps(
             {"user_id": "u1", "message": {"type": "notification", "payload": {"n": 1}}}

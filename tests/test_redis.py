@@ -125,7 +125,7 @@ async def test_publish_api_goes_through_redis(redis_hub: Server, redis_server: R
             headers={"Authorization": f"Bearer {API_KEY}"},
         )  # fmt: skip
         assert r.status == 202
-        assert r.json() == {"status": "accepted", "receivers": 1}
+        assert r.json() == {"status": "accepted", "hubs": 1, "receivers": 1}
         assert (await receive_json(ws))["payload"] == {"x": 1}
 
 
@@ -138,7 +138,7 @@ async def test_cli_publish_to_redis(redis_hub: Server, redis_server: RedisServer
              "--type", "notification", "--payload", '{"title": "hi"}'],
             env=env, capture_stdout=True,
         )  # fmt: skip
-        assert json.loads(result.stdout) == {"status": "published", "receivers": 1}
+        assert json.loads(result.stdout) == {"status": "published", "hubs": 1, "receivers": 1}
         assert (await receive_json(ws))["payload"] == {"title": "hi"}
 
 

@@ -287,7 +287,7 @@ async def test_publish_paths_are_unchanged(nursery: trio.Nursery, own_redis: Red
             hub.port, "POST", "/api/publish", body=body,
             headers={"Authorization": "Bearer test-api-key"},
         )  # fmt: skip
-        assert r.json() == {"status": "accepted", "receivers": 1}
+        assert r.json() == {"status": "accepted", "hubs": 1, "receivers": 1}
         assert (await receive_json(ws))["payload"] == {"x": 1}
     with redis.Redis(port=own_redis.port) as c:
         assert c.pubsub_numpat() == 0

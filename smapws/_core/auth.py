@@ -9,13 +9,15 @@ Error messages and reasons never contain the token or the key.
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from hashlib import blake2b
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 import jwt
+
+from smapws_publisher._validate import MAX_USER_ID_LENGTH as MAX_USER_ID_LENGTH
+from smapws_publisher._validate import valid_user_id as valid_user_id
 
 #: Symmetric (MAC) algorithms; never accepted together with public-key ones,
 #: so a public key can never be abused as an HMAC secret.
@@ -23,25 +25,6 @@ MAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-
-#: User ids become part of a Redis channel name and of log lines; bound them.
-MAX_USER_ID_LENGTH: Final = 256
-
-#: Characters no user id may hold: C0 and C1 controls, DEL, and UTF-16
-#: surrogates (a JSON string can carry a lone one as an escape; it has no
-#: UTF-8 encoding, so it could name no channel).
-_NOT_IN_USER_ID: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def valid_user_id(user: object) -> TypeGuard[str]:
-    """Whether ``user`` can be a user id: a non-empty string of at most
-    :data:`MAX_USER_ID_LENGTH` characters, none of them a control character
-    or a surrogate. The same rule for a token's claim and a publish request."""
-    return (
-        isinstance(user, str)
-        and 0 < len(user) <= MAX_USER_ID_LENGTH
-        and _NOT_IN_USER_ID.search(user) is None
-    )
 
 
 class AuthError(Exception):

@@ -14,60 +14,43 @@ fixed ``reason`` suitable for a metric label.
 from __future__ import annotations
 
 import json
-import math
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
-
-from smapws._core.auth import MAX_USER_ID_LENGTH, valid_user_id
 from smapws._core.frames import text_frame
 
-#: Default bound on one broker message, in bytes. Seed payloads are ~200 B; a
-#: notification with a long text stays well under this. Larger messages are
-#: dropped (and counted) rather than copied to thousands of sockets.
-DEFAULT_MAX_MESSAGE_BYTES: Final = 64 * 1024
+# The checks a publisher's message must pass live in smapws_publisher (one
+# copy, shared with the publishers' own distribution); they are re-exported.
+from smapws_publisher._validate import (
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    INVALID_REASONS,
+    MAX_USER_ID_LENGTH,
+    InvalidMessage,
+    check_message,
+    loads_strict,
+    valid_user_id,
+)
 
-#: Default bound on the nesting of arrays and objects in a broker message or a
-#: publish body (``SMAPWS_MAX_JSON_DEPTH``). The seed's messages nest 2 deep;
-#: CPython's parser raises ``RecursionError`` somewhere near 1,000, and a
-#: browser's ``JSON.parse`` has a limit of its own: a bound well under both.
-DEFAULT_MAX_JSON_DEPTH: Final = 32
+__all__ = [
+    "DEFAULT_MAX_JSON_DEPTH",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "INVALID_REASONS",
+    "Envelope",
+    "InvalidMessage",
+    "encode_message",
+    "loads_strict",
+    "parse",
+    "parse_publish_body",
+    "rfc3339_ms",
+    "user_from_channel",
+    "with_id",
+]
 
 #: Longest user id in UTF-8 bytes (4 per character at most): a longer channel
 #: is refused before it is decoded.
 _MAX_USER_ID_BYTES: Final = 4 * MAX_USER_ID_LENGTH
-
-#: The reasons :class:`InvalidMessage` may carry; they are metric label values.
-INVALID_REASONS: Final = (
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "too_deep",
-    "bad_number",
-    "bad_unicode",
-    "not_object",
-    "bad_type",
-    "bad_payload",
-    "bad_channel",
-    "bad_user_id",
-)
-
-
-class InvalidMessage(ValueError):
-    """A broker message that cannot be delivered.
-
-    ``reason`` is one of :data:`INVALID_REASONS`. The message text never
-    contains the message body (it could be large, or private).
-    """
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        assert reason in INVALID_REASONS, reason
-        self.reason = reason
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-
 
 #: Message kinds, as the delivery policy (:mod:`smapws._core.outbox`) sees them.
 OTHER: Final = 0  # notification, alert, unknown types: every one matters
@@ -119,122 +102,6 @@ def rfc3339_ms(epoch_seconds: float) -> str:
     return f"{prefix}{millis:03d}Z"
 
 
-def _no_constant(name: str) -> Any:
-    raise InvalidMessage("bad_number", name)
-
-
-def _finite_float(text: str) -> float:
-    x = float(text)
-    if not math.isfinite(x):  # 1e999 parses as infinity
-        raise InvalidMessage("bad_number")
-    return x
-
-
-#: Digits of the largest integer a double holds (1.797e308): an integer
-#: written with more parses as Infinity in a browser, as 1e999 does.
-_MAX_FINITE_DIGITS: Final = 309
-#: A run of that many digits (in a number or a string): only then are the
-#: integers of a text checked one by one (a Python call per integer).
-_LONG_DIGITS: Final = re.compile(rf"\d{{{_MAX_FINITE_DIGITS}}}")
-
-
-def _finite_int(text: str) -> int:
-    if len(text.lstrip("-")) > _MAX_FINITE_DIGITS:
-        raise InvalidMessage("bad_number")
-    n = int(text)
-    try:
-        float(n)  # rounds as JSON.parse does: OverflowError where it gives Infinity
-    except OverflowError:
-        raise InvalidMessage("bad_number") from None
-    return n
-
-
-#: A JSON string (with its escapes), and the brackets outside strings. An
-#: unterminated string runs to the end of the text (the parser stops there
-#: anyway): were a match allowed to fail, the search would start again at the
-#: next quote and rescan the rest, quadratic in escaped quotes (``[[...["\\"\\"``
-#: repeated: 64 KiB took 90 s). The loop is unrolled: up to twice as fast
-#: as the alternation.
-_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
-_BRACKETS: Final = re.compile(r"[\[\]{}]")
-#: An escaped UTF-16 surrogate: ``\ud800``-``\udfff``, any case.
-_SURROGATE_ESCAPE: Final = re.compile(r"\\u[dD][89abcdefABCDEF]")
-
-
-def _depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in ``text`` (JSON or not)."""
-    depth = deepest = 0
-    for m in _BRACKETS.finditer(_STRING.sub("", text)):
-        if m.group() in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
-
-
-#: A run of digits long enough for an integer beyond a double's range, in
-#: the raw bytes (the fast path leaves such texts to the careful one).
-_LONG_DIGITS_RAW: Final = re.compile(rb"\d{%d}" % _MAX_FINITE_DIGITS)
-
-
-def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
-    """Parse ``raw`` as strict JSON (RFC 8259) that any browser's
-    ``JSON.parse`` takes back as it was sent.
-
-    Most messages take the fast path: few brackets (so the depth bound holds
-    without a scan), no long run of digits, and orjson, which refuses all
-    that this function refuses (NaN, Infinity, infinite numbers, lone
-    surrogates, invalid UTF-8) and parses 5-10x faster than the standard
-    library. Whatever it refuses, or cannot be judged that fast, is parsed
-    again by the careful path below, which names the reason.
-
-    Guarantees: UTF-8 text; no ``NaN``/``Infinity``, and no number that only
-    parses as infinity (``1e999``, or an integer beyond a double's range);
-    no lone UTF-16 surrogate (``"\ud800"``) in any string or key; arrays and
-    objects nested at most ``max_depth`` deep, checked before parsing, so
-    that no input reaches the parser's recursion limit. Raises
-    :class:`InvalidMessage` (``not_utf8``, ``not_json``, ``too_deep``,
-    ``bad_number``, ``bad_unicode``) and nothing else.
-    """
-    if raw.count(b"[") + raw.count(b"{") <= max_depth and not _LONG_DIGITS_RAW.search(raw):
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass  # refused: the careful path says why
-    return _loads_careful(raw, max_depth)
-
-
-def _loads_careful(raw: bytes, max_depth: int) -> Any:
-    """:func:`loads_strict` with the standard library's parser and a check
-    of its own for each guarantee, so that a refusal has its reason."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidMessage("not_utf8") from None
-    # Counting brackets is an upper bound of the depth, at C speed: the exact
-    # (slower) count runs only for messages with many brackets.
-    if text.count("[") + text.count("{") > max_depth and _depth(text) > max_depth:
-        raise InvalidMessage("too_deep", f"deeper than {max_depth}")
-    parse_int = _finite_int if _LONG_DIGITS.search(text) else None
-    try:
-        obj = json.loads(
-            text, parse_constant=_no_constant, parse_float=_finite_float, parse_int=parse_int
-        )
-    except InvalidMessage:
-        raise
-    except (ValueError, RecursionError):
-        raise InvalidMessage("not_json") from None
-    if "\\u" in text and _SURROGATE_ESCAPE.search(text):
-        # Paired escapes decode to one character; a lone one stays a
-        # surrogate, which no UTF-8 encoder takes.
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidMessage("bad_unicode") from None
-    return obj
-
-
 def parse(
     raw: bytes,
     *,
@@ -253,17 +120,7 @@ def parse(
     is not an object, has no non-empty string ``type`` or a ``payload`` that
     is not an object; and nothing else.
     """
-    if len(raw) > max_bytes:
-        raise InvalidMessage("too_large", f"{len(raw)} bytes > {max_bytes}")
-    obj = loads_strict(raw, max_depth=max_depth)
-    if not isinstance(obj, dict):
-        raise InvalidMessage("not_object")
-    mtype = obj.get("type")
-    if not isinstance(mtype, str) or not mtype:
-        raise InvalidMessage("bad_type")
-    payload = obj.get("payload")
-    if not isinstance(payload, dict):
-        raise InvalidMessage("bad_payload")
+    obj, mtype, payload = check_message(raw, max_bytes=max_bytes, max_depth=max_depth)
     kind = _KINDS.get(mtype, OTHER)
     key: str | None = None
     if kind != OTHER:

@@ -70,7 +70,11 @@ ALL_ROUTES: Final[Routes] = {
     assets.CLIENT_JS_PATH: ("GET", "HEAD"),
 }
 #: With ``SMAPWS_INTERNAL_PORT``, the public port: browsers and probes only.
-PUBLIC_ROUTES: Final[Routes] = {p: ALL_ROUTES[p] for p in ("/health", "/ready", "/ws")}
+#: The browser client is here (pages import it from the host they connect
+#: to), and so are the demo's routes under ``SMAPWS_DEMO``.
+PUBLIC_ROUTES: Final[Routes] = {
+    p: ALL_ROUTES[p] for p in ("/health", "/ready", "/ws", assets.CLIENT_JS_PATH)
+}
 #: The internal port: probes, the scraper, the publishers. No ``/ws`` (404,
 #: like any path a port does not serve): browsers come in only through the
 #: public port and what fronts it (TLS, the ingress and its timeouts).
@@ -457,7 +461,9 @@ async def _publish_inner(
         raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from None
     channel = app.prefix + user_id.encode()
     try:
-        receivers = await app.broker.publish(channel, message)
+        hubs = await app.broker.publish(channel, message)
     except BrokerError:
         raise _Refused(503, "broker_unavailable") from None
-    return 202, {"status": "accepted", "receivers": receivers}
+    # What Redis counts is subscribers, that is hubs (1 for a user with no
+    # tab, 2 with two workers), not tabs; "receivers" is the old name.
+    return 202, {"status": "accepted", "hubs": hubs, "receivers": hubs}

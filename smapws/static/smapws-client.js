@@ -15,11 +15,16 @@
  *   - recovery: it reconnects with ?since=<last id>, the hub replays what was
  *     missed, and each message is delivered once, in order.
  *
- *   import { WebSocketService } from "/smapws-client.js";
- *   const ws = new WebSocketService({ onTokenExpired: () => fetch("/auth/refresh", { method: "POST" }) });
- *   ws.on("progress", (p) => console.log(p.project_id, p.progress_percent));
- *   ws.on("resync", () => refetchEverything());
- *   ws.connect();
+ *   import websocketService from "smapws-client";      // or "/smapws-client.js"
+ *   websocketService.configure({ onTokenExpired: () => fetch("/auth/refresh", { method: "POST" }) });
+ *   websocketService.on("progress", (p) => console.log(p.project_id, p.progress_percent));
+ *   websocketService.on("resync", () => refetchEverything());
+ *   websocketService.connect();
+ *
+ * The default export is a ready instance, as the seed's module is (`export
+ * default new WebSocketService()`); `new WebSocketService(options)` makes
+ * others. Nothing touches `location` or `WebSocket` before connect(), so the
+ * module imports anywhere (server-side rendering, tests in Node).
  */
 
 /** Close codes the hub sends (README "Close codes"). */
@@ -95,9 +100,10 @@ export class WebSocketService {
    * @param {typeof WebSocket} [options.WebSocket] the WebSocket class to use
    */
   constructor(options = {}) {
-    this.options = { ...DEFAULTS, ...options };
-    this.WebSocket = options.WebSocket ?? globalThis.WebSocket;
-    this.url = options.url ?? defaultUrl();
+    this.options = { ...DEFAULTS };
+    this.configure(options);
+    this.retained = 0; // retain() calls not yet released
+    this.retainedConnect = false; // whether retain() called connect()
     this.state = State.IDLE;
     this.listeners = new Map();
     this.ws = null;
@@ -113,6 +119,58 @@ export class WebSocketService {
     this.seenOrder = [];
     this.dropSeen = false; // on a resumed connection, until a new id arrives
     this.onOnline = () => this.reconnectNow();
+  }
+
+  /**
+   * Change options (those of the constructor); a new `url` applies from
+   * the next connection. For the default instance, before connect().
+   */
+  configure(options = {}) {
+    for (const [key, value] of Object.entries(options)) {
+      if (value !== undefined) this.options[key] = value;
+    }
+    return this;
+  }
+
+  /** The WebSocket URL the next connection uses (without `since`). */
+  get url() {
+    return this.options.url ?? defaultUrl();
+  }
+
+  /**
+   * Keep the service connected while something needs it (a mounted
+   * component): the first retain() connects, unless connect() was called
+   * already; when the last is released, the connection retain() made is
+   * closed. The close waits a tick, so that an unmount followed at once by
+   * a mount (React StrictMode, a re-render with a new key) keeps the same
+   * connection. Returns the release function (idempotent).
+   */
+  retain() {
+    this.retained += 1;
+    if (!this.wanted) {
+      this.connect();
+      this.retainedConnect = true;
+    }
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.retained -= 1;
+      setTimeout(() => {
+        if (this.retained === 0 && this.retainedConnect) {
+          this.retainedConnect = false;
+          this.disconnect();
+        }
+      }, 0);
+    };
+  }
+
+  /** How many listeners are registered for `event` (all events without one). */
+  listenerCount(event) {
+    if (event !== undefined) return (this.listeners.get(event) || []).length;
+    let n = 0;
+    for (const callbacks of this.listeners.values()) n += callbacks.length;
+    return n;
   }
 
   /** Call `callback` on each `event`. Returns a function that removes it. */
@@ -141,6 +199,7 @@ export class WebSocketService {
 
   /** Connect, and stay connected until disconnect(). Idempotent. */
   connect() {
+    this.retainedConnect = false; // asked for: released components leave it open
     if (this.wanted) return;
     this.wanted = true;
     this.attempt = 0;
@@ -152,6 +211,7 @@ export class WebSocketService {
   /** Close and stop reconnecting. connect() starts again (resuming). */
   disconnect() {
     this.wanted = false;
+    this.retainedConnect = false;
     globalThis.removeEventListener?.("online", this.onOnline);
     this.clearTimers();
     const ws = this.ws;
@@ -198,7 +258,8 @@ export class WebSocketService {
     const resuming = this.lastId !== null;
     let ws;
     try {
-      ws = new this.WebSocket(this.resumeUrl());
+      const Socket = this.options.WebSocket ?? globalThis.WebSocket;
+      ws = new Socket(this.resumeUrl());
     } catch (err) {
       console.error("smapws: cannot open a WebSocket", err);
       this.retry(CloseCode.ABNORMAL, false);
@@ -319,4 +380,6 @@ export class WebSocketService {
   }
 }
 
-export default WebSocketService;
+/** The ready instance, as the seed's `export default new WebSocketService()`. */
+const websocketService = new WebSocketService();
+export default websocketService;

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Any
 
 from smapws import _log
-from smapws._config import Config, ConfigError, add_arguments, load
+from smapws._config import Config, ConfigError, add_arguments, load, unknown_variables
 from smapws._core.auth import MAC_ALGORITHMS, mint_for
 from smapws._version import __version__
 from smapws.publisher import Publisher, PublishError
@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
+    for line in unknown_variables(os.environ):
+        print(f"smapws: warning: {line}", file=sys.stderr)
     if command == "publish":
         return _publish(args.user, args.mtype, args.payload, args.url)
     # serve's flags (token has no settings flags: it reads the environment).

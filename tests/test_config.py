@@ -164,3 +164,80 @@ def test_the_readme_metrics_table_is_the_registry() -> None:
     supervisor = (Path(__file__).parent.parent / "smapws/_io/supervisor.py").read_text()
     registered |= set(re.findall(r'"(websocket_\w+)"', supervisor))
     assert documented == registered
+
+
+@pytest.mark.parametrize(
+    ("origins", "hint"),
+    [
+        ("localhost:5173", "http://localhost:5173"),
+        ("http://ok.example, app.example.com", "http://app.example.com"),
+        ("https://app.example.com/path", "https://app.example.com"),
+        ("//app.example.com", "http://app.example.com"),
+    ],
+)
+def test_an_origin_without_a_scheme_is_refused(origins: str, hint: str) -> None:
+    """No browser sends ``Origin: localhost:5173``: such an entry would make
+    every browser's upgrade a 403, so the hub refuses to start."""
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, "SMAPWS_ALLOWED_ORIGINS": origins})
+    assert str(info.value) == (
+        "SMAPWS_ALLOWED_ORIGINS: expected scheme://host[:port] as a browser sends it "
+        f"(e.g. {hint}), * or null, got {origins!r}"
+    )
+
+
+def test_origins_as_browsers_send_them_are_taken() -> None:
+    value = "http://localhost:5173, https://*.example.com, https://a.example:8443/, *, null"
+    cfg = load({"JWT_SECRET": SECRET, "SMAPWS_ALLOWED_ORIGINS": value})
+    assert cfg.allowed_origins == (
+        "http://localhost:5173", "https://*.example.com", "https://a.example:8443/", "*", "null",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["SMAPWS_HOST", "JWT_USER_CLAIM", "SMAPWS_CHANNEL_PREFIX"])
+def test_an_empty_value_with_a_default_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}: must not be empty \\(unset it for"):
+        load({"JWT_SECRET": SECRET, name: " "})
+
+
+def test_settings_the_rest_makes_unused_are_refused(tmp_path: Path) -> None:
+    """A value that would be silently ignored is refused, naming what to do."""
+    with pytest.raises(ConfigError, match=r"^REDIS_PASSWORD: not used with REDIS_URL; put it"):
+        load({"JWT_SECRET": SECRET, "REDIS_URL": "redis://h:6379/0", "REDIS_PASSWORD": "pw"})
+    # With Sentinel, REDIS_PASSWORD is the master's: taken.
+    load({"JWT_SECRET": SECRET, "REDIS_SENTINELS": "s:26379", "REDIS_SENTINEL_MASTER": "m",
+          "REDIS_URL": "redis://h:6379/0", "REDIS_PASSWORD": "pw"})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY_FILE: not used with JWT_ALGORITHMS="):
+        load({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY_FILE": str(tmp_path / "k.pem")})
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (tmp_path / "k.pem").write_bytes(pem)
+    env = {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(tmp_path / "k.pem")}
+    assert load(env).auth is not None
+    with pytest.raises(ConfigError) as info:
+        load({**env, "JWT_SECRET": SECRET})
+    assert str(info.value).startswith("JWT_SECRET: not used with JWT_ALGORITHMS=ES256")
+    assert SECRET not in str(info.value)
+
+
+def test_unknown_variables_name_the_closest_setting() -> None:
+    from smapws._config import unknown_variables
+
+    assert unknown_variables(
+        {
+            "SMAPWS_PROT": "9000",
+            "SMAPWS_REDIS_URL": "redis://x",
+            "SMAPWS_PORT": "1",
+            "REDIS_URLX": "ignored: not ours",
+            "SMAPWS_PYTHON2": "/usr/bin/python2",
+        }
+    ) == [
+        "SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
+        "SMAPWS_REDIS_URL is not a setting and is ignored (did you mean REDIS_URL?)",
+    ]

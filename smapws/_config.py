@@ -589,12 +589,14 @@ def shown_default(value: Any) -> str:
     return str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to ``parser``. The parsed value is None when
-    the flag is not given (the environment, then the default, apply); the
-    help shows the default."""
+def add_arguments(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+    """Add one flag per setting to ``parser``, but those whose field is in
+    ``skip``. The parsed value is None when the flag is not given (the
+    environment, then the default, apply); the help shows the default."""
     group = parser.add_argument_group("settings (each flag overrides its environment variable)")
     for opt in OPTIONS:
+        if opt.field in skip:
+            continue
         text = f"{opt.help} " if opt.help else ""
         text += f"(default: {shown_default(opt.default)}) [env {opt.env}]"
         group.add_argument(

@@ -239,3 +239,19 @@ def test_a_misspelt_variable_gets_one_warning_naming_the_setting() -> None:
         "smapws: warning: SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
     ]
     assert jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "u1"
+
+
+def test_demo_help_lists_no_setting_the_demo_ignores(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo runs on the embedded broker in one process: its help lists
+    no Redis, subscription-mode or worker flag, and such a flag is refused."""
+    _, out, _ = run_main(capsys, monkeypatch, "demo", "--help")
+    flags = flags_in(out)
+    for flag in ("--redis-url", "--redis-host", "--redis-sentinels", "--subscribe-mode",
+                 "--sharded-pubsub", "--workers", "--demo", "--reconnect-max"):  # fmt: skip
+        assert flag not in flags, flag
+    assert {"--port", "--host", "--api-key", "--jwt-secret"} <= flags
+    assert "SMAPWS_API_KEY" in out and "smapws publish --url" in " ".join(out.split())
+    code, _, err = run_main(capsys, monkeypatch, "demo", "--redis-url", "redis://x")
+    assert code == 2 and "unrecognized arguments: --redis-url" in err

@@ -38,6 +38,16 @@ def one_run(redis_url: str | None) -> tuple[float, float]:
     cmd = [sys.executable, "-m", "smapws", "serve"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
+    try:
+        return _timed(proc, env)
+    finally:
+        if proc.poll() is None:  # a failed run leaves no hub behind
+            proc.kill()
+            proc.wait()
+
+
+def _timed(proc: subprocess.Popen[str], env: dict[str, str]) -> tuple[float, float]:
+    assert proc.stderr is not None
     port = 0
     for line in proc.stderr:
         found = re.search(r"msg=listening .*port=(\d+)", line)

@@ -1,8 +1,9 @@
 """Configuration: environment variables and command-line flags, validated once.
 
-Every setting has an environment variable (the names are a contract, see the
-README) and a flag; a flag overrides the environment. :func:`load` returns a
-frozen :class:`Config` or raises :class:`ConfigError` whose message is one line
+Every setting has an environment variable (the names are a contract, see
+docs/reference/configuration.rst) and a flag; a flag overrides the
+environment. :func:`load` returns a frozen :class:`Config` or raises
+:class:`ConfigError` whose message is one line
 naming the variable. Secrets never appear in ``repr(config)`` or in errors.
 """
 
@@ -180,7 +181,7 @@ class _Option:
         return "--" + self.field.replace("_", "-")
 
 
-#: The settings, in README order. ``default=None`` means unset.
+#: The settings, in the order of docs/reference/configuration.rst. ``default=None`` means unset.
 OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
     _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
@@ -577,7 +578,7 @@ def redact_url(url: str) -> str:
 
 
 def shown_default(value: Any) -> str:
-    """A setting's default as ``--help`` and the README write it."""
+    """A setting's default as ``--help`` and the docs write it."""
     if value is None or value == ():
         return "unset"
     if isinstance(value, bool):

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from smapws._config import ConfigError, load, option_names, redact_url
+from smapws._config import ConfigError, load, redact_url
 
 SECRET = "s" * 32
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def _extension() -> ModuleType:
+    """docs/_ext/smapws_settings.py, the Sphinx extension that writes the table."""
+    spec = importlib.util.spec_from_file_location(
+        "smapws_settings", DOCS / "_ext/smapws_settings.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+settings = _extension()
 
 
 def test_defaults_and_embedded_broker() -> None:
@@ -93,10 +110,25 @@ def test_redact_url() -> None:
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
-def test_every_variable_is_in_the_readme() -> None:
-    readme = (Path(__file__).parent.parent / "README.rst").read_text()
-    missing = [name for name in option_names() if name not in readme]
-    assert not missing
+def test_every_variable_is_in_the_configuration_page() -> None:
+    """The page's table is generated from OPTIONS (docs/_ext/smapws_settings.py):
+    every setting has a row with its flag and default, and the page uses it."""
+    page = (DOCS / "reference" / "configuration.rst").read_text()
+    assert ".. smapws-settings::" in page
+    from smapws._config import OPTIONS, shown_default
+
+    table = "\n".join(settings.table_rst(settings.notes_of(_settings_content(page))))
+    for opt in OPTIONS:
+        row = (
+            f"   * - ``{opt.env}``\n     - ``{opt.flag}``\n     - ``{shown_default(opt.default)}``"
+        )
+        assert row in table, opt.env
+    assert table.count("   * - ``") == len(OPTIONS)
+
+
+def test_a_note_for_no_setting_fails_the_docs_build() -> None:
+    with pytest.raises(ValueError, match="SMAPWS_PROT"):
+        settings.notes_of(["SMAPWS_PROT", "   a note for a misspelt setting"])
 
 
 def test_cli_reports_one_line_and_exit_2() -> None:
@@ -122,41 +154,25 @@ def test_readme_renders_without_warnings() -> None:
     )
 
 
-def _readme() -> str:
-    return (Path(__file__).parent.parent / "README.rst").read_text()
+def _settings_content(page: str) -> list[str]:
+    """The content of the page's ``smapws-settings`` directive (its notes)."""
+    after = page.split(".. smapws-settings::\n", 1)[1]
+    lines = []
+    for line in after.splitlines():
+        if line and not line.startswith("   "):
+            break
+        lines.append(line[3:])
+    return lines
 
 
-def test_the_readme_configuration_table_is_the_code() -> None:
-    """Every row of the README's Configuration table names a setting the
-    code has, with its flag and its default (the README may explain a
-    default after it, ``unset (API off)``), and every setting has a row."""
-    import re
-
-    from smapws._config import OPTIONS, shown_default
-
-    text = _readme()
-    table = text[text.index(".. list-table::") : text.index("\nCommand line\n")]
-    rows = re.findall(r"   \* - ``(\w+)``\n     - ``(--[\w-]+)``\n     - (.+)\n", table)
-    readme = {env: (flag, default.replace("``", "")) for env, flag, default in rows}
-    assert len(readme) == len(rows)
-    assert set(readme) == {opt.env for opt in OPTIONS}
-    for opt in OPTIONS:
-        flag, default = readme[opt.env]
-        assert flag == opt.flag, opt.env
-        shown = shown_default(opt.default)
-        # SMAPWS_INTERNAL_HOST is unset in the code and means SMAPWS_HOST.
-        assert default in (shown, "SMAPWS_HOST") or default.startswith(f"{shown} ("), opt.env
-
-
-def test_the_readme_metrics_table_is_the_registry() -> None:
-    """Every ``websocket_*`` series the README's Metrics table names is one
+def test_the_metrics_page_is_the_registry() -> None:
+    """Every ``websocket_*`` series the Metrics page (docs/reference/metrics.rst) names is one
     the hub registers, and the other way round."""
     import re
 
     from smapws.metrics import Metrics
 
-    text = _readme()
-    table = text[text.index("\nMetrics\n=======\n") : text.index("\nLogs\n====\n")]
+    table = (DOCS / "reference" / "metrics.rst").read_text()
     documented = {name.removesuffix("_total") for name in re.findall(r"``(websocket_\w+)", table)}
     families = Metrics().registry.collect()
     registered = {f.name for f in families if f.name.startswith("websocket_")}

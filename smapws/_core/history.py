@@ -10,7 +10,7 @@ alike from the message itself, with no help from the publisher::
 ``n`` counts the identical messages (same channel, same bytes) that are still
 in this hub's window for the user: a message published twice gets two ids,
 and hubs that have seen the same messages over the window agree on both. The
-limits of that (hubs that joined late, windows that ended) are in the README
+limits of that (hubs that joined late, windows that ended) are in docs/design/recovery.rst
 ("Message ids and recovery"); :meth:`History.after` turns every case it can
 detect into a gap rather than a wrong replay.
 
@@ -51,7 +51,7 @@ ENTRY_OVERHEAD: Final = 590
 #: received it (``since_age`` larger than the entry's age) and still be
 #: taken at its word: delivery latency and the spread between hubs receiving
 #: the same message. Beyond it, the entry is a different message that reuses
-#: the id (see the README) and the answer is a gap.
+#: the id (see docs/design/recovery.rst) and the answer is a gap.
 AGE_TOLERANCE: Final = 2.0
 
 #: Largest ``since_age`` accepted (a week): larger values are certainly gaps

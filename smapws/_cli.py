@@ -17,10 +17,10 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from smapws import _log
-from smapws._config import Config, ConfigError, add_arguments, load
+from smapws._config import OPTIONS, Config, ConfigError, add_arguments, load, unknown_variables
 from smapws._core.auth import MAC_ALGORITHMS, mint_for
 from smapws._version import __version__
 from smapws.publisher import Publisher, PublishError
@@ -56,6 +56,24 @@ environment (the hub's own variables):
 """
 
 
+#: Settings ``smapws demo`` has no use for, so no flag: it runs on the
+#: embedded broker (Redis settings are dropped), in one process, with the
+#: demo on.
+DEMO_IGNORES: Final = frozenset(
+    {opt.field for opt in OPTIONS if opt.env.startswith("REDIS_")}
+    | {
+        "subscribe_mode",
+        "subscribe_linger",
+        "sharded_pubsub",
+        "redis_timeout",
+        "reconnect_max",
+        "probe_interval",
+        "workers",
+        "demo",
+    }
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="smapws", description="Real-time notification hub: Redis pub/sub to WebSockets."
@@ -71,9 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the hub with a live demo page at /demo (embedded broker)",
         description="Run the hub on the embedded broker with the demo page at /demo, a dev "
         "login and a simulated Project service. Listens on 127.0.0.1 unless SMAPWS_HOST "
-        "says otherwise; a random JWT_SECRET is made when none is set. Never in production.",
+        "says otherwise; a random JWT_SECRET is made when none is set. Never in production. "
+        "Redis, subscription-mode and worker settings do not apply (the embedded broker, one "
+        "process). To publish your own messages to the page, start it with SMAPWS_API_KEY "
+        "set and use `smapws publish --url` (the page shows the command).",
     )
-    add_arguments(demo)
+    add_arguments(demo, skip=DEMO_IGNORES)
 
     pub = sub.add_parser(
         "publish",
@@ -140,6 +161,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
+    for line in unknown_variables(os.environ):
+        print(f"smapws: warning: {line}", file=sys.stderr)
     if command == "publish":
         return _publish(args.user, args.mtype, args.payload, args.url)
     if command == "listen":

@@ -1,16 +1,19 @@
 """Configuration: environment variables and command-line flags, validated once.
 
-Every setting has an environment variable (the names are a contract, see the
-README) and a flag; a flag overrides the environment. :func:`load` returns a
-frozen :class:`Config` or raises :class:`ConfigError` whose message is one line
+Every setting has an environment variable (the names are a contract, see
+docs/reference/configuration.rst) and a flag; a flag overrides the
+environment. :func:`load` returns a frozen :class:`Config` or raises
+:class:`ConfigError` whose message is one line
 naming the variable. Secrets never appear in ``repr(config)`` or in errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +92,27 @@ def _csv(v: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in v.split(",") if p.strip())
 
 
+#: An allowed origin as a browser sends its ``Origin`` header: a scheme,
+#: ``://`` and a host[:port] (``*.domain`` too), no path. A bare
+#: ``localhost:5173`` would never equal any browser's Origin, so every browser
+#: would get 403: it is refused at start instead.
+_ORIGIN = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s@]+/?")
+
+
+def _origins(v: str) -> tuple[str, ...]:
+    entries = _csv(v)
+    for entry in entries:
+        if entry not in ("*", "null") and not _ORIGIN.fullmatch(entry):
+            scheme, sep, rest = entry.rpartition("//")
+            scheme = scheme.rstrip(":") if sep and scheme.rstrip(":") else "http"
+            host = rest.split("/", 1)[0] or "host"
+            raise ValueError(
+                f"expected scheme://host[:port] as a browser sends it (e.g. {scheme}://{host}), "
+                "* or null"
+            )
+    return entries
+
+
 #: The port a Sentinel listens on when ``REDIS_SENTINELS`` names none.
 SENTINEL_DEFAULT_PORT: Final = 26379
 #: The port a cluster node listens on when ``REDIS_CLUSTER_NODES`` names none.
@@ -158,7 +182,7 @@ class _Option:
         return "--" + self.field.replace("_", "-")
 
 
-#: The settings, in README order. ``default=None`` means unset.
+#: The settings, in the order of docs/reference/configuration.rst. ``default=None`` means unset.
 OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
     _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
@@ -255,9 +279,10 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option(
         "allowed_origins",
         "SMAPWS_ALLOWED_ORIGINS",
-        _csv,
+        _origins,
         (),
-        "comma list of allowed Origin values (unset: the same host only)",
+        "comma list of allowed Origin values, each scheme://host[:port] "
+        "(unset: the same host only)",
     ),
     _Option("ping_interval", "SMAPWS_PING_INTERVAL", _positive_float, 54.0, "ping period (s)"),
     _Option("pong_wait", "SMAPWS_PONG_WAIT", _positive_float, 60.0, "pong deadline (s)"),
@@ -550,7 +575,7 @@ def _join_hosts(hosts: tuple[tuple[str, int], ...]) -> str:
 
 
 def shown_default(value: Any) -> str:
-    """A setting's default as ``--help`` and the README write it."""
+    """A setting's default as ``--help`` and the docs write it."""
     if value is None or value == ():
         return "unset"
     if isinstance(value, bool):
@@ -562,12 +587,14 @@ def shown_default(value: Any) -> str:
     return str(value)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting to ``parser``. The parsed value is None when
-    the flag is not given (the environment, then the default, apply); the
-    help shows the default."""
+def add_arguments(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+    """Add one flag per setting to ``parser``, but those whose field is in
+    ``skip``. The parsed value is None when the flag is not given (the
+    environment, then the default, apply); the help shows the default."""
     group = parser.add_argument_group("settings (each flag overrides its environment variable)")
     for opt in OPTIONS:
+        if opt.field in skip:
+            continue
         text = f"{opt.help} " if opt.help else ""
         text += f"(default: {shown_default(opt.default)}) [env {opt.env}]"
         group.add_argument(
@@ -590,6 +617,13 @@ def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, A
         if raw is None or (raw == "" and opt.default is None):
             values[opt.field] = opt.default
             continue
+        if opt.parse is _str and not raw.strip():
+            # An empty SMAPWS_HOST binds every address and an empty
+            # JWT_USER_CLAIM would mean "sub": neither is what was written.
+            raise ConfigError(
+                f"{source}: must not be empty (unset it for the default "
+                f"{shown_default(opt.default)})"
+            )
         try:
             values[opt.field] = opt.parse(raw)
         except ValueError as exc:
@@ -673,6 +707,32 @@ def _check_internal(v: dict[str, Any]) -> None:
         )
 
 
+def _check_unused(v: dict[str, Any]) -> None:
+    """Refuse settings that the rest of the configuration makes unused, so a
+    value is never written and silently ignored."""
+    if (
+        v["redis_password"]
+        and v["redis_url"]
+        and not (v["redis_sentinels"] or v["redis_cluster_nodes"])
+    ):
+        raise ConfigError(
+            "REDIS_PASSWORD: not used with REDIS_URL; put it in the URL "
+            "(redis://:PASSWORD@host:6379/0) or use REDIS_HOST instead of REDIS_URL"
+        )
+    algorithms: tuple[str, ...] = v["jwt_algorithms"]
+    if algorithms and all(a in PUBLIC_KEY_ALGORITHMS for a in algorithms) and v["jwt_secret"]:
+        raise ConfigError(
+            f"JWT_SECRET: not used with JWT_ALGORITHMS={','.join(algorithms)} (public-key "
+            "algorithms verify with JWT_PUBLIC_KEY_FILE); unset one of them"
+        )
+    if algorithms and all(a in MAC_ALGORITHMS for a in algorithms) and v["jwt_public_key_file"]:
+        raise ConfigError(
+            f"JWT_PUBLIC_KEY_FILE: not used with JWT_ALGORITHMS={','.join(algorithms)} "
+            "(HS* algorithms verify with JWT_SECRET); set JWT_ALGORITHMS=RS256 (or the "
+            "key's algorithm) or unset JWT_PUBLIC_KEY_FILE"
+        )
+
+
 def _check_modes(v: dict[str, Any]) -> None:
     if v["redis_cluster_nodes"] and v["redis_sentinels"]:
         raise ConfigError(
@@ -728,6 +788,7 @@ def load(
             "(comma list of Sentinel host:port)"
         )
     _check_internal(v)
+    _check_unused(v)
     _check_modes(v)
     fields = {f for f in Config.__dataclass_fields__}
     kwargs = {k: val for k, val in v.items() if k in fields}
@@ -748,3 +809,31 @@ def load(
 def option_names() -> Sequence[str]:
     """Every environment variable name smapws reads."""
     return [opt.env for opt in OPTIONS]
+
+
+#: ``SMAPWS_*`` names read by the tools around the hub (the test suite), not
+#: settings: no warning for them.
+TOOL_VARIABLES: Final = ("SMAPWS_PYTHON2", "SMAPWS_AUTOBAHN_CACHE", "SMAPWS_FUZZ_SEED")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """One warning line for each ``SMAPWS_*`` variable in ``env`` that is no
+    setting (a misspelt ``SMAPWS_PROT=9000`` would otherwise be ignored
+    without a word), naming the closest setting when one is close. Values
+    are never shown (the variable may hold a secret)."""
+    known = option_names()
+    lines = []
+    for name in sorted(env):
+        if not name.startswith("SMAPWS_") or name in known or name in TOOL_VARIABLES:
+            continue
+        # Compared without the prefix every name shares (it would make any
+        # SMAPWS_X look close to every setting).
+        suffixes = {k.removeprefix("SMAPWS_"): k for k in known}
+        close = difflib.get_close_matches(name.removeprefix("SMAPWS_"), suffixes, n=1)
+        hint = (
+            f"did you mean {suffixes[close[0]]}?"
+            if close
+            else "`smapws serve --help` lists the settings"
+        )
+        lines.append(f"{name} is not a setting and is ignored ({hint})")
+    return lines

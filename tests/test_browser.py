@@ -8,6 +8,9 @@ tests/tcpbalancer.py. Run with ``-s`` to see the measured figures.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -384,6 +387,53 @@ def test_demo_page_bars_move(
     shot = tmp_path / "demo.png"
     page.screenshot(path=str(shot))
     assert shot.stat().st_size > 10_000
+    page.context.close()
+
+
+def test_demo_page_shows_finished_bars_apart_and_how_to_send_a_message(
+    browser: Any, hubs: list[HubProcess], tmp_path: Path
+) -> None:
+    """What a newcomer looks for on the demo page: finished bars (DONE,
+    FAILED) are not the running ones' colour, "Drop connection" is only
+    offered while connected, and the command the page shows for sending
+    your own message works as printed."""
+    hub = HubProcess(tmp_path, command="demo", SMAPWS_API_KEY="dev-key")
+    hubs.append(hub)
+    hub.start()
+    page = browser.new_context(viewport={"width": 960, "height": 900}).new_page()
+    page.goto(f"http://127.0.0.1:{hub.port}/demo")
+    page.wait_for_function("document.getElementById('state').textContent === 'open'")
+    assert not page.is_disabled("#blip")
+
+    page.wait_for_selector(
+        '.project[data-status="DONE"], .project[data-status="FAILED"]', timeout=40_000
+    )
+    bars: list[list[str]] = page.evaluate(
+        "[...document.querySelectorAll('.project')].map((r) => "
+        "[r.dataset.status, getComputedStyle(r.querySelector('progress')).accentColor])"
+    )
+    finished = {colour for status, colour in bars if status in ("DONE", "FAILED")}
+    running = {colour for status, colour in bars if status not in ("DONE", "FAILED")}
+    assert finished and running and not finished & running, bars
+
+    command = page.inner_text("#send-command")
+    user = page.inner_text("#user").removeprefix("logged in as ")
+    assert f"--user {user} " in command and f"--url http://127.0.0.1:{hub.port} " in command
+    smapws = f"{sys.executable} -m smapws"
+    sent = subprocess.run(
+        ["bash", "-c", command.replace(" smapws publish ", f" {smapws} publish ", 1)],
+        env={"PATH": os.environ["PATH"]},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+    wait_for(lambda: "Hello: sent by hand" in page.inner_text("#notifications"), 10, "it arrives")
+
+    page.click("#toggle")
+    page.wait_for_function("document.getElementById('state').textContent === 'closed'")
+    assert page.is_disabled("#blip")
     page.context.close()
 
 

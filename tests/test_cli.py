@@ -181,4 +181,77 @@ async def test_publish_through_a_hubs_http_api(nursery: trio.Nursery) -> None:
         )
     )  # fmt: skip
     assert refused.returncode == 1
-    assert refused.stderr == f"smapws: publish to {url} refused: HTTP 401 bad_api_key\n"
+    assert refused.stderr == (
+        f"smapws: publish to {url} refused: HTTP 401 bad_api_key "
+        "(SMAPWS_API_KEY here is not the hub's)\n"
+    )
+
+
+async def test_publish_to_the_public_port_of_a_split_hub_says_to_use_the_internal_one(
+    nursery: trio.Nursery,
+) -> None:
+    """The public port of a hub with SMAPWS_INTERNAL_PORT serves no publish
+    API: the refusal says so once (no doubled "404 404") and what to do, and
+    the internal port it names then works."""
+    hub: Server = await nursery.start(serve, make_config(SMAPWS_INTERNAL_PORT=0))
+    args = ("publish", "--user", "p1", "--type", "alert")
+    env = {"SMAPWS_API_KEY": API_KEY, "SMAPWS_HOST": "127.0.0.1"}
+    public = await trio.to_thread.run_sync(lambda: smapws(*args, SMAPWS_PORT=str(hub.port), **env))
+    assert public.returncode == 1
+    assert public.stderr == (
+        f"smapws: publish to http://127.0.0.1:{hub.port} refused: HTTP 404 Not Found (no "
+        "publish API at this address; a hub with SMAPWS_INTERNAL_PORT serves /api/publish "
+        "only on that port: set SMAPWS_INTERNAL_PORT here to the hub's, or give that "
+        "port's URL (--url))\n"
+    )
+    internal = await trio.to_thread.run_sync(
+        lambda: smapws(*args, SMAPWS_INTERNAL_PORT=str(hub.internal_port), **env)
+    )
+    assert internal.returncode == 0, internal.stderr
+    assert json.loads(internal.stdout)["status"] == "accepted"
+
+
+def test_publish_to_a_port_nobody_listens_on_says_what_to_check() -> None:
+    out = smapws(
+        "publish", "--user", "u1", "--type", "n",
+        SMAPWS_API_KEY=API_KEY, SMAPWS_PORT=str(free_port()),
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert len(out.stderr.splitlines()) == 1
+    assert "ConnectionRefusedError" in out.stderr
+    assert out.stderr.rstrip().endswith(
+        "(no hub listens there: start one, or say where it is with SMAPWS_HOST and "
+        "SMAPWS_INTERNAL_PORT or SMAPWS_PORT, or --url)"
+    )
+
+
+def test_a_misspelt_variable_gets_one_warning_naming_the_setting() -> None:
+    """SMAPWS_PROT=9000 would be ignored without a word: one warning line
+    names SMAPWS_PORT (and never the value), and the command still runs."""
+    out = smapws(
+        "token", "--user", "u1", JWT_SECRET=SECRET, SMAPWS_PROT="9000",
+        SMAPWS_NOT_A_THING_AT_ALL="s3cret-value", SMAPWS_FUZZ_SEED="1",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "smapws: warning: SMAPWS_NOT_A_THING_AT_ALL is not a setting and is ignored "
+        "(`smapws serve --help` lists the settings)",
+        "smapws: warning: SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
+    ]
+    assert jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])["sub"] == "u1"
+
+
+def test_demo_help_lists_no_setting_the_demo_ignores(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo runs on the embedded broker in one process: its help lists
+    no Redis, subscription-mode or worker flag, and such a flag is refused."""
+    _, out, _ = run_main(capsys, monkeypatch, "demo", "--help")
+    flags = flags_in(out)
+    for flag in ("--redis-url", "--redis-host", "--redis-sentinels", "--subscribe-mode",
+                 "--sharded-pubsub", "--workers", "--demo", "--reconnect-max"):  # fmt: skip
+        assert flag not in flags, flag
+    assert {"--port", "--host", "--api-key", "--jwt-secret"} <= flags
+    assert "SMAPWS_API_KEY" in out and "smapws publish --url" in " ".join(out.split())
+    code, _, err = run_main(capsys, monkeypatch, "demo", "--redis-url", "redis://x")
+    assert code == 2 and "unrecognized arguments: --redis-url" in err

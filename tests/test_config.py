@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from smapws._config import ConfigError, load, option_names, redact_url
+from smapws._config import ConfigError, load, redact_url
 
 SECRET = "s" * 32
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def _extension() -> ModuleType:
+    """docs/_ext/smapws_settings.py, the Sphinx extension that writes the table."""
+    spec = importlib.util.spec_from_file_location(
+        "smapws_settings", DOCS / "_ext/smapws_settings.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+settings = _extension()
 
 
 def test_defaults_and_embedded_broker() -> None:
@@ -93,10 +110,25 @@ def test_redact_url() -> None:
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
 
 
-def test_every_variable_is_in_the_readme() -> None:
-    readme = (Path(__file__).parent.parent / "README.rst").read_text()
-    missing = [name for name in option_names() if name not in readme]
-    assert not missing
+def test_every_variable_is_in_the_configuration_page() -> None:
+    """The page's table is generated from OPTIONS (docs/_ext/smapws_settings.py):
+    every setting has a row with its flag and default, and the page uses it."""
+    page = (DOCS / "reference" / "configuration.rst").read_text()
+    assert ".. smapws-settings::" in page
+    from smapws._config import OPTIONS, shown_default
+
+    table = "\n".join(settings.table_rst(settings.notes_of(_settings_content(page))))
+    for opt in OPTIONS:
+        row = (
+            f"   * - ``{opt.env}``\n     - ``{opt.flag}``\n     - ``{shown_default(opt.default)}``"
+        )
+        assert row in table, opt.env
+    assert table.count("   * - ``") == len(OPTIONS)
+
+
+def test_a_note_for_no_setting_fails_the_docs_build() -> None:
+    with pytest.raises(ValueError, match="SMAPWS_PROT"):
+        settings.notes_of(["SMAPWS_PROT", "   a note for a misspelt setting"])
 
 
 def test_cli_reports_one_line_and_exit_2() -> None:
@@ -122,41 +154,25 @@ def test_readme_renders_without_warnings() -> None:
     )
 
 
-def _readme() -> str:
-    return (Path(__file__).parent.parent / "README.rst").read_text()
+def _settings_content(page: str) -> list[str]:
+    """The content of the page's ``smapws-settings`` directive (its notes)."""
+    after = page.split(".. smapws-settings::\n", 1)[1]
+    lines = []
+    for line in after.splitlines():
+        if line and not line.startswith("   "):
+            break
+        lines.append(line[3:])
+    return lines
 
 
-def test_the_readme_configuration_table_is_the_code() -> None:
-    """Every row of the README's Configuration table names a setting the
-    code has, with its flag and its default (the README may explain a
-    default after it, ``unset (API off)``), and every setting has a row."""
-    import re
-
-    from smapws._config import OPTIONS, shown_default
-
-    text = _readme()
-    table = text[text.index(".. list-table::") : text.index("\nCommand line\n")]
-    rows = re.findall(r"   \* - ``(\w+)``\n     - ``(--[\w-]+)``\n     - (.+)\n", table)
-    readme = {env: (flag, default.replace("``", "")) for env, flag, default in rows}
-    assert len(readme) == len(rows)
-    assert set(readme) == {opt.env for opt in OPTIONS}
-    for opt in OPTIONS:
-        flag, default = readme[opt.env]
-        assert flag == opt.flag, opt.env
-        shown = shown_default(opt.default)
-        # SMAPWS_INTERNAL_HOST is unset in the code and means SMAPWS_HOST.
-        assert default in (shown, "SMAPWS_HOST") or default.startswith(f"{shown} ("), opt.env
-
-
-def test_the_readme_metrics_table_is_the_registry() -> None:
-    """Every ``websocket_*`` series the README's Metrics table names is one
+def test_the_metrics_page_is_the_registry() -> None:
+    """Every ``websocket_*`` series the Metrics page (docs/reference/metrics.rst) names is one
     the hub registers, and the other way round."""
     import re
 
     from smapws.metrics import Metrics
 
-    text = _readme()
-    table = text[text.index("\nMetrics\n=======\n") : text.index("\nLogs\n====\n")]
+    table = (DOCS / "reference" / "metrics.rst").read_text()
     documented = {name.removesuffix("_total") for name in re.findall(r"``(websocket_\w+)", table)}
     families = Metrics().registry.collect()
     registered = {f.name for f in families if f.name.startswith("websocket_")}
@@ -164,3 +180,80 @@ def test_the_readme_metrics_table_is_the_registry() -> None:
     supervisor = (Path(__file__).parent.parent / "smapws/_io/supervisor.py").read_text()
     registered |= set(re.findall(r'"(websocket_\w+)"', supervisor))
     assert documented == registered
+
+
+@pytest.mark.parametrize(
+    ("origins", "hint"),
+    [
+        ("localhost:5173", "http://localhost:5173"),
+        ("http://ok.example, app.example.com", "http://app.example.com"),
+        ("https://app.example.com/path", "https://app.example.com"),
+        ("//app.example.com", "http://app.example.com"),
+    ],
+)
+def test_an_origin_without_a_scheme_is_refused(origins: str, hint: str) -> None:
+    """No browser sends ``Origin: localhost:5173``: such an entry would make
+    every browser's upgrade a 403, so the hub refuses to start."""
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, "SMAPWS_ALLOWED_ORIGINS": origins})
+    assert str(info.value) == (
+        "SMAPWS_ALLOWED_ORIGINS: expected scheme://host[:port] as a browser sends it "
+        f"(e.g. {hint}), * or null, got {origins!r}"
+    )
+
+
+def test_origins_as_browsers_send_them_are_taken() -> None:
+    value = "http://localhost:5173, https://*.example.com, https://a.example:8443/, *, null"
+    cfg = load({"JWT_SECRET": SECRET, "SMAPWS_ALLOWED_ORIGINS": value})
+    assert cfg.allowed_origins == (
+        "http://localhost:5173", "https://*.example.com", "https://a.example:8443/", "*", "null",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["SMAPWS_HOST", "JWT_USER_CLAIM", "SMAPWS_CHANNEL_PREFIX"])
+def test_an_empty_value_with_a_default_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{name}: must not be empty \\(unset it for"):
+        load({"JWT_SECRET": SECRET, name: " "})
+
+
+def test_settings_the_rest_makes_unused_are_refused(tmp_path: Path) -> None:
+    """A value that would be silently ignored is refused, naming what to do."""
+    with pytest.raises(ConfigError, match=r"^REDIS_PASSWORD: not used with REDIS_URL; put it"):
+        load({"JWT_SECRET": SECRET, "REDIS_URL": "redis://h:6379/0", "REDIS_PASSWORD": "pw"})
+    # With Sentinel, REDIS_PASSWORD is the master's: taken.
+    load({"JWT_SECRET": SECRET, "REDIS_SENTINELS": "s:26379", "REDIS_SENTINEL_MASTER": "m",
+          "REDIS_URL": "redis://h:6379/0", "REDIS_PASSWORD": "pw"})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY_FILE: not used with JWT_ALGORITHMS="):
+        load({"JWT_SECRET": SECRET, "JWT_PUBLIC_KEY_FILE": str(tmp_path / "k.pem")})
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (tmp_path / "k.pem").write_bytes(pem)
+    env = {"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(tmp_path / "k.pem")}
+    assert load(env).auth is not None
+    with pytest.raises(ConfigError) as info:
+        load({**env, "JWT_SECRET": SECRET})
+    assert str(info.value).startswith("JWT_SECRET: not used with JWT_ALGORITHMS=ES256")
+    assert SECRET not in str(info.value)
+
+
+def test_unknown_variables_name_the_closest_setting() -> None:
+    from smapws._config import unknown_variables
+
+    assert unknown_variables(
+        {
+            "SMAPWS_PROT": "9000",
+            "SMAPWS_REDIS_URL": "redis://x",
+            "SMAPWS_PORT": "1",
+            "REDIS_URLX": "ignored: not ours",
+            "SMAPWS_PYTHON2": "/usr/bin/python2",
+        }
+    ) == [
+        "SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
+        "SMAPWS_REDIS_URL is not a setting and is ignored (did you mean REDIS_URL?)",
+    ]

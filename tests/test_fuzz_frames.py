@@ -36,15 +36,15 @@ from .test_websocket import UPGRADE_HEAD
 
 
 def _documented_close_codes() -> frozenset[int]:
-    """The codes of the README's "Close codes" table, but those it says are
-    never sent (1006): read from the README so the two cannot drift."""
-    readme = (Path(__file__).parent.parent / "README.rst").read_text()
-    table = readme.split("\nClose codes\n", 1)[1].split("\n\n\n", 1)[0]
+    """The codes of the "Close codes" page's table, but those it says are
+    never sent (1006): read from docs/reference/close-codes.rst so the two
+    cannot drift."""
+    table = (Path(__file__).parent.parent / "docs/reference/close-codes.rst").read_text()
     rows = re.findall(r"^(\d{4})  +(.*)$", table, flags=re.M)
     return frozenset(int(code) for code, text in rows if "never sent" not in text)
 
 
-#: The close codes the hub sends of its own accord (README, "Close codes").
+#: The close codes the hub sends of its own accord (docs/reference/close-codes.rst).
 HUB_CLOSE_CODES: Final = _documented_close_codes()
 PING_INTERVAL: Final = 54.0
 PONG_WAIT: Final = 60.0

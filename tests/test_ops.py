@@ -1147,7 +1147,7 @@ def test_kubernetes_ingress_routes_only_the_websocket_and_client_with_long_timeo
     assert {r["host"] for r in ingress["spec"]["rules"]} <= tls_hosts, "TLS ends here"
 
 
-def test_kubernetes_image_is_the_one_the_readme_builds() -> None:
+def test_kubernetes_image_is_the_one_the_operations_page_builds() -> None:
     k = kube()
     image = _container(k)["image"]
     (override,) = k["Kustomization"]["images"]
@@ -1155,7 +1155,7 @@ def test_kubernetes_image_is_the_one_the_readme_builds() -> None:
     assert override["newTag"] == __version__
     pushed = f"{override['newName']}:{override['newTag']}"
     assert "/" in override["newName"], "a registry: a cluster cannot pull a local image"
-    readme = (ROOT / "README.rst").read_text()
+    readme = (ROOT / "docs" / "operations.rst").read_text()
     assert f"build -t {pushed} -f Containerfile ." in readme
     assert f"push {pushed}" in readme
     assert f"kustomize edit set image {override['name']}={pushed}" in readme

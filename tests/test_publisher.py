@@ -457,10 +457,14 @@ async def test_http_api_refusals(nursery: trio.Nursery) -> None:
 
     bad_key = await trio.to_thread.run_sync(attempt, hub.port, "not-the-key-42")
     assert bad_key.status == 401
-    assert str(bad_key) == f"publish to http://127.0.0.1:{hub.port} refused: HTTP 401 bad_api_key"
+    assert str(bad_key) == (
+        f"publish to http://127.0.0.1:{hub.port} refused: HTTP 401 bad_api_key "
+        "(SMAPWS_API_KEY here is not the hub's)"
+    )
     assert "not-the-key-42" not in str(bad_key)
     disabled = await trio.to_thread.run_sync(attempt, off.port, API_KEY)
     assert (disabled.status, disabled.reason) == (404, "HTTP 404 publish_api_disabled")
+    assert disabled.hint == "the hub has no SMAPWS_API_KEY: set one there (the same here)"
 
 
 def test_the_api_key_does_not_follow_a_redirect() -> None:

@@ -156,6 +156,10 @@ async def test_unreachable_redis_at_start_then_recovers(
         assert health["subscriber"]["backend"] == "redis"
         assert health["subscriber"]["status"] in ("connecting", "down")
         assert "Error" in (health["subscriber"]["last_error"] or "")
+        # Down since start: counted from then, not null.
+        down_for = health["subscriber"]["down_for_s"]
+        assert isinstance(down_for, float) and 0.3 <= down_for < 30
+        assert health["subscriber"]["connected_for_s"] is None
         assert (await http(server.port, "GET", "/ready")).status == 503
         assert metric(server, "websocket_subscriber_up") == 0
         reconnects_while_down = metric(server, "websocket_subscriber_reconnects_total")
@@ -164,7 +168,8 @@ async def test_unreachable_redis_at_start_then_recovers(
         async with connect(server, "late_user") as ws:
             late.start()
             await wait_ready(server)
-            assert (await http(server.port, "GET", "/ready")).status == 200
+            ready = await http(server.port, "GET", "/ready")
+            assert ready.status == 200 and ready.json()["subscriber"]["down_for_s"] is None
             assert metric(server, "websocket_subscriber_up") == 1
             late.publish("late_user", {"type": "notification", "payload": {"n": 1}})
             assert (await receive_json(ws))["payload"] == {"n": 1}

@@ -10,8 +10,10 @@ import sys
 import time
 
 import jwt
+import pytest
 import trio
 import trio.lowlevel
+import trio.testing
 
 from smapws import Server, serve
 
@@ -174,3 +176,33 @@ async def test_drain_spreads_the_closes_over_the_window(
         # Nobody completes the close handshake here: the drain gives up at
         # SMAPWS_DRAIN_TIMEOUT and cancels the hub.
     assert trio.current_time() - start == 30
+
+
+@pytest.fixture
+def idle_jump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only once the hub has been idle for half a
+    real second: real sockets work as usual, while any timed wait left on
+    the way out (a linger, a close deadline) is skipped to and shows as
+    virtual time passed."""
+    return trio.testing.MockClock(autojump_threshold=0.5)
+
+
+async def test_serve_returns_the_moment_it_has_drained(
+    idle_jump_clock: trio.testing.MockClock,
+) -> None:
+    """After a health check, a publish, a tab that came and went and a
+    socket that sent nothing, a drain with no connection left ends serve()
+    with no virtual time passed: the exit waits for no deadline."""
+    server: Server
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, make_config(SMAPWS_API_KEY="drain-key-0123456789"))
+        assert (await http(server.port, "GET", "/health")).status == 200
+        async with connect(server, "u1"):
+            await wait_connections(server, 1)
+        await wait_connections(server, 0)
+        idle = await trio.open_tcp_stream("127.0.0.1", server.port)
+        await trio.lowlevel.checkpoint()
+        start = trio.current_time()
+        server.drain()
+    assert trio.current_time() - start == 0
+    await idle.aclose()

@@ -168,8 +168,36 @@ def api_result(status: int, body: bytes) -> tuple[int | None, str]:
     if isinstance(obj, dict) and isinstance(obj.get("error"), str):
         detail = obj["error"]
     else:
-        detail = body[:100].decode("utf-8", "replace")
+        detail = body[:100].decode("utf-8", "replace").strip()
+        # A plain body that repeats the status line ("404 Not Found") once.
+        detail = detail.removeprefix(f"{status} ")
     return None, one_line(f"HTTP {status} {detail}".strip())
+
+
+#: What to do about each refusal of the publish API, by its ``error`` word.
+_API_HINTS: Final = {
+    "bad_api_key": "SMAPWS_API_KEY here is not the hub's",
+    "publish_api_disabled": "the hub has no SMAPWS_API_KEY: set one there (the same here)",
+    "broker_unavailable": "the hub cannot reach Redis; its /ready says since when",
+    "too_large": "the message is larger than the hub's SMAPWS_MAX_MESSAGE_BYTES",
+}
+
+
+def api_hint(status: int, reason: str) -> str:
+    """What to do about the refusal ``(status, reason)`` that
+    :func:`api_result` returned, or ``""``. A 404 that is not the hub's
+    own word means the address serves no publish API: with
+    ``SMAPWS_INTERNAL_PORT`` set, a hub serves it on that port alone."""
+    word = reason.rsplit(" ", 1)[-1]
+    if word in _API_HINTS:
+        return _API_HINTS[word]
+    if status == 404:
+        return (
+            "no publish API at this address; a hub with SMAPWS_INTERNAL_PORT serves "
+            "/api/publish only on that port: set SMAPWS_INTERNAL_PORT here to the hub's, "
+            "or give that port's URL (--url)"
+        )
+    return ""
 
 
 def one_line(text: str, limit: int = 200) -> str:

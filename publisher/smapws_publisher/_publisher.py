@@ -112,7 +112,10 @@ class PublishRefused(PublishError):
     def __init__(self, server: str, reason: str, status: int) -> None:
         super().__init__(server, reason)
         self.status = status
-        self.args = (f"publish to {server} refused: {reason}",)
+        #: What to do about it (``""`` when nothing obvious).
+        self.hint = core.api_hint(status, reason)
+        hint = f" ({self.hint})" if self.hint else ""
+        self.args = (f"publish to {server} refused: {reason}{hint}",)
 
 
 _R = TypeVar("_R")
@@ -368,6 +371,11 @@ class _Methods(Generic[_R, _C]):
         reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
         if isinstance(exc, TimeoutError | redis.TimeoutError):
             reason += f" (no answer within {self._timeout:g} s)"
+        elif isinstance(exc, ConnectionRefusedError) and self.transport == "api":
+            reason += (
+                " (no hub listens there: start one, or say where it is with SMAPWS_HOST and "
+                "SMAPWS_INTERNAL_PORT or SMAPWS_PORT, or --url)"
+            )
         return PublishError(self.server, core.one_line(reason))
 
     def _post(self, user_id: str | int, data: bytes) -> int:

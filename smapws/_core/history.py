@@ -39,7 +39,7 @@ ENTRY_OVERHEAD: Final = 590
 #: received it (``since_age`` larger than the entry's age) and still be
 #: taken at its word: delivery latency and the spread between hubs receiving
 #: the same message. Beyond it, the entry is a different message that reuses
-#: the id (see the README) and the answer is a gap.
+#: the id (see docs/design/recovery.rst) and the answer is a gap.
 AGE_TOLERANCE: Final = 2.0
 
 #: Largest ``since_age`` accepted (a week): larger values are certainly gaps

@@ -2,7 +2,7 @@
 
 Progress updates are a stream where only the latest value matters;
 completions, notifications and alerts are events where every one matters.
-The queue treats them so (see the README's "Delivery" table):
+The queue treats them so (see the "Delivery" table of docs/design/delivery.rst):
 
 - While the queue is below ``high_water`` every message is appended: a
   connection that keeps up receives every progress update, one by one.

@@ -38,7 +38,7 @@ from smapws._log import fields, logger
 if TYPE_CHECKING:
     from smapws._io.app import App
 
-# Close codes (RFC 6455 §7.4.1), the contract in the README.
+# Close codes (RFC 6455 §7.4.1), the contract in docs/reference/close-codes.rst.
 NORMAL: Final = 1000
 GOING_AWAY: Final = 1001
 POLICY: Final = 1008

@@ -215,7 +215,8 @@ async def _tick(app: App, users: dict[str, _User], rng: random.Random) -> None:
         if state.count == 0:
             welcome = {
                 "title": "Welcome",
-                "message": f"the simulated Project service runs {RUNNING} projects for you",
+                "message": f"the simulated Project service keeps {RUNNING} projects running "
+                "for you, a new one in place of each that finishes",
                 "level": "info",
             }
             await app.broker.publish(channel, encode_message("notification", welcome))

@@ -456,11 +456,15 @@ def log_listening(config: Config, port: int, internal_port: int | None, **detail
     where: dict[str, object] = {}
     if internal_port is not None and config.internal_address is not None:
         where = {"internal_host": config.internal_address[0], "internal_port": internal_port}
+    # Where to point a browser or curl on this machine (0.0.0.0 is no address to visit).
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
     logger.info(
         "listening",
         extra=fields(
             host=config.host,
             port=port,
+            url=f"http://{host}:{port}",
             **where,
             **detail,
             redis=config.redis_url_redacted or "-",

@@ -27,7 +27,7 @@
  * module imports anywhere (server-side rendering, tests in Node).
  */
 
-/** Close codes the hub sends (README "Close codes"). */
+/** Close codes the hub sends (docs/reference/close-codes.rst). */
 export const CloseCode = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001, // the hub drains (deploy): reconnect, elsewhere

@@ -339,6 +339,9 @@ class RedisBroker:
         self._connected_at: float | None = None
         self._subscribed_at: float | None = None
         self._lost_at: float | None = None
+        #: When :meth:`run` began: the subscription is down since then until
+        #: it is first subscribed (``down_for_s`` counts from here).
+        self._started_at: float | None = None
         self._server: str | None = None
         self._probe_rtt: float | None = None
         #: Cluster nodes to try, in turn (a :class:`ClusterTarget` only).
@@ -363,6 +366,8 @@ class RedisBroker:
         """The ``subscriber`` object of ``/health``; never holds a password."""
         now = trio.current_time()
         up, lost = self._connected_at, self._lost_at
+        if lost is None and self._subscribed_at is None:
+            lost = self._started_at  # never subscribed yet: down since start
         channels = self.channels
         return {
             "backend": self.backend,
@@ -405,6 +410,7 @@ class RedisBroker:
         no parser foresaw), after ``on_error(exc)`` (this loop is the
         broker's barrier)."""
         task_status.started()
+        self._started_at = trio.current_time()
         attempt = 0
         while True:
             self._status = "connecting"

@@ -1,7 +1,7 @@
 """Run the smapws benchmark: every workload against each hub, side by side.
 
 ``python -m bench.run`` (or ``python bench/run.py``) measures, for each hub named in
-``--hubs`` (``smapws``, ``baseline``, ``go``, ``node``, ``floor``; see
+``--hubs`` (``smapws``, ``baseline``, ``go``, ``centrifuge``, ``node``, ``floor``; see
 :mod:`bench.peers`), in one process tree it owns and cleans up:
 
 - **W4 connect storm**: authenticated handshakes per second until all connections
@@ -465,7 +465,13 @@ class HubBench:
         mark_all(None)
         t0 = time.monotonic()
         storm = loadgen.connect(
-            HOST, port, users, secret, max_inflight=plan.max_inflight, deadline_s=180
+            HOST,
+            port,
+            users,
+            secret,
+            protocol=peers.protocol(self.name),
+            max_inflight=plan.max_inflight,
+            deadline_s=180,
         )
         cpu = mark_all(time.monotonic() - t0)
         self._check_hub()
@@ -670,6 +676,7 @@ SUMMARY_ROWS: list[tuple[str, str, bool]] = [
 RATIOS: list[tuple[str, str, str]] = [
     ("smapws/baseline", "smapws", "baseline"),
     ("smapws/go", "smapws", "go"),
+    ("smapws/centrifuge", "smapws", "centrifuge"),
 ]
 
 
@@ -705,7 +712,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{figure: {hub: value, ..., "ratio": smapws/baseline, "ratio_go": smapws/go}}``,
+    """``{figure: {hub: value, ..., "ratio": smapws/baseline, "ratio_go": smapws/go,
+    "ratio_centrifuge": smapws/centrifuge}}``,
     plus ``x_floor`` (each hub's CPU per delivery over the floor's) and ``limits``
     (what limited each hub's throughput figures)."""
     sums = {name: summarize(result) for name, result in hubs.items()}
@@ -714,6 +722,7 @@ def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {name: s[key] for name, s in sums.items()}
         row["ratio"] = _ratio(row.get("smapws"), row.get("baseline"))
         row["ratio_go"] = _ratio(row.get("smapws"), row.get("go"))
+        row["ratio_centrifuge"] = _ratio(row.get("smapws"), row.get("centrifuge"))
         out[key] = row
     cpu = out["w1_cpu_us_per_delivery"]
     out["x_floor"] = {name: _ratio(cpu.get(name), cpu.get("floor")) for name in sums}
@@ -822,7 +831,7 @@ def plot(hubs: dict[str, dict[str, Any]], path: Path) -> bool:
             for k in ("p99_ms", "p50_ms"):
                 if s[k] is not None:
                     ceiling = max(ceiling, s[k])
-    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:gray")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:gray")
     for (name, result), color in zip(hubs.items(), colors, strict=False):
         steps = (result.get("w1_routed") or {}).get("steps", [])
         if not steps:
@@ -875,7 +884,7 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             peers_versions[name] = out.stdout.strip() or None
-    for package in peers.GO_PACKAGES[1:]:
+    for package in peers.CENTRIFUGE_PACKAGES[1:]:
         peers_versions[package] = None
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(

@@ -23,9 +23,9 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-# The Go and Node peers are installed (apt-get, npm ci) and built by the run itself,
-# as on a fresh machine: the first of these cases may take a minute longer.
-@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "node"])
+# The Go, Centrifuge and Node peers are installed (apt-get, npm ci) and built by the
+# run itself, as on a fresh machine: the first of these cases may take a minute longer.
+@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "centrifuge", "node"])
 def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--quick", "--hubs", hub, "--out", str(tmp_path)],
@@ -147,3 +147,48 @@ def test_percentiles_count_missing_deliveries_as_late() -> None:
     assert (complete["p50_ms"], complete["p99_ms"], complete["max_ms"]) == (50.0, 99.0, 100.0)
     lossy = percentiles([1_000_000] * 98, expected=100)
     assert lossy["lost"] == 2 and lossy["p50_ms"] == 1.0 and lossy["p99_ms"] is None
+
+
+def test_centrifuge_frames_are_counted_by_message() -> None:
+    """Centrifuge batches the pushes queued for a connection into one frame,
+    newline-delimited: each is one delivery (and its connect reply none)."""
+    import multiprocessing
+
+    from bench.loadgen import _Client, _Worker
+    from bench.publisher import encode_message
+    from bench.wsclient import centrifuge_connect_reply
+
+    assert centrifuge_connect_reply(b'{"id":1,"result":{"client":"c","version":"0.15"}}')
+    assert not centrifuge_connect_reply(b'{"id":1,"error":{"code":101,"message":"unauthorized"}}')
+    assert not centrifuge_connect_reply(b'{"result":{"channel":"user_noti:u","data":{}}}')
+    assert not centrifuge_connect_reply(b"not json")
+
+    def push(seq: int) -> bytes:
+        data = encode_message(3, seq, 1_000)
+        return b'{"result":{"channel":"user_noti:bench1","data":{"data":' + data + b"}}}\n"
+
+    ctl, other = multiprocessing.Pipe()
+    try:
+        worker = _Worker(ctl)
+        worker._record = worker._record_batched
+        client = _Client(0)
+        batch = push(1) + push(2) + push(3)
+        # Padded so that the frame's length ends in a newline byte (0x0a): the
+        # header must not be read as a message boundary.
+        batch = batch[:-1] + b" " * ((10 - len(batch)) % 256) + b"\n"
+        single = push(4)[:-1]  # a lone push, without the trailing newline
+
+        def frame(payload: bytes) -> bytes:
+            return bytes([0x81, 126]) + len(payload).to_bytes(2, "big") + payload
+
+        assert frame(batch)[3] == 0x0A
+        worker._on_data(client, frame(batch) + frame(single), now=5_000)
+        # The fast path hands the frame over with its header still on.
+        worker._record(frame(batch), 6_000)
+    finally:
+        ctl.close()
+        other.close()
+    samples = list(worker.samples[3])
+    assert samples[0::2] == [1_000] * 7  # publish stamps
+    assert samples[1::2] == [4_000] * 4 + [5_000] * 3  # latencies
+    assert worker.stats == {"frames with several messages": 2}

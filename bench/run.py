@@ -306,21 +306,26 @@ def _first_failure(
 class _MachineMeter:
     """CPU used on the pinned CPUs by processes that are not part of the run.
 
-    ``foreign_hub_cpu_pct`` is what other processes took on the hub's CPU (busy time
-    of that CPU minus the hub's own), ``foreign_side_cpu_pct`` the same on the other
-    CPU, ``steal_hub_cpu_pct`` what the hypervisor took. A quiet machine shows ~0;
+    ``foreign_hub_cpu_pct`` is what other processes took on the hub's CPU(s) (busy
+    time of those CPUs minus the hub's own), ``foreign_side_cpu_pct`` the same on the
+    others, ``steal_hub_cpu_pct`` what the hypervisor took. A quiet machine shows ~0;
     figures measured beside a foreign load are not comparable. Empty when unpinned.
     """
 
     def __init__(self, cpus: tuple[set[int], set[int]] | None) -> None:
-        self.cpus = (min(cpus[0]), min(cpus[1])) if cpus else None
+        self.cpus = (sorted(cpus[0]), sorted(cpus[1])) if cpus else None
         self.last = self._read()
 
     def _read(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
         if self.cpus is None:
             return None
+
+        def busy(cpus: list[int]) -> tuple[float, float]:
+            both = [procs.cpu_busy_seconds(cpu) for cpu in cpus]
+            return sum(b for b, _ in both), sum(s for _, s in both)
+
         try:
-            return procs.cpu_busy_seconds(self.cpus[0]), procs.cpu_busy_seconds(self.cpus[1])
+            return busy(self.cpus[0]), busy(self.cpus[1])
         except OSError:
             return None
 
@@ -365,6 +370,7 @@ class HubBench:
         self.rss_peak = 0
         self.foreign_peak = 0.0
         self.hub: subprocess.Popen[bytes] | None = None
+        self.group: list[int] = []  # the hub's processes, once it is ready
         self.hub_log = logdir / f"{name}-hub.log"
 
     def _next_step(self) -> int:
@@ -372,8 +378,12 @@ class HubBench:
         return self.step
 
     def _rss(self) -> int:
+        """The RSS of the hub's processes together (one, or a supervisor and workers)."""
         assert self.hub is not None
-        rss = procs.rss_bytes(self.hub.pid)
+        rss = 0
+        for pid in self.group or [self.hub.pid]:
+            with contextlib.suppress(OSError):
+                rss += procs.rss_bytes(pid)
         self.rss_peak = max(self.rss_peak, rss)
         return rss
 
@@ -428,13 +438,17 @@ class HubBench:
         result["ready_s"] = round(procs.wait_ready(self.hub, HOST, port, self.hub_log), 3)
         hub_pid = self.hub.pid
         result["hub_cpu_affinity"] = sorted(os.sched_getaffinity(hub_pid))
+        # A hub may be several processes (smapws with SMAPWS_WORKERS): its CPU and
+        # RSS are the group's, the processes running once it is ready.
+        self.group = procs.process_tree(hub_pid)
+        result["hub_processes"] = len(self.group)
 
         loadgen = LoadGen(plan.workers)
         stack.callback(loadgen.shutdown)
         publisher = Publisher(HOST, redis_port)
         stack.callback(publisher.shutdown)
         meters = {
-            "hub": procs.CpuMeter([hub_pid]),
+            "hub": procs.CpuMeter(self.group),
             "loadgen": procs.CpuMeter(loadgen.pids),
             "publisher": procs.CpuMeter([publisher.pid]),
             "redis": procs.CpuMeter([redis.pid]),

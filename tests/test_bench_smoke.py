@@ -192,3 +192,33 @@ def test_centrifuge_frames_are_counted_by_message() -> None:
     assert samples[0::2] == [1_000] * 7  # publish stamps
     assert samples[1::2] == [4_000] * 4 + [5_000] * 3  # latencies
     assert worker.stats == {"frames with several messages": 2}
+
+
+def test_workers_comparison_runs_end_to_end(tmp_path: Path) -> None:
+    """``python -m bench.workers --quick``: smapws with one worker, then two, measured
+    with the whole process group (supervisor and workers) as the hub."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.workers", "--quick", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"bench.workers failed:\n{proc.stdout}\n{proc.stderr}"
+    files = list(tmp_path.glob("workers-*-quick.json"))
+    assert len(files) == 1, proc.stdout
+    report = json.loads(files[0].read_text())
+    one, two = report["summary"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    # One process, then a supervisor and its two workers.
+    assert (one["hub_processes"], two["hub_processes"]) == (1, 3)
+    for row in (one, two):
+        assert row["ok"] is True
+        assert _finite(row["handshakes_per_s"]) and row["handshakes_per_s"] > 0
+        assert _finite(row["published_per_s_kept_up"]) and row["published_per_s_kept_up"] > 0
+        assert _finite(row["handshakes_x_first"]) and _finite(row["published_x_first"])
+    run = report["runs"]["smapws-2w"]
+    workers = run["w3_idle_memory"]["hub_health"]["workers"]
+    assert workers["count"] == 2 and workers["ready"] == 2
+    assert run["w4_connect"]["ok"] == report["plan"]["connections"]
+    assert "W1 published msg/s kept up" in proc.stdout

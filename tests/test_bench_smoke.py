@@ -23,21 +23,26 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-# The Go, Centrifuge and Node peers are installed (apt-get, npm ci) and built by the
-# run itself, as on a fresh machine: the first of these cases may take a minute longer.
-@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "centrifuge", "node"])
-def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
+def _run_quick(module: str, out: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``python -m <module> --quick`` as a person would; its stdout and report."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--hubs", hub, "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--quick", *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout}\n{proc.stderr}"
-    files = list(tmp_path.glob("bench-*-quick.json"))
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr}"
+    files = list(out.glob("*-quick.json"))
     assert len(files) == 1, proc.stdout
-    report = json.loads(files[0].read_text())
+    return proc.stdout, json.loads(files[0].read_text())
+
+
+# The Go, Centrifuge and Node peers are installed (apt-get, npm ci) and built by the
+# run itself, as on a fresh machine: the first of these cases may take a minute longer.
+@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "centrifuge", "node"])
+def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
+    stdout, report = _run_quick("bench.run", tmp_path, "--hubs", hub)
 
     assert {"schema", "timestamp", "machine", "plan", "hubs", "summary"} <= report.keys()
     assert isinstance(report["machine_was_quiet"], bool)
@@ -85,7 +90,7 @@ def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
     ):
         assert _finite(summary[key][hub]), (key, summary[key])
     assert len(report["targets"]) == 5
-    assert "W1 deliveries/s" in proc.stdout and "targets" in proc.stdout  # the printed tables
+    assert "W1 deliveries/s" in stdout and "targets" in stdout  # the printed tables
 
 
 def test_a_failed_step_names_what_limited_it() -> None:
@@ -197,17 +202,7 @@ def test_centrifuge_frames_are_counted_by_message() -> None:
 def test_workers_comparison_runs_end_to_end(tmp_path: Path) -> None:
     """``python -m bench.workers --quick``: smapws with one worker, then two, measured
     with the whole process group (supervisor and workers) as the hub."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.workers", "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"bench.workers failed:\n{proc.stdout}\n{proc.stderr}"
-    files = list(tmp_path.glob("workers-*-quick.json"))
-    assert len(files) == 1, proc.stdout
-    report = json.loads(files[0].read_text())
+    stdout, report = _run_quick("bench.workers", tmp_path)
     one, two = report["summary"]
     assert (one["workers"], two["workers"]) == (1, 2)
     # One process, then a supervisor and its two workers.
@@ -221,4 +216,4 @@ def test_workers_comparison_runs_end_to_end(tmp_path: Path) -> None:
     workers = run["w3_idle_memory"]["hub_health"]["workers"]
     assert workers["count"] == 2 and workers["ready"] == 2
     assert run["w4_connect"]["ok"] == report["plan"]["connections"]
-    assert "W1 published msg/s kept up" in proc.stdout
+    assert "W1 published msg/s kept up" in stdout

@@ -308,7 +308,9 @@ class _MachineMeter:
 
     ``foreign_hub_cpu_pct`` is what other processes took on the hub's CPU(s) (busy
     time of those CPUs minus the hub's own), ``foreign_side_cpu_pct`` the same on the
-    others, ``steal_hub_cpu_pct`` what the hypervisor took. A quiet machine shows ~0;
+    others, ``steal_hub_cpu_pct`` what the hypervisor took. When the hub and the rest
+    share the same CPUs (``bench.workers`` on a 2-CPU machine) both foreign figures
+    are what other processes took of those CPUs. A quiet machine shows ~0;
     figures measured beside a foreign load are not comparable. Empty when unpinned.
     """
 
@@ -341,6 +343,13 @@ class _MachineMeter:
         def pct(x: float) -> float:
             return round(max(0.0, 100 * x / wall_s), 1)
 
+        if self.cpus is not None and self.cpus[0] == self.cpus[1]:
+            foreign = pct(hub_busy - hub_busy0 - hub_s - side_s)
+            return {
+                "foreign_hub_cpu_pct": foreign,
+                "foreign_side_cpu_pct": foreign,
+                "steal_hub_cpu_pct": pct(hub_steal - hub_steal0),
+            }
         return {
             "foreign_hub_cpu_pct": pct(hub_busy - hub_busy0 - hub_s),
             "foreign_side_cpu_pct": pct(side_busy - side_busy0 - side_s),

@@ -10,9 +10,9 @@ worker ("two workers >= 1.8x one").
 CPUs: the hub (supervisor and workers) gets ``--hub-cpus`` (default: the first two
 usable CPUs) whatever its worker count, so only the count changes; Redis, the load
 generator and the publisher get the remaining usable CPUs. With no CPU left over
-(a 2-CPU machine) nothing is pinned and the clients share the hub's two cores: the
-run says so, and the two-worker figures then show the machine's limit rather than
-the hub's. The hub's CPU and RSS are its whole process group's.
+(a 2-CPU machine) everything runs on the hub's two CPUs: the run says so, and the
+two-worker figures then show the machine's limit rather than the hub's. Other
+processes' load on the CPUs used is measured in every case. The hub's CPU and RSS are its whole process group's.
 
 Subscription mode (``--mode``, ``SMAPWS_SUBSCRIBE_MODE``): ``user`` by default, where
 each worker receives only its own users' messages; in ``pattern`` mode every worker
@@ -41,6 +41,7 @@ from bench import procs
 from bench.run import (
     BENCH_DIR,
     FULL,
+    NOISY_FOREIGN_PCT,
     QUICK,
     SATURATED_PCT,
     HubBench,
@@ -50,26 +51,30 @@ from bench.run import (
 )
 
 
-def limit_of(step: dict[str, Any] | None, workers: int, shared: bool, side_cpus: int) -> str:
+def limit_of(
+    step: dict[str, Any] | None, workers: int, shared: bool, hub_cpus: int, side_cpus: int
+) -> str:
     """What stopped the group at ``step`` (the first W1 step above the kept-up figure
     that did not keep up): ``hub`` (its processes used ``workers`` cores), ``shared
-    cores`` (unpinned: hub and clients together filled the machine's CPUs),
-    ``clients`` (pinned: their CPUs were full), ``unclear``, or ``not reached``."""
+    cores`` (hub and clients on the same CPUs filled them), ``clients`` (their own
+    CPUs were full), ``foreign load`` (other processes took over 10 % of a CPU),
+    ``unclear``, or ``not reached``."""
     if step is None:
         return "not reached"
     hub_pct = step.get("hub_cpu_pct", 0.0)
     side_pct = step.get("core1_busy_pct", 0.0)
+    foreign = max(step.get("foreign_hub_cpu_pct", 0.0), step.get("foreign_side_cpu_pct", 0.0))
     if hub_pct >= SATURATED_PCT * workers:
         return "hub"
-    if shared and hub_pct + side_pct >= SATURATED_PCT * (os.cpu_count() or 1):
+    if shared and hub_pct + side_pct >= SATURATED_PCT * hub_cpus:
         return "shared cores"
     if not shared and side_pct >= SATURATED_PCT * side_cpus:
         return "clients"
-    return "unclear"
+    return "foreign load" if foreign >= NOISY_FOREIGN_PCT else "unclear"
 
 
 def figures(
-    result: dict[str, Any], plan: Plan, workers: int, shared: bool, side: int
+    result: dict[str, Any], plan: Plan, workers: int, cpus: tuple[set[int], set[int]]
 ) -> dict[str, Any]:
     """The workers' headline figures of one :class:`HubBench` result."""
     routed = result.get("w1_routed") or {}
@@ -78,6 +83,7 @@ def figures(
     ok = routed.get("max_delivered_per_s_p99_ok")
     best = max((s["offered_per_s"] for s in steps if s["kept_up"]), default=0)
     failed = next((s for s in steps if s["offered_per_s"] > best and not s["kept_up"]), None)
+    shared = cpus[0] == cpus[1]
     top = max((s for s in steps if s["kept_up"]), key=lambda s: s["offered_per_s"], default=None)
     return {
         "workers": workers,
@@ -87,7 +93,8 @@ def figures(
         "published_per_s_kept_up": round(kept / plan.tabs) if kept else None,
         "published_per_s_p99_ok": round(ok / plan.tabs) if ok else None,
         "hub_cpu_pct_at_kept_up": top and top["hub_cpu_pct"],
-        "kept_up_limited_by": limit_of(failed, workers, shared, side),
+        "foreign_cpu_pct_peak": result.get("foreign_hub_cpu_pct_peak"),
+        "kept_up_limited_by": limit_of(failed, workers, shared, len(cpus[0]), len(cpus[1])),
         "kib_per_connection": (result.get("w3_idle_memory") or {}).get("kib_per_connection"),
     }
 
@@ -117,8 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = args.hub_cpus.split(",") if args.hub_cpus else usable[:2]
     hub_cpus = {int(c) for c in chosen}
     side_cpus = set(usable) - hub_cpus
-    cpus = (hub_cpus, side_cpus) if side_cpus else None
-    shared = cpus is None
+    shared = not side_cpus
+    # Shared: everything on the hub's CPUs (the same set twice, so that the foreign
+    # load on them is still measured).
+    cpus = (hub_cpus, hub_cpus) if shared else (hub_cpus, side_cpus)
     _raise_fd_limit(plan.connections + 1000)
 
     stamp = datetime.datetime.now(datetime.UTC)
@@ -135,11 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if shared:
         print(
-            f"note: only {len(usable)} usable CPUs: the clients share the hub's, nothing "
-            "is pinned (the figures show the machine's limit, not only the hub's)"
+            f"note: only {len(usable)} usable CPUs: the clients share the hub's "
+            "(the figures show the machine's limit, not only the hub's)"
         )
     rows = []
-    with procs.pinned_self(side_cpus or None), tempfile.TemporaryDirectory() as tmp:
+    with procs.pinned_self(cpus[1]), tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             label = f"smapws-{n}w"
             print(f"== {label}: {plan.connections} connections ...", flush=True)
@@ -151,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             state = "ok" if result["ok"] else f"FAILED: {result['error']}"
             print(f"   {label} done in {result['wall_s']} s: {state}", flush=True)
             report["runs"][label] = result
-            rows.append(figures(result, plan, n, shared, len(side_cpus)))
+            rows.append(figures(result, plan, n, cpus))
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     report["summary"] = rows
     one = rows[0]
@@ -173,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("published_per_s_p99_ok", "W1 published msg/s, p99<=50ms"),
         ("hub_cpu_pct_at_kept_up", "hub CPU % at that rate"),
         ("kept_up_limited_by", "kept-up figure limited by"),
+        ("foreign_cpu_pct_peak", "others on the hub's CPUs, peak %"),
         ("kib_per_connection", "W3 idle RSS per connection (KiB)"),
     )
     print(f"{'workers':<34}" + "".join(f"{r['workers']:>14}" for r in rows))

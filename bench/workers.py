@@ -12,7 +12,8 @@ usable CPUs) whatever its worker count, so only the count changes; Redis, the lo
 generator and the publisher get the remaining usable CPUs. With no CPU left over
 (a 2-CPU machine) everything runs on the hub's two CPUs: the run says so, and the
 two-worker figures then show the machine's limit rather than the hub's. Other
-processes' load on the CPUs used is measured in every case. The hub's CPU and RSS are its whole process group's.
+processes' load on the CPUs used is measured in every case. The hub's CPU and RSS
+are its whole process group's.
 
 Subscription mode (``--mode``, ``SMAPWS_SUBSCRIBE_MODE``): ``user`` by default, where
 each worker receives only its own users' messages; in ``pattern`` mode every worker

@@ -10,6 +10,13 @@ moved onto ``time.monotonic_ns()`` (one system-wide clock on Linux, the publishe
 so the worker's own scheduling never inflates a latency. Workers answer pings, so
 hubs with a heartbeat keep the connections open.
 
+Two client protocols (``protocol=`` of :meth:`LoadGen.connect`): ``plain``, where a
+connection is open at the ``101`` and every text frame is one message, and
+``centrifuge``, where the client then sends Centrifuge's connect command (JSON
+protocol), the connection counts as open when the connect reply arrives, and a text
+frame may carry several messages, newline-delimited (Centrifuge batches the pushes
+queued for one connection): deliveries are always counted by message.
+
 The coordinator side is :class:`LoadGen`; every request to a worker has a deadline and
 raises :class:`LoadGenError` when a worker fails to answer in time or dies.
 """
@@ -28,6 +35,7 @@ import socket
 import struct
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +50,7 @@ from bench.wsclient import (
     OP_TEXT,
     ProtocolError,
     bench_mark,
+    centrifuge_connect_reply,
     client_frame,
     handshake_request,
     parse_frames,
@@ -68,7 +77,12 @@ _ANC_SIZE = socket.CMSG_SPACE(16)
 _MAX_ATTEMPTS = 3
 
 _TIMESPEC = struct.Struct("@qq")
-_CONNECTING, _HANDSHAKE, _OPEN = 0, 1, 2
+_CONNECTING, _HANDSHAKE, _OPEN, _GREETING = 0, 1, 2, 3
+#: The client protocols :meth:`LoadGen.connect` speaks.
+PROTOCOLS = ("plain", "centrifuge")
+# Centrifuge's connect command, JSON protocol (method 0, connect, is the default):
+# the credentials came with the upgrade (the cookie), so it carries no token.
+_CENTRIFUGE_CONNECT = b'{"id":1}'
 
 
 def user_id(index: int) -> str:
@@ -109,6 +123,7 @@ class _ConnectJob:
     tokens: list[str]
     max_inflight: int
     timeout_s: float
+    protocol: str = "plain"
     pending: collections.deque[int] = field(default_factory=collections.deque)
     inflight: int = 0
     ok: int = 0
@@ -131,6 +146,8 @@ class _Worker:
         self.stats: collections.Counter[str] = collections.Counter()
         self.offset = 0
         self.quit = False
+        # One message per text frame, or several (newline-delimited) with Centrifuge.
+        self._record: Callable[[bytes, int], None] = self._record_one
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> None:
@@ -154,6 +171,8 @@ class _Worker:
                     on_readable(client)
                 elif client.state == _HANDSHAKE:
                     self._on_handshake(client)
+                elif client.state == _GREETING:
+                    self._on_greeting(client)
                 else:
                     self._on_connected(client, ev)
             if self.job is not None:
@@ -169,8 +188,11 @@ class _Worker:
             return
         name = cmd[0]
         if name == "connect":
-            _, host, port, path, tokens, max_inflight, timeout_s = cmd
-            self.job = _ConnectJob(host, port, path, tokens, max_inflight, timeout_s)
+            _, host, port, path, tokens, max_inflight, timeout_s, protocol = cmd
+            self.job = _ConnectJob(host, port, path, tokens, max_inflight, timeout_s, protocol)
+            self._record = self._record_one
+            if protocol == "centrifuge":
+                self._record = self._record_batched
             self.job.pending.extend(range(len(tokens)))
             self.job.t_start = time.monotonic_ns()
             self._expire_and_refill()
@@ -272,20 +294,30 @@ class _Worker:
         client.state = _HANDSHAKE
         self.ep.modify(sock.fileno(), select.EPOLLIN)
 
-    def _on_handshake(self, client: _Client) -> None:
+    def _recv_connecting(self, client: _Client, eof: str) -> bytes:
+        """Read from a connection not open yet; b"" when there is nothing (yet) or it
+        failed (then counted, and retried, with ``eof`` naming a close)."""
         sock = client.sock
-        job = self.job
-        assert sock is not None and job is not None
+        assert sock is not None
         try:
             data = sock.recv(RECV_SIZE)
         except BlockingIOError:
-            return
+            return b""
         except OSError as exc:
             self._connect_failed(client, type(exc).__name__, retry=True)
-            return
+            return b""
         if not data:
-            self._connect_failed(client, "eof", retry=True)
+            self._connect_failed(client, eof, retry=True)
+        return data
+
+    def _on_handshake(self, client: _Client) -> None:
+        job = self.job
+        assert job is not None
+        data = self._recv_connecting(client, "eof")
+        if not data:
             return
+        sock = client.sock
+        assert sock is not None
         client.buf += data
         end = client.buf.find(b"\r\n\r\n")
         if end < 0:
@@ -302,13 +334,61 @@ class _Worker:
             return
         rest = client.buf[end + 4 :]
         client.buf = b""
+        if job.protocol == "centrifuge":
+            client.state = _GREETING
+            try:
+                sock.send(client_frame(OP_TEXT, _CENTRIFUGE_CONNECT))
+            except OSError as exc:
+                self._connect_failed(client, type(exc).__name__, retry=True)
+                return
+            if rest:
+                self._greet(client, rest)
+            return
+        self._opened(client)
+        if rest:
+            self._on_data(client, rest, time.monotonic_ns())
+
+    def _opened(self, client: _Client) -> None:
+        job = self.job
+        assert job is not None
         client.state = _OPEN
         self.connecting.discard(client)
         job.inflight -= 1
         job.ok += 1
         job.t_end = time.monotonic_ns()
-        if rest:
-            self._on_data(client, rest, time.monotonic_ns())
+
+    def _on_greeting(self, client: _Client) -> None:
+        """Centrifuge: read until the reply to the connect command."""
+        data = self._recv_connecting(client, "eof after upgrade")
+        if data:
+            self._greet(client, data)
+
+    def _greet(self, client: _Client, data: bytes) -> None:
+        assert client.sock is not None
+        try:
+            frames, client.buf = parse_frames(client.buf + data)
+        except ProtocolError:
+            self._connect_failed(client, "protocol error", retry=False)
+            return
+        for i, (_fin, opcode, payload) in enumerate(frames):
+            if opcode == OP_PING:
+                with contextlib.suppress(OSError):  # a dead socket shows on the next read
+                    client.sock.send(client_frame(OP_PONG, payload))
+            elif opcode == OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self._connect_failed(client, f"closed before connect reply ({code})", retry=False)
+                return
+            elif opcode == OP_TEXT:
+                first, _, more = payload.partition(b"\n")
+                if not centrifuge_connect_reply(first):
+                    self._connect_failed(client, "connect refused", retry=False)
+                    return
+                self._opened(client)
+                now = time.monotonic_ns()
+                if more:
+                    self._record(more, now)
+                self._on_frames(client, frames[i + 1 :], now)
+                return
 
     def _connect_failed(self, client: _Client, why: str, *, retry: bool) -> None:
         job = self.job
@@ -377,6 +457,9 @@ class _Worker:
         except ProtocolError:
             self._drop(client, "protocol error")
             return
+        self._on_frames(client, frames, now)
+
+    def _on_frames(self, client: _Client, frames: list[tuple[bool, int, bytes]], now: int) -> None:
         for fin, opcode, payload in frames:
             if opcode in (OP_TEXT, OP_BINARY):
                 if not fin:
@@ -397,7 +480,18 @@ class _Worker:
                 self._drop(client, f"closed by server ({code})")
                 return
 
-    def _record(self, message: bytes, now: int) -> None:
+    def _record_batched(self, frame: bytes, now: int) -> None:
+        """Record each newline-delimited message of one text frame (Centrifuge)."""
+        if frame[:1] == b"\x81":  # the fast path left the frame header on: drop it
+            frame = frame[4:] if frame[1] == 126 else frame[2:]
+        messages = frame.split(b"\n")
+        if len(messages) > 1:
+            self.stats["frames with several messages"] += 1
+        for message in messages:
+            if message:
+                self._record_one(message, now)
+
+    def _record_one(self, message: bytes, now: int) -> None:
         """Record one delivered message (``message`` may still carry its frame header)."""
         mark = bench_mark(message)
         if mark is None:
@@ -508,6 +602,7 @@ class LoadGen:
         secret: str,
         *,
         path: str = "/ws",
+        protocol: str = "plain",
         max_inflight: int = 100,
         timeout_s: float = 10.0,
         deadline_s: float = 120.0,
@@ -519,8 +614,11 @@ class LoadGen:
         of 100 is never the limit). Returns when every connection is open or has
         failed ``_MAX_ATTEMPTS`` times; raises :class:`LoadGenError` after
         ``deadline_s``. The storm's duration runs from the first connect to the
-        last completed handshake.
+        last completed handshake (with ``protocol="centrifuge"``, the last connect
+        reply: a connection is subscribed only then).
         """
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"unknown client protocol {protocol!r}")
         n = len(self._pipes)
         per_worker = [users[i::n] for i in range(n)]
         if max(len(p) for p in per_worker) > MAX_CONNECTIONS_PER_WORKER:
@@ -530,7 +628,7 @@ class LoadGen:
         cpu_before = self.cpu_seconds()
         for i, part in enumerate(per_worker):
             tokens = [tokens_by_user[u] for u in part]
-            cmd = ("connect", host, port, path, tokens, inflight, timeout_s)
+            cmd = ("connect", host, port, path, tokens, inflight, timeout_s, protocol)
             try:
                 self._pipes[i].send(cmd)
             except OSError as exc:

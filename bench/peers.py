@@ -7,6 +7,11 @@ installing and building what it needs first, and only when missing:
   (``apt-get install``), then ``go build`` into ``bench/baselines/gohub/gohub``
   (again whenever ``main.go`` is newer than the binary). Runs with
   ``GOMAXPROCS=1``: one core, like every other hub.
+- ``centrifuge``: the same toolchain, Debian's ``centrifugal/centrifuge`` 0.15
+  and what it needs (:data:`CENTRIFUGE_PACKAGES`), then ``go build`` into
+  ``bench/baselines/centrifugehub/centrifugehub`` (again whenever ``main.go`` is
+  newer). Runs with ``GOMAXPROCS=1``; its clients speak Centrifuge's protocol
+  (:data:`PROTOCOLS`).
 - ``node``: ``nodejs`` (``apt-get install``) and ``npm ci`` from the committed
   ``package-lock.json`` into ``bench/baselines/nodehub/node_modules``.
 - ``smapws``, ``baseline`` and ``floor`` run on the project's virtualenv.
@@ -27,6 +32,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 BASELINES = BENCH_DIR / "baselines"
 GOHUB_DIR = BASELINES / "gohub"
 NODEHUB_DIR = BASELINES / "nodehub"
+CENTRIFUGEHUB_DIR = BASELINES / "centrifugehub"
 
 #: What the Go peer builds with: the toolchain and Debian's packaged libraries,
 #: found through ``GOPATH=/usr/share/gocode`` without Go modules.
@@ -36,10 +42,30 @@ GO_PACKAGES = (
     "golang-github-gomodule-redigo-dev",
     "golang-github-golang-jwt-jwt-dev",
 )
+#: What the Centrifuge peer builds with besides :data:`GO_PACKAGES`: the library
+#: and the packages its imports need that Debian does not pull in by itself.
+CENTRIFUGE_PACKAGES = (
+    *GO_PACKAGES,
+    "golang-github-centrifugal-centrifuge-dev",
+    "golang-github-centrifugal-protocol-dev",
+    "golang-github-fzambia-eagle-dev",
+    "golang-github-igm-sockjs-go-dev",
+    "golang-github-mna-redisc-dev",
+)
 GOPATH = "/usr/share/gocode"
 
 #: The names ``--hubs`` accepts, in the order a full run measures them.
-HUBS = ("smapws", "baseline", "go", "node", "floor")
+HUBS = ("smapws", "baseline", "go", "centrifuge", "node", "floor")
+
+#: What the load generator speaks after the upgrade to each hub not named here
+#: (plain: nothing, one message per frame) or named (``centrifuge``: the connect
+#: command first, newline-delimited messages in a frame).
+PROTOCOLS = {"centrifuge": "centrifuge"}
+
+
+def protocol(name: str) -> str:
+    """The client protocol the load generator speaks to hub ``name``."""
+    return PROTOCOLS.get(name, "plain")
 
 
 class PeerError(Exception):
@@ -85,18 +111,21 @@ def apt_install(packages: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def build_go() -> Path:
-    """The Go peer's binary, installing the toolchain and building it if needed."""
-    apt_install(GO_PACKAGES)
-    source = GOHUB_DIR / "main.go"
-    binary = GOHUB_DIR / "gohub"
+def build_go(
+    where: Path = GOHUB_DIR, packages: tuple[str, ...] = GO_PACKAGES, what: str = "the Go peer"
+) -> Path:
+    """The binary of the Go program in ``where`` (named after the folder),
+    installing ``packages`` and building it if needed."""
+    apt_install(packages)
+    source = where / "main.go"
+    binary = where / where.name
     if binary.exists() and binary.stat().st_mtime >= source.stat().st_mtime:
         return binary
     go = shutil.which("go") or "/usr/bin/go"
     env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH}
     env.setdefault("GOCACHE", str(Path.home() / ".cache" / "go-build"))
-    print("   building the Go peer (go build)", flush=True)
-    _run([go, "build", "-o", str(binary), "."], cwd=GOHUB_DIR, env=env)
+    print(f"   building {what} (go build)", flush=True)
+    _run([go, "build", "-o", str(binary), "."], cwd=where, env=env)
     return binary
 
 
@@ -161,6 +190,9 @@ def prepare(name: str, workdir: Path | None = None) -> tuple[list[str], dict[str
         return [sys.executable, str(BASELINES / "floor_hub.py")], {}
     if name == "go":
         return [str(build_go())], {"GOMAXPROCS": "1"}
+    if name == "centrifuge":
+        binary = build_go(CENTRIFUGEHUB_DIR, CENTRIFUGE_PACKAGES, "the Centrifuge peer")
+        return [str(binary)], {"GOMAXPROCS": "1"}
     if name == "node":
         return [install_node(), str(NODEHUB_DIR / "hub.js")], {}
     raise ValueError(f"unknown hub {name!r}")

@@ -180,6 +180,18 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, parents first (a hub with workers is a group:
+    ``smapws serve`` with ``SMAPWS_WORKERS`` > 1 is a supervisor and N children)."""
+    tree = [pid]
+    for parent in tree:  # grows as children are found
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children", "rb") as f:
+                    tree.extend(int(child) for child in f.read().split())
+    return tree
+
+
 def cpu_busy_seconds(cpu: int) -> tuple[float, float]:
     """``(user + nice + system, steal)`` seconds CPU ``cpu`` has spent so far (/proc/stat).
 

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             procs.wait_ready(hub, HOST, port, logdir / "hub.log")
             users = [user_id(i % args.users) for i in range(args.users * args.tabs)]
-            storm = loadgen.connect(HOST, port, users, secret, deadline_s=120)
+            speak = peers.protocol(args.hub)
+            storm = loadgen.connect(HOST, port, users, secret, protocol=speak, deadline_s=120)
             print(f"{storm.ok} connections open", flush=True)
             publisher.rate(1, args.users, args.rate / args.tabs, 2.0)  # warm up
             out = args.out / f"profile-{args.hub}.txt"
@@ -113,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
                 handshakes = 0
                 while time.monotonic() - t0 < args.seconds:
                     loadgen.close_all()
-                    handshakes += loadgen.connect(HOST, port, users, secret, deadline_s=120).ok
+                    handshakes += loadgen.connect(
+                        HOST, port, users, secret, protocol=speak, deadline_s=120
+                    ).ok
                 cpu = meter.mark()
                 what = f"{cpu * 1e6 / max(1, handshakes):.0f} us per handshake (and close)"
             else:

@@ -1,7 +1,7 @@
 """Run the smapws benchmark: every workload against each hub, side by side.
 
 ``python -m bench.run`` (or ``python bench/run.py``) measures, for each hub named in
-``--hubs`` (``smapws``, ``baseline``, ``go``, ``node``, ``floor``; see
+``--hubs`` (``smapws``, ``baseline``, ``go``, ``centrifuge``, ``node``, ``floor``; see
 :mod:`bench.peers`), in one process tree it owns and cleans up:
 
 - **W4 connect storm**: authenticated handshakes per second until all connections
@@ -306,21 +306,28 @@ def _first_failure(
 class _MachineMeter:
     """CPU used on the pinned CPUs by processes that are not part of the run.
 
-    ``foreign_hub_cpu_pct`` is what other processes took on the hub's CPU (busy time
-    of that CPU minus the hub's own), ``foreign_side_cpu_pct`` the same on the other
-    CPU, ``steal_hub_cpu_pct`` what the hypervisor took. A quiet machine shows ~0;
+    ``foreign_hub_cpu_pct`` is what other processes took on the hub's CPU(s) (busy
+    time of those CPUs minus the hub's own), ``foreign_side_cpu_pct`` the same on the
+    others, ``steal_hub_cpu_pct`` what the hypervisor took. When the hub and the rest
+    share the same CPUs (``bench.workers`` on a 2-CPU machine) both foreign figures
+    are what other processes took of those CPUs. A quiet machine shows ~0;
     figures measured beside a foreign load are not comparable. Empty when unpinned.
     """
 
     def __init__(self, cpus: tuple[set[int], set[int]] | None) -> None:
-        self.cpus = (min(cpus[0]), min(cpus[1])) if cpus else None
+        self.cpus = (sorted(cpus[0]), sorted(cpus[1])) if cpus else None
         self.last = self._read()
 
     def _read(self) -> tuple[tuple[float, float], tuple[float, float]] | None:
         if self.cpus is None:
             return None
+
+        def busy(cpus: list[int]) -> tuple[float, float]:
+            both = [procs.cpu_busy_seconds(cpu) for cpu in cpus]
+            return sum(b for b, _ in both), sum(s for _, s in both)
+
         try:
-            return procs.cpu_busy_seconds(self.cpus[0]), procs.cpu_busy_seconds(self.cpus[1])
+            return busy(self.cpus[0]), busy(self.cpus[1])
         except OSError:
             return None
 
@@ -336,6 +343,13 @@ class _MachineMeter:
         def pct(x: float) -> float:
             return round(max(0.0, 100 * x / wall_s), 1)
 
+        if self.cpus is not None and self.cpus[0] == self.cpus[1]:
+            foreign = pct(hub_busy - hub_busy0 - hub_s - side_s)
+            return {
+                "foreign_hub_cpu_pct": foreign,
+                "foreign_side_cpu_pct": foreign,
+                "steal_hub_cpu_pct": pct(hub_steal - hub_steal0),
+            }
         return {
             "foreign_hub_cpu_pct": pct(hub_busy - hub_busy0 - hub_s),
             "foreign_side_cpu_pct": pct(side_busy - side_busy0 - side_s),
@@ -365,6 +379,7 @@ class HubBench:
         self.rss_peak = 0
         self.foreign_peak = 0.0
         self.hub: subprocess.Popen[bytes] | None = None
+        self.group: list[int] = []  # the hub's processes, once it is ready
         self.hub_log = logdir / f"{name}-hub.log"
 
     def _next_step(self) -> int:
@@ -372,8 +387,12 @@ class HubBench:
         return self.step
 
     def _rss(self) -> int:
+        """The RSS of the hub's processes together (one, or a supervisor and workers)."""
         assert self.hub is not None
-        rss = procs.rss_bytes(self.hub.pid)
+        rss = 0
+        for pid in self.group or [self.hub.pid]:
+            with contextlib.suppress(OSError):
+                rss += procs.rss_bytes(pid)
         self.rss_peak = max(self.rss_peak, rss)
         return rss
 
@@ -428,13 +447,17 @@ class HubBench:
         result["ready_s"] = round(procs.wait_ready(self.hub, HOST, port, self.hub_log), 3)
         hub_pid = self.hub.pid
         result["hub_cpu_affinity"] = sorted(os.sched_getaffinity(hub_pid))
+        # A hub may be several processes (smapws with SMAPWS_WORKERS): its CPU and
+        # RSS are the group's, the processes running once it is ready.
+        self.group = procs.process_tree(hub_pid)
+        result["hub_processes"] = len(self.group)
 
         loadgen = LoadGen(plan.workers)
         stack.callback(loadgen.shutdown)
         publisher = Publisher(HOST, redis_port)
         stack.callback(publisher.shutdown)
         meters = {
-            "hub": procs.CpuMeter([hub_pid]),
+            "hub": procs.CpuMeter(self.group),
             "loadgen": procs.CpuMeter(loadgen.pids),
             "publisher": procs.CpuMeter([publisher.pid]),
             "redis": procs.CpuMeter([redis.pid]),
@@ -465,7 +488,13 @@ class HubBench:
         mark_all(None)
         t0 = time.monotonic()
         storm = loadgen.connect(
-            HOST, port, users, secret, max_inflight=plan.max_inflight, deadline_s=180
+            HOST,
+            port,
+            users,
+            secret,
+            protocol=peers.protocol(self.name),
+            max_inflight=plan.max_inflight,
+            deadline_s=180,
         )
         cpu = mark_all(time.monotonic() - t0)
         self._check_hub()
@@ -670,6 +699,7 @@ SUMMARY_ROWS: list[tuple[str, str, bool]] = [
 RATIOS: list[tuple[str, str, str]] = [
     ("smapws/baseline", "smapws", "baseline"),
     ("smapws/go", "smapws", "go"),
+    ("smapws/centrifuge", "smapws", "centrifuge"),
 ]
 
 
@@ -705,7 +735,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``{figure: {hub: value, ..., "ratio": smapws/baseline, "ratio_go": smapws/go}}``,
+    """``{figure: {hub: value, ..., "ratio": smapws/baseline, "ratio_go": smapws/go,
+    "ratio_centrifuge": smapws/centrifuge}}``,
     plus ``x_floor`` (each hub's CPU per delivery over the floor's) and ``limits``
     (what limited each hub's throughput figures)."""
     sums = {name: summarize(result) for name, result in hubs.items()}
@@ -714,6 +745,7 @@ def comparison(hubs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         row: dict[str, Any] = {name: s[key] for name, s in sums.items()}
         row["ratio"] = _ratio(row.get("smapws"), row.get("baseline"))
         row["ratio_go"] = _ratio(row.get("smapws"), row.get("go"))
+        row["ratio_centrifuge"] = _ratio(row.get("smapws"), row.get("centrifuge"))
         out[key] = row
     cpu = out["w1_cpu_us_per_delivery"]
     out["x_floor"] = {name: _ratio(cpu.get(name), cpu.get("floor")) for name in sums}
@@ -822,7 +854,7 @@ def plot(hubs: dict[str, dict[str, Any]], path: Path) -> bool:
             for k in ("p99_ms", "p50_ms"):
                 if s[k] is not None:
                     ceiling = max(ceiling, s[k])
-    colors = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:gray")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:gray")
     for (name, result), color in zip(hubs.items(), colors, strict=False):
         steps = (result.get("w1_routed") or {}).get("steps", [])
         if not steps:
@@ -875,7 +907,7 @@ def machine_info(cpus: tuple[set[int], set[int]] | None) -> dict[str, Any]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
             peers_versions[name] = out.stdout.strip() or None
-    for package in peers.GO_PACKAGES[1:]:
+    for package in peers.CENTRIFUGE_PACKAGES[1:]:
         peers_versions[package] = None
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             out = subprocess.run(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import struct
 
@@ -137,3 +138,18 @@ def bench_mark(message: bytes) -> tuple[int, int, int] | None:
         return int(parts[0]), int(parts[1]), int(parts[2])
     except ValueError:
         return None
+
+
+def centrifuge_connect_reply(message: bytes) -> bool:
+    """Whether ``message`` is a successful reply to Centrifuge's connect command
+    ``{"id":1}`` (JSON protocol): ``{"id":1,"result":{...}}``, no ``error``."""
+    try:
+        reply = json.loads(message)
+    except ValueError:
+        return False
+    return (
+        isinstance(reply, dict)
+        and reply.get("id") == 1
+        and isinstance(reply.get("result"), dict)
+        and "error" not in reply
+    )

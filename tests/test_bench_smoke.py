@@ -23,21 +23,26 @@ def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-# The Go and Node peers are installed (apt-get, npm ci) and built by the run itself,
-# as on a fresh machine: the first of these cases may take a minute longer.
-@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "node"])
-def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
+def _run_quick(module: str, out: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``python -m <module> --quick`` as a person would; its stdout and report."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--hubs", hub, "--out", str(tmp_path)],
+        [sys.executable, "-m", module, "--quick", *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, f"bench.run failed:\n{proc.stdout}\n{proc.stderr}"
-    files = list(tmp_path.glob("bench-*-quick.json"))
+    assert proc.returncode == 0, f"{module} failed:\n{proc.stdout}\n{proc.stderr}"
+    files = list(out.glob("*-quick.json"))
     assert len(files) == 1, proc.stdout
-    report = json.loads(files[0].read_text())
+    return proc.stdout, json.loads(files[0].read_text())
+
+
+# The Go, Centrifuge and Node peers are installed (apt-get, npm ci) and built by the
+# run itself, as on a fresh machine: the first of these cases may take a minute longer.
+@pytest.mark.parametrize("hub", ["smapws", "baseline", "floor", "go", "centrifuge", "node"])
+def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
+    stdout, report = _run_quick("bench.run", tmp_path, "--hubs", hub)
 
     assert {"schema", "timestamp", "machine", "plan", "hubs", "summary"} <= report.keys()
     assert isinstance(report["machine_was_quiet"], bool)
@@ -85,7 +90,7 @@ def test_quick_benchmark_runs_end_to_end(hub: str, tmp_path: Path) -> None:
     ):
         assert _finite(summary[key][hub]), (key, summary[key])
     assert len(report["targets"]) == 5
-    assert "W1 deliveries/s" in proc.stdout and "targets" in proc.stdout  # the printed tables
+    assert "W1 deliveries/s" in stdout and "targets" in stdout  # the printed tables
 
 
 def test_a_failed_step_names_what_limited_it() -> None:
@@ -147,3 +152,68 @@ def test_percentiles_count_missing_deliveries_as_late() -> None:
     assert (complete["p50_ms"], complete["p99_ms"], complete["max_ms"]) == (50.0, 99.0, 100.0)
     lossy = percentiles([1_000_000] * 98, expected=100)
     assert lossy["lost"] == 2 and lossy["p50_ms"] == 1.0 and lossy["p99_ms"] is None
+
+
+def test_centrifuge_frames_are_counted_by_message() -> None:
+    """Centrifuge batches the pushes queued for a connection into one frame,
+    newline-delimited: each is one delivery (and its connect reply none)."""
+    import multiprocessing
+
+    from bench.loadgen import _Client, _Worker
+    from bench.publisher import encode_message
+    from bench.wsclient import centrifuge_connect_reply
+
+    assert centrifuge_connect_reply(b'{"id":1,"result":{"client":"c","version":"0.15"}}')
+    assert not centrifuge_connect_reply(b'{"id":1,"error":{"code":101,"message":"unauthorized"}}')
+    assert not centrifuge_connect_reply(b'{"result":{"channel":"user_noti:u","data":{}}}')
+    assert not centrifuge_connect_reply(b"not json")
+
+    def push(seq: int) -> bytes:
+        data = encode_message(3, seq, 1_000)
+        return b'{"result":{"channel":"user_noti:bench1","data":{"data":' + data + b"}}}\n"
+
+    ctl, other = multiprocessing.Pipe()
+    try:
+        worker = _Worker(ctl)
+        worker._record = worker._record_batched
+        client = _Client(0)
+        batch = push(1) + push(2) + push(3)
+        # Padded so that the frame's length ends in a newline byte (0x0a): the
+        # header must not be read as a message boundary.
+        batch = batch[:-1] + b" " * ((10 - len(batch)) % 256) + b"\n"
+        single = push(4)[:-1]  # a lone push, without the trailing newline
+
+        def frame(payload: bytes) -> bytes:
+            return bytes([0x81, 126]) + len(payload).to_bytes(2, "big") + payload
+
+        assert frame(batch)[3] == 0x0A
+        worker._on_data(client, frame(batch) + frame(single), now=5_000)
+        # The fast path hands the frame over with its header still on.
+        worker._record(frame(batch), 6_000)
+    finally:
+        ctl.close()
+        other.close()
+    samples = list(worker.samples[3])
+    assert samples[0::2] == [1_000] * 7  # publish stamps
+    assert samples[1::2] == [4_000] * 4 + [5_000] * 3  # latencies
+    assert worker.stats == {"frames with several messages": 2}
+
+
+def test_workers_comparison_runs_end_to_end(tmp_path: Path) -> None:
+    """``python -m bench.workers --quick``: smapws with one worker, then two, measured
+    with the whole process group (supervisor and workers) as the hub."""
+    stdout, report = _run_quick("bench.workers", tmp_path)
+    one, two = report["summary"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    # One process, then a supervisor and its two workers.
+    assert (one["hub_processes"], two["hub_processes"]) == (1, 3)
+    for row in (one, two):
+        assert row["ok"] is True
+        assert _finite(row["handshakes_per_s"]) and row["handshakes_per_s"] > 0
+        assert _finite(row["published_per_s_kept_up"]) and row["published_per_s_kept_up"] > 0
+        assert _finite(row["handshakes_x_first"]) and _finite(row["published_x_first"])
+    run = report["runs"]["smapws-2w"]
+    workers = run["w3_idle_memory"]["hub_health"]["workers"]
+    assert workers["count"] == 2 and workers["ready"] == 2
+    assert run["w4_connect"]["ok"] == report["plan"]["connections"]
+    assert "W1 published msg/s kept up" in stdout

@@ -384,10 +384,11 @@ def systemd_socket(notify_dir: Path) -> Iterator[NotifySocket]:
         sock.close()
 
 
-def readme_block(after: str) -> str:
-    """The README's literal block that follows the paragraph starting ``after``."""
-    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
-    rest = readme.split("\n" + after, 1)[1].split("::\n\n", 1)[1]
+def doc_block(page: str, after: str) -> str:
+    """The literal block of ``page`` (a path from the repository's root, e.g.
+    ``docs/frontend.rst``) that follows the paragraph starting ``after``."""
+    text = (Path(__file__).resolve().parent.parent / page).read_text()
+    rest = text.split("\n" + after, 1)[1].split("::\n\n", 1)[1]
     block = []
     for line in rest.splitlines():
         if line and not line.startswith("    "):

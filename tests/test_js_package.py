@@ -27,7 +27,7 @@ from smapws import __version__
 from smapws._io import assets
 
 from .browser import ROOT, HubProcess, chromium, health, metric, wait_for
-from .conftest import RedisServer, readme_block, token
+from .conftest import RedisServer, doc_block, token
 
 APP = ROOT / "tests" / "jsapp"
 PACKAGE = ROOT / "smapws" / "static"
@@ -88,8 +88,8 @@ def app(tarball: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("paragraph", "source"),
     [("A React component", "dashboard-react.tsx"), ("The same in Vue", "dashboard-vue.ts")],
 )
-def test_the_readme_examples_are_the_ones_that_run(paragraph: str, source: str) -> None:
-    assert readme_block(paragraph) == (APP / "src" / source).read_text()
+def test_the_documented_examples_are_the_ones_that_run(paragraph: str, source: str) -> None:
+    assert doc_block("docs/frontend.rst", paragraph) == (APP / "src" / source).read_text()
 
 
 def test_the_tarball_holds_the_module_hooks_composable_and_types(tarball: Path) -> None:

@@ -21,7 +21,7 @@ from smapws import __version__
 from smapws._core import auth, envelope
 from smapws.publisher import Publisher
 
-from .conftest import RedisServer, readme_block
+from .conftest import RedisServer, doc_block
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHER = ROOT / "publisher"
@@ -120,10 +120,10 @@ def test_the_examples_publish_the_seeds_messages_from_the_fresh_venv(
     assert received(subscriber) == expected
 
 
-def test_the_readme_snippet_runs_as_written_from_the_fresh_venv(
+def test_the_documented_snippet_runs_as_written_from_the_fresh_venv(
     fresh: Path, redis_server: RedisServer, subscriber: redis.client.PubSub
 ) -> None:
-    snippet = readme_block("The same in Python (``req``")
+    snippet = doc_block("docs/backend.rst", "The same in Python (``req``")
     assert "redis://redis:6379/0" in snippet
     run(fresh, "-c", snippet.replace("redis://redis:6379/0", redis_server.url))
     progress = {

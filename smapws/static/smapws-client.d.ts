@@ -1,6 +1,6 @@
 // Types of smapws-client.js (the browser client of the smapws hub).
 
-/** Close codes the hub sends (README "Close codes"). */
+/** Close codes the hub sends (docs/reference/close-codes.rst). */
 export declare const CloseCode: Readonly<{
   NORMAL: 1000;
   GOING_AWAY: 1001;

@@ -1,4 +1,4 @@
-// The test page around the README's React example (dashboard-react.tsx), in
+// The test page around docs/frontend.rst's React example (dashboard-react.tsx), in
 // StrictMode (a development build: effects mount, unmount and mount again).
 import { StrictMode, useState } from "react";
 import { createRoot } from "react-dom/client";

@@ -1,4 +1,4 @@
-// The test page around the README's Vue example (dashboard-vue.ts).
+// The test page around docs/frontend.rst's Vue example (dashboard-vue.ts).
 import { createApp, defineComponent, h, ref } from "vue";
 import websocketService from "smapws-client";
 import { Dashboard } from "./dashboard-vue";

@@ -143,6 +143,28 @@ def _str(v: str) -> str:
     return v
 
 
+#: The shortest ``SMAPWS_API_KEY`` taken: a key a person can type from memory
+#: is one an attacker can guess; ``openssl rand -hex 32`` makes 64 characters.
+MIN_API_KEY_CHARS: Final = 16
+
+
+def _api_key(v: str) -> str:
+    """The key without surrounding whitespace (a secret file's newline); an
+    empty or short key is refused rather than turning on an API that no key,
+    or any key, opens."""
+    key = v.strip()
+    if not key:
+        raise ValueError(
+            "expected a key, not whitespace (unset SMAPWS_API_KEY to turn the publish API off)"
+        )
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(
+            f"expected at least {MIN_API_KEY_CHARS} characters "
+            "(generate one with `openssl rand -hex 32`)"
+        )
+    return key
+
+
 @dataclass(frozen=True)
 class _Option:
     field: str
@@ -272,7 +294,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option(
         "api_key",
         "SMAPWS_API_KEY",
-        _str,
+        _api_key,
         None,
         "bearer key for POST /api/publish (unset: the API is off)",
         True,

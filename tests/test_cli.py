@@ -177,7 +177,7 @@ async def test_publish_through_a_hubs_http_api(nursery: trio.Nursery) -> None:
     refused = await trio.to_thread.run_sync(
         lambda: smapws(
             "publish", "--user", "h1", "--type", "alert", "--url", url,
-            SMAPWS_API_KEY="wrong-key-77",
+            SMAPWS_API_KEY="wrong-key-77-0123456789",
         )
     )  # fmt: skip
     assert refused.returncode == 1

@@ -40,6 +40,7 @@ from smapws._core.http import (
     origin_allowed,
     parse_cookies,
     parse_head,
+    request_scheme,
     response,
 )
 from smapws._io import assets, connection, demo
@@ -316,7 +317,8 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
     # would be served spend it, so a flood of invalid ones (refused here,
     # counted under their own reasons) cannot starve valid users.
     origin = head.header("origin")
-    if not origin_allowed(origin, head.header("host"), app.config.allowed_origins):
+    allowed = app.config.allowed_origins
+    if not origin_allowed(origin, head.header("host"), allowed, request_scheme(head)):
         raise _Refused(403, "origin", origin=(origin or "")[:200])
     token = parse_cookies(head.header("cookie")).get("access_token")
     query_used = False

@@ -323,6 +323,22 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "upgrades admitted per second, burst as large (0: unlimited)",
     ),
     _Option(
+        "max_accept_rate_per_user",
+        "SMAPWS_MAX_ACCEPT_RATE_PER_USER",
+        _non_negative_float,
+        10.0,
+        "upgrades one user is admitted per second, burst as large, before the shared "
+        "SMAPWS_MAX_ACCEPT_RATE is spent (0: unlimited)",
+    ),
+    _Option(
+        "max_pending_per_address",
+        "SMAPWS_MAX_PENDING_PER_ADDRESS",
+        _non_negative_int,
+        128,
+        "sockets one client address may hold before its request is answered or while "
+        "its answer lingers; more are answered 503 at once (0: unbounded)",
+    ),
+    _Option(
         "max_message_bytes",
         "SMAPWS_MAX_MESSAGE_BYTES",
         _positive_int,
@@ -504,6 +520,8 @@ class Config:
     max_connections_per_user: int = 64
     max_pending_requests: int = 1024
     max_accept_rate: float = 1000.0
+    max_accept_rate_per_user: float = 10.0
+    max_pending_per_address: int = 128
     max_message_bytes: int = 65536
     max_json_depth: int = 32
     max_client_message_bytes: int = 4096

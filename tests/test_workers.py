@@ -38,6 +38,7 @@ from smapws._io.app import App
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.server import STOP_MARGIN_S, serve, stop_budget
 from smapws._io.supervisor import (
+    UNRESPONSIVE_KILL_S,
     Channel,
     ChannelError,
     Supervisor,
@@ -348,6 +349,65 @@ async def test_workers_still_running_at_the_stop_deadline_are_killed(
     expected = 1 + 2 + STOP_MARGIN_S if second_signal else 1 + 20 + 4 + STOP_MARGIN_S
     assert [p.killed_at for p in stuck] == [expected, expected]
     assert supervisor.killed and supervisor.restarts == 0
+
+
+async def test_a_worker_that_stops_reporting_is_not_ready_then_killed_and_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 16: a frozen worker was reported ready forever. Silent for more
+    than STALE_HEARTBEATS heartbeats (4 s), it is ``unresponsive`` (the
+    group's /ready is 503, /health names it); silent UNRESPONSIVE_KILL_S more,
+    it is killed and replaced."""
+    frozen: list[StuckWorker] = []
+    spawned: list[float] = []
+
+    async def run_worker(supervisor: Supervisor, slot: _Slot) -> int:
+        proc = StuckWorker()
+        spawned.append(trio.current_time())
+        slot.proc = proc  # type: ignore[assignment]
+        slot.report, slot.last_seen = report(slot.index), trio.current_time()
+        supervisor._changed()
+        if slot.index == 0 and len(frozen) == 0:
+            frozen.append(proc)  # the first worker of slot 0 never reports
+        else:
+
+            async def keep_reporting() -> None:
+                while True:
+                    slot.last_seen = trio.current_time()
+                    await trio.sleep(supervisor.heartbeat_s)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(keep_reporting)
+                await proc.gone.wait()
+                n.cancel_scope.cancel()
+        await proc.gone.wait()
+        slot.proc = slot.report = None
+        return proc.returncode or 0
+
+    config = make_config(REDIS_URL="redis://127.0.0.1:1/0", SMAPWS_WORKERS=2)
+    supervisor = Supervisor(config, [], [], run_worker=run_worker)
+    assert supervisor.heartbeat_s == 1.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await trio.sleep(4.5)
+        assert supervisor.view.value.ready  # 4 heartbeats may be missed
+        await trio.sleep(1)
+        view = supervisor.view.value
+        assert not view.ready
+        assert [w and w.status for w in view.workers] == ["unresponsive", "ready"]
+        app = App(make_config(), MemoryBroker())
+        app.broker.status_value.value = "connected"
+        app.worker_index, app.group = 1, view
+        assert app.ready() is False
+        assert app.health()["workers"]["list"][0]["status"] == "unresponsive"
+        await trio.sleep(15.6 - 5.5)
+        assert frozen[0].killed_at == 4 + UNRESPONSIVE_KILL_S + 1  # the tick after 14 s
+        assert len(spawned) == 3 and supervisor.restarts == 1  # replaced after 0.5 s
+        assert supervisor.view.value.ready
+        supervisor.drain()
+        for slot in supervisor.slots:
+            if slot.proc is not None:
+                slot.proc.kill()
 
 
 async def test_watchdog_needs_every_worker_alive_and_none_died_since_the_last_tick(

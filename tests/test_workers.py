@@ -663,6 +663,41 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
     assert SECRET not in stderr
 
 
+async def test_a_stopped_worker_is_not_ready_then_replaced(
+    redis_server: RedisServer, notify_dir: Path
+) -> None:
+    """Issue 16: SIGSTOP of one of two workers left /ready 200 and the worker
+    listed ``ready`` for as long as it was stopped. Now, within 4 heartbeats
+    and one more, /ready is 503 and /health names it ``unresponsive``; after
+    UNRESPONSIVE_KILL_S more it is killed and a new worker takes its slot."""
+    port = free_port()
+    log = notify_dir / "group.log"
+    async with group_process(hub_env(redis_server, port), log) as proc:
+        doc = await wait_group_ready(port, proc)
+        victim = doc["workers"]["list"][0]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            with trio.fail_after(10):  # the other worker answers (the stopped one accepts nothing)
+                while (r := await http(port, "GET", "/ready")).status != 503:
+                    await trio.sleep(0.2)
+            noticed = time.monotonic() - stopped
+            listed = {w["worker"]: w["status"] for w in (await health(port))["workers"]["list"]}
+            assert listed == {0: "unresponsive", 1: "ready"}, listed
+            assert r.json()["status"] == "degraded"
+            doc = await wait_group_ready(port, proc, timeout=UNRESPONSIVE_KILL_S + 15)
+            replaced = time.monotonic() - stopped
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        assert doc["workers"]["list"][0]["pid"] != victim
+        assert doc["workers"]["restarts"] == 1
+    stderr = log.read_text()
+    assert re.search(rf"worker not answering, not ready.* worker=0 pid={victim}", stderr), stderr
+    assert re.search(r"worker exited, replacing it.* worker=0 exit=SIGKILL", stderr), stderr
+    print(f"stopped worker: /ready 503 after {noticed:.1f} s, replaced after {replaced:.1f} s")
+
+
 async def test_a_port_in_use_is_one_line_and_exit_1(
     redis_server: RedisServer, notify_dir: Path
 ) -> None:

@@ -327,8 +327,8 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_ACCEPT_RATE_PER_USER",
         _non_negative_float,
         10.0,
-        "upgrades one user is admitted per second, burst as large, before the shared "
-        "SMAPWS_MAX_ACCEPT_RATE is spent (0: unlimited)",
+        "upgrades one user is admitted per second (burst: SMAPWS_MAX_CONNECTIONS_PER_USER), "
+        "before the shared SMAPWS_MAX_ACCEPT_RATE is spent (0: unlimited)",
     ),
     _Option(
         "max_pending_per_address",

@@ -61,10 +61,15 @@ async def test_one_users_churn_leaves_the_other_users_their_upgrades(
 ) -> None:
     """One token opening and closing upgrades in 16 loops spent the shared
     accept budget: 38-50 % of the other users' upgrades got 503. Its own
-    bucket (5/s) is spent first, so of the shared 20/s (burst 20) at least
+    bucket (5/s, burst 5) is spent first, so of the shared 20/s (burst 20) at least
     20 - 5 is left whatever the timing, and the 10 others all get in."""
     server: Server = await nursery.start(
-        serve, make_config(SMAPWS_MAX_ACCEPT_RATE=20, SMAPWS_MAX_ACCEPT_RATE_PER_USER=5)
+        serve,
+        make_config(
+            SMAPWS_MAX_ACCEPT_RATE=20,
+            SMAPWS_MAX_ACCEPT_RATE_PER_USER=5,
+            SMAPWS_MAX_CONNECTIONS_PER_USER=5,  # the per-user burst
+        ),
     )
     churn_head = _upgrade_head("churner")
     churned: list[bytes] = []

@@ -38,10 +38,12 @@ from smapws._io.app import App
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.server import STOP_MARGIN_S, serve, stop_budget
 from smapws._io.supervisor import (
+    METRICS_TIMEOUT,
     UNRESPONSIVE_KILL_S,
     Channel,
     ChannelError,
     Supervisor,
+    _ask_metrics,
     _Slot,
     worker_environment,
 )
@@ -327,7 +329,7 @@ async def test_workers_still_running_at_the_stop_deadline_are_killed(
     async def run_worker(supervisor: Supervisor, slot: _Slot) -> int:
         proc = StuckWorker()
         stuck.append(proc)
-        slot.proc = proc  # type: ignore[assignment]
+        slot.proc, slot.last_seen = proc, trio.current_time()  # type: ignore[assignment]
         await proc.gone.wait()
         slot.proc = None
         return -signal.SIGKILL
@@ -408,6 +410,27 @@ async def test_a_worker_that_stops_reporting_is_not_ready_then_killed_and_replac
         for slot in supervisor.slots:
             if slot.proc is not None:
                 slot.proc.kill()
+
+
+async def test_a_workers_metrics_request_never_waits_on_a_frozen_supervisor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 16: with the supervisor frozen, each /metrics request of a
+    worker blocked in its send once the control socket was full (2,286 hung,
+    ~2,300 fds). Now a request is queued or refused at once: 503 (None)
+    after METRICS_TIMEOUT when unanswered, at once when the queue is full."""
+    outbox, unsent = trio.open_memory_channel[object](2)
+    asked: dict[int, tuple[trio.Event, list[bytes]]] = {}
+    start = trio.current_time()
+    assert await _ask_metrics(outbox, asked) is None
+    assert trio.current_time() - start == METRICS_TIMEOUT
+    assert await _ask_metrics(outbox, asked) is None  # queued too: 2 of 2
+    assert trio.current_time() - start == 2 * METRICS_TIMEOUT
+    start = trio.current_time()
+    for _ in range(1000):
+        assert await _ask_metrics(outbox, asked) is None
+    assert trio.current_time() == start and not asked  # at once, nothing left waiting
+    assert [type(unsent.receive_nowait()).__name__ for _ in range(2)] == ["MetricsRequest"] * 2
 
 
 async def test_watchdog_needs_every_worker_alive_and_none_died_since_the_last_tick(

@@ -158,8 +158,10 @@ class App:
         rate = config.max_accept_rate
         self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
         per_user = config.max_accept_rate_per_user
-        #: Each user's share of the accept rate, spent before the shared one.
-        self.user_buckets = KeyedBuckets(per_user, per_user)
+        #: Each user's share of the accept rate, spent before the shared one;
+        #: its burst is as many as the user may hold (a browser restoring
+        #: every tab at once), then ``per_user`` a second.
+        self.user_buckets = KeyedBuckets(per_user, max(per_user, config.max_connections_per_user))
         #: Sockets each client address holds before its request is answered
         #: or while its answer lingers (``SMAPWS_MAX_PENDING_PER_ADDRESS``).
         self.pending_by_address = KeyedCount(config.max_pending_per_address)

@@ -50,10 +50,14 @@ async def _open_from(address: str, port: int) -> trio.SocketStream:
 async def _probes_answer_in_time(port: int) -> None:
     """``/health`` and ``/ready`` from another address, within the probe
     timeouts (a probe that times out restarts a healthy pod)."""
+    start = trio.current_time()
     with trio.fail_after(LIVENESS_TIMEOUT_S):
         assert (await http(port, "GET", "/health")).status == 200
+    middle = trio.current_time()
     with trio.fail_after(READINESS_TIMEOUT_S):
         assert (await http(port, "GET", "/ready")).status == 200
+    end = trio.current_time()
+    print(f"probes: /health {middle - start:.3f} s, /ready {end - middle:.3f} s")
 
 
 async def test_one_users_churn_leaves_the_other_users_their_upgrades(
@@ -93,6 +97,10 @@ async def test_one_users_churn_leaves_the_other_users_their_upgrades(
                 others.append(await _status_line(stream))
         await _probes_answer_in_time(server.port)
         done.set()
+    print(
+        f"churn: others {sum(b' 101 ' in o for o in others)}/10 upgraded; churner "
+        f"{sum(b' 503 ' in c for c in churned)} of {len(churned)} refused"
+    )
     assert all(b" 101 " in line for line in others), others
     refused = sum(b" 503 " in line for line in churned)
     assert refused >= len(churned) - 5 - 5 * 20  # its bucket, over the time it ran
@@ -182,6 +190,7 @@ async def test_refused_upgrades_that_never_close_are_bounded(nursery: trio.Nurse
             await trio.sleep(0.01)
         # Each held socket is counted (pending, lingering or refused at
         # once); a few more are between accept and the first count.
+        print(f"never-closing refused upgrades: the hub held at most {peak} sockets")
         assert peak <= limit + 20, f"the hub held {peak} sockets"
         assert len(app.pending_heads) + len(app.lingering) <= limit
         await _probes_answer_in_time(server.port)

@@ -402,6 +402,10 @@ async def test_a_worker_that_stops_reporting_is_not_ready_then_killed_and_replac
         app.worker_index, app.group = 1, view
         assert app.ready() is False
         assert app.health()["workers"]["list"][0]["status"] == "unresponsive"
+        status = sdnotify.group_status(view, 8081)
+        assert (
+            status.state == "degraded on port 8081: 1 of 2 workers ready (worker 0 not answering)"
+        )
         await trio.sleep(15.6 - 5.5)
         assert frozen[0].killed_at == 4 + UNRESPONSIVE_KILL_S + 1  # the tick after 14 s
         assert len(spawned) == 3 and supervisor.restarts == 1  # replaced after 0.5 s

@@ -312,8 +312,9 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_PENDING_REQUESTS",
         _positive_int,
         1024,
-        "accepted sockets still sending their request head; at the bound no more are "
-        "accepted until one is done or the oldest has been silent 2 s (then answered 408)",
+        "accepted sockets still sending their request head or lingering after their answer; "
+        "at the bound the oldest linger is cut short, else no more are accepted until one "
+        "is done or the oldest has been silent 2 s (then answered 408)",
     ),
     _Option(
         "max_accept_rate",

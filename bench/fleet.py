@@ -464,6 +464,9 @@ def running_hub(
             # Capacity is measured: the admission limits (operator policy) are lifted,
             # as in bench.run. Everything else is the hub's default.
             "SMAPWS_MAX_ACCEPT_RATE": "0",
+            # The load comes from one address and a few users (see bench.run).
+            "SMAPWS_MAX_ACCEPT_RATE_PER_USER": "0",
+            "SMAPWS_MAX_PENDING_PER_ADDRESS": "0",
             "SMAPWS_MAX_CONNECTIONS": "20000",
         }
         if plan.linger_s is not None:

@@ -61,6 +61,8 @@ async def close_times(n: int) -> tuple[float, list[float]]:
             "SMAPWS_PORT": "0",
             "JWT_SECRET": SECRET,
             "SMAPWS_MAX_ACCEPT_RATE": "0",
+            "SMAPWS_MAX_ACCEPT_RATE_PER_USER": "0",
+            "SMAPWS_MAX_PENDING_PER_ADDRESS": "0",
             "SMAPWS_LOG_LEVEL": "warning",
         }
     )

@@ -261,6 +261,10 @@ def _clean_env(port: int, redis_port: int, secret: str, extra: dict[str, str]) -
         # defaults 1000 upgrades/s and 10,000 connections) are lifted; the
         # baseline has none. Everything else stays at its default.
         SMAPWS_MAX_ACCEPT_RATE="0",
+        # Every load client is one address (loopback), as a balancer would
+        # be: the per-address and per-user bounds are for attackers, off here.
+        SMAPWS_MAX_ACCEPT_RATE_PER_USER="0",
+        SMAPWS_MAX_PENDING_PER_ADDRESS="0",
         SMAPWS_MAX_CONNECTIONS="20000",
     )
     env.update(extra)

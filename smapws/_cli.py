@@ -10,6 +10,7 @@ line on stderr naming the variable).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import secrets
@@ -88,11 +89,20 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="the hub with a live demo page at /demo (embedded broker)",
         description="Run the hub on the embedded broker with the demo page at /demo, a dev "
-        "login and a simulated Project service. Listens on 127.0.0.1 unless SMAPWS_HOST "
-        "says otherwise; a random JWT_SECRET is made when none is set. Never in production. "
-        "Redis, subscription-mode and worker settings do not apply (the embedded broker, one "
-        "process). To publish your own messages to the page, start it with SMAPWS_API_KEY "
-        "set and use `smapws publish --url` (the page shows the command).",
+        "login and a simulated Project service. Listens on 127.0.0.1 only (SMAPWS_HOST is "
+        "ignored) unless --public is given, and signs its tokens with a fresh random secret "
+        "(JWT_* settings are ignored: the dev login must never mint a token production "
+        "accepts). Never in production. Redis, subscription-mode and worker settings do not "
+        "apply (the embedded broker, one process). To publish your own messages to the page, "
+        "start it with SMAPWS_API_KEY set and use `smapws publish --url` (the page shows the "
+        "command).",
+    )
+    demo.add_argument(
+        "--public",
+        action="store_true",
+        default=None,
+        help="listen on --host (default 0.0.0.0) instead of loopback only: anyone who can "
+        "reach it can log in",
     )
     add_arguments(demo, skip=DEMO_IGNORES)
 
@@ -170,38 +180,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     # serve's flags (token has no settings flags: it reads the environment).
     flags = {k: v for k, v in vars(args).items() if v is not None}
     env: Mapping[str, str] = os.environ
-    if command == "demo":
-        env, flags = _demo_settings(env, flags)
+    public = bool(flags.pop("public", False))
     try:
+        if command == "demo":
+            env, flags = _demo_settings(env, flags, public=public)
         config = load(env, flags)
     except ConfigError as exc:
         print(f"smapws: configuration error: {exc}", file=sys.stderr)
         return 2
     if command == "demo":
-        return _serve(config, demo_banner=True)
+        return _serve(config, demo_banner=True, public=public)
     if command == "token":
         return _token(config, args.user, args.ttl)
     return _serve(config)
 
 
 def _demo_settings(
-    env: Mapping[str, str], flags: dict[str, Any]
+    env: Mapping[str, str], flags: dict[str, Any], *, public: bool = False
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """What ``smapws demo`` changes: the embedded broker (Redis settings are
-    dropped), the demo on, loopback unless a host is given, and a random
-    JWT_SECRET when none is set."""
-    redis = ("REDIS_", "redis_")
-    env = {k: v for k, v in env.items() if not k.startswith(redis)}
-    flags = {k: v for k, v in flags.items() if not k.startswith(redis)}
+    dropped), the demo on, a fresh random HS256 secret of its own (every
+    ``JWT_*`` setting is dropped, so its login never mints a token that a
+    production hub sharing the environment would accept), and loopback only
+    (``SMAPWS_HOST`` is dropped: the image sets it to 0.0.0.0) unless
+    ``public``. Raises :class:`ConfigError` for a ``--host`` that is not
+    loopback without ``--public``."""
+    dropped = ("REDIS_", "redis_", "JWT_", "jwt_")
+    env = {k: v for k, v in env.items() if not k.startswith(dropped) and k != "SMAPWS_HOST"}
+    flags = {k: v for k, v in flags.items() if not k.startswith(dropped)}
     env["SMAPWS_DEMO"] = "true"
     flags.pop("demo", None)
-    env.setdefault("SMAPWS_HOST", "127.0.0.1")
-    if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY_FILE"):
-        env["JWT_SECRET"] = secrets.token_hex(32)
+    env["JWT_SECRET"] = secrets.token_hex(32)
+    env["JWT_ALGORITHMS"] = "HS256"
+    host = flags.get("host")
+    if public:
+        flags["host"] = host or "0.0.0.0"
+    elif host is None:
+        flags["host"] = "127.0.0.1"
+    elif not _loopback(host):
+        raise ConfigError(
+            f"--host: {host} is not a loopback address; smapws demo listens on loopback "
+            "only unless --public is given"
+        )
     return env, flags
 
 
-def _serve(config: Config, *, demo_banner: bool = False) -> int:
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _demo_line(config: Config, *, public: bool) -> str:
+    """The demo's first log line: where it listens and what signs its tokens."""
+    where = (
+        f"on {config.host} (--public: anyone who can reach it can log in)"
+        if public
+        else f"on {config.host} only (loopback; --public listens on other interfaces)"
+    )
+    return (
+        f"smapws demo: listening {where}; tokens signed with a fresh random secret, not JWT_SECRET"
+    )
+
+
+def _serve(config: Config, *, demo_banner: bool = False, public: bool = False) -> int:
     import trio
 
     from smapws._io.server import ListenError, serve
@@ -219,6 +264,8 @@ def _serve(config: Config, *, demo_banner: bool = False) -> int:
             return 130
     _log.configure(config.log_level, config.log_format)
     _tune_gc()
+    if demo_banner:
+        _log.logger.warning(_demo_line(config, public=public))
 
     async def run() -> None:
         if not demo_banner:

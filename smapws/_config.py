@@ -168,6 +168,28 @@ def _str(v: str) -> str:
     return v
 
 
+#: The shortest ``SMAPWS_API_KEY`` taken: a key a person can type from memory
+#: is one an attacker can guess; ``openssl rand -hex 32`` makes 64 characters.
+MIN_API_KEY_CHARS: Final = 16
+
+
+def _api_key(v: str) -> str:
+    """The key without surrounding whitespace (a secret file's newline); an
+    empty or short key is refused rather than turning on an API that no key,
+    or any key, opens."""
+    key = v.strip()
+    if not key:
+        raise ValueError(
+            "expected a key, not whitespace (unset SMAPWS_API_KEY to turn the publish API off)"
+        )
+    if len(key) < MIN_API_KEY_CHARS:
+        raise ValueError(
+            f"expected at least {MIN_API_KEY_CHARS} characters "
+            "(generate one with `openssl rand -hex 32`)"
+        )
+    return key
+
+
 @dataclass(frozen=True)
 class _Option:
     field: str
@@ -298,7 +320,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option(
         "api_key",
         "SMAPWS_API_KEY",
-        _str,
+        _api_key,
         None,
         "bearer key for POST /api/publish (unset: the API is off)",
         True,
@@ -316,8 +338,9 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_PENDING_REQUESTS",
         _positive_int,
         1024,
-        "accepted sockets still sending their request head; at the bound no more are "
-        "accepted until one is done or the oldest has been silent 2 s (then answered 408)",
+        "accepted sockets still sending their request head or lingering after their answer; "
+        "at the bound the oldest linger is cut short, else no more are accepted until one "
+        "is done or the oldest has been silent 2 s (then answered 408)",
     ),
     _Option(
         "max_accept_rate",
@@ -325,6 +348,22 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _non_negative_float,
         1000.0,
         "upgrades admitted per second, burst as large (0: unlimited)",
+    ),
+    _Option(
+        "max_accept_rate_per_user",
+        "SMAPWS_MAX_ACCEPT_RATE_PER_USER",
+        _non_negative_float,
+        10.0,
+        "upgrades one user is admitted per second (burst: SMAPWS_MAX_CONNECTIONS_PER_USER), "
+        "before the shared SMAPWS_MAX_ACCEPT_RATE is spent (0: unlimited)",
+    ),
+    _Option(
+        "max_pending_per_address",
+        "SMAPWS_MAX_PENDING_PER_ADDRESS",
+        _non_negative_int,
+        128,
+        "sockets one client address may hold before its request is answered or while "
+        "its answer lingers; more are answered 503 at once (0: unbounded)",
     ),
     _Option(
         "max_message_bytes",
@@ -516,6 +555,8 @@ class Config:
     max_connections_per_user: int = 64
     max_pending_requests: int = 1024
     max_accept_rate: float = 1000.0
+    max_accept_rate_per_user: float = 10.0
+    max_pending_per_address: int = 128
     max_message_bytes: int = 65536
     max_json_depth: int = 32
     max_client_message_bytes: int = 4096

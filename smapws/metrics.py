@@ -381,6 +381,12 @@ class Metrics:
             "Accepted sockets still sending their request head.",
             registry=r,
         )
+        self.lingering = Gauge(  # read from the front door at scrape time
+            "websocket_lingering_sockets",
+            "Answered sockets in their lingering close (counted against "
+            "SMAPWS_MAX_PENDING_REQUESTS).",
+            registry=r,
+        )
 
     def bind_gauges(self, connections: Callable[[], float], users: Callable[[], float]) -> None:
         """Read the connection gauges from the hub at scrape time, so they can

@@ -29,7 +29,7 @@ from smapws import Config, Server, load_config, serve
 from smapws._core.auth import mint
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
-API_KEY = "test-api-key"
+API_KEY = "test-api-key-0123456789"
 #: The headers of a valid WebSocket upgrade, for ``http(..., "GET", "/ws")``.
 UPGRADE_HEADERS = {
     "Upgrade": "websocket",

@@ -397,7 +397,7 @@ def test_demo_page_shows_finished_bars_apart_and_how_to_send_a_message(
     FAILED) are not the running ones' colour, "Drop connection" is only
     offered while connected, and the command the page shows for sending
     your own message works as printed."""
-    hub = HubProcess(tmp_path, command="demo", SMAPWS_API_KEY="dev-key")
+    hub = HubProcess(tmp_path, command="demo", SMAPWS_API_KEY="dev-key-0123456789")
     hubs.append(hub)
     hub.start()
     page = browser.new_context(viewport={"width": 960, "height": 900}).new_page()

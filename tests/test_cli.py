@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 
 import jwt
 import pytest
@@ -177,7 +178,7 @@ async def test_publish_through_a_hubs_http_api(nursery: trio.Nursery) -> None:
     refused = await trio.to_thread.run_sync(
         lambda: smapws(
             "publish", "--user", "h1", "--type", "alert", "--url", url,
-            SMAPWS_API_KEY="wrong-key-77",
+            SMAPWS_API_KEY="wrong-key-77-0123456789",
         )
     )  # fmt: skip
     assert refused.returncode == 1
@@ -255,3 +256,60 @@ def test_demo_help_lists_no_setting_the_demo_ignores(
     assert "SMAPWS_API_KEY" in out and "smapws publish --url" in " ".join(out.split())
     code, _, err = run_main(capsys, monkeypatch, "demo", "--redis-url", "redis://x")
     assert code == 2 and "unrecognized arguments: --redis-url" in err
+
+
+def _demo_until_open(*args: str, **env: str) -> tuple[subprocess.Popen[str], list[str]]:
+    """``smapws demo *args`` with ``env``; its log lines up to its "open" line."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smapws", "demo", *args],
+        env={**BASE_ENV, **env},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("smapws demo: open"):
+        line = proc.stderr.readline()
+        assert line, f"the demo exited: {lines}"
+        lines.append(line.rstrip("\n"))
+    return proc, lines
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_the_demo_listens_on_loopback_and_signs_with_its_own_secret(public: bool) -> None:
+    """Issue 16: ``smapws demo`` took SMAPWS_HOST (0.0.0.0 in the image) and
+    JWT_SECRET from the environment, so its login, which hands a token to
+    anyone, listened on every interface and signed with the production key.
+    Now loopback unless --public, a fresh secret always, both in its first
+    log line."""
+    port = free_port()
+    env = {"SMAPWS_HOST": "0.0.0.0", "JWT_SECRET": SECRET, "SMAPWS_PORT": str(port)}
+    proc, lines = _demo_until_open(*(["--public"] if public else []), **env)
+    try:
+        first = lines[0]
+        assert "fresh random secret, not JWT_SECRET" in first, first
+        host = "0.0.0.0" if public else "127.0.0.1"
+        assert f"listening on {host}" in first, first
+        assert ("--public: anyone" in first) is public, first
+        assert any(f"msg=listening host={host} port={port}" in line for line in lines), lines
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/demo/login", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            cookie = answer.headers["Set-Cookie"]
+        token = cookie.split(";")[0].removeprefix("access_token=")
+        assert jwt.decode(token, options={"verify_signature": False})["sub"].startswith("demo-")
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(token, SECRET, algorithms=["HS256"])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_the_demo_refuses_a_public_host_without_public() -> None:
+    ran = smapws("demo", "--host", "0.0.0.0", SMAPWS_PORT=str(free_port()))
+    assert ran.returncode == 2
+    assert ran.stderr.splitlines() == [
+        "smapws: configuration error: --host: 0.0.0.0 is not a loopback address; "
+        "smapws demo listens on loopback only unless --public is given"
+    ]

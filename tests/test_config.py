@@ -87,6 +87,32 @@ def test_secret_values_are_not_echoed() -> None:
     assert "tooshort-secret" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (" ", "expected a key, not whitespace"),
+        ("\t\n", "expected a key, not whitespace"),
+        ("k", "expected at least 16 characters"),
+        ("  fifteen-chars-  ", "expected at least 16 characters"),
+    ],
+)
+def test_an_api_key_no_one_can_use_or_anyone_can_guess_is_refused(raw: str, why: str) -> None:
+    """Issue 16: a whitespace key turned on an API that no key opened (the
+    bearer is stripped before it is compared), and a 1-character key was
+    taken silently. Both fail at start-up, in one line that hides the key."""
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, "SMAPWS_API_KEY": raw})
+    message = str(info.value)
+    assert message.startswith("SMAPWS_API_KEY: " + why)
+    assert message.endswith("got (hidden)") and "\n" not in message
+    if raw.strip():
+        assert raw.strip() not in message
+    # Surrounding whitespace (a secret file's newline) is not part of the key.
+    key = "0123456789abcdef"
+    assert load({"JWT_SECRET": SECRET, "SMAPWS_API_KEY": f" {key}\n"}).api_key == key
+    assert load({"JWT_SECRET": SECRET, "SMAPWS_API_KEY": ""}).api_key is None
+
+
 def test_public_key_file(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec

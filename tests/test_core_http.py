@@ -10,6 +10,7 @@ from smapws._core.http import (
     origin_allowed,
     parse_cookies,
     parse_head,
+    request_scheme,
     response,
 )
 
@@ -90,9 +91,38 @@ def test_response_is_complete_and_closes() -> None:
         ("https://tantai.dev", "x", ("https://*.tantai.dev",), False),
         ("http://a.tantai.dev", "x", ("https://*.tantai.dev",), False),
         ("https://anything", "x", ("*",), True),
+        # Issue 16: no host before the domain is no subdomain.
+        ("https://.tantai.dev", "x", ("https://*.tantai.dev",), False),
+        ("https://a..tantai.dev", "x", ("https://*.tantai.dev",), False),
+        ("https://a.b.tantai.dev", "x", ("https://*.tantai.dev",), True),
+        # Issue 16: same-host mode compares the scheme too (the default is the
+        # hub's own plain HTTP: a ws:// request from an https page is odd).
+        ("https://h:1", "h:1", (), False),
     ],
 )
 def test_origin_rule(
     origin: str | None, host: str | None, allowed: tuple[str, ...], ok: bool
 ) -> None:
     assert origin_allowed(origin, host, allowed) is ok
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "origin", "ok"),
+    [
+        (None, "http://ws.example", True),
+        (None, "https://ws.example", False),
+        ("https", "https://ws.example", True),
+        # Behind TLS, a plain-HTTP page of the same host is another origin.
+        ("https", "http://ws.example", False),
+        ("HTTPS, http", "https://ws.example", True),
+        ("http", "https://ws.example", False),
+    ],
+)
+def test_same_host_origin_needs_the_scheme_the_browser_used(
+    forwarded: str | None, origin: str, ok: bool
+) -> None:
+    lines = [b"GET /ws HTTP/1.1", b"Host: ws.example"]
+    if forwarded is not None:
+        lines.append(b"X-Forwarded-Proto: " + forwarded.encode())
+    head = parse_head(b"\r\n".join(lines) + b"\r\n\r\n")
+    assert origin_allowed(origin, head.header("host"), (), request_scheme(head)) is ok

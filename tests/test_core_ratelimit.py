@@ -1,11 +1,11 @@
-"""The accept-rate token bucket (sans-IO)."""
+"""The accept-rate token buckets and the per-address count (sans-IO)."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smapws._core.ratelimit import TokenBucket
+from smapws._core.ratelimit import KeyedBuckets, KeyedCount, TokenBucket
 
 
 def test_burst_then_rate() -> None:
@@ -39,3 +39,39 @@ def test_never_more_than_burst_plus_rate_times_elapsed(
         now += gap
         taken += bucket.take(now)
     assert taken <= max(1.0, burst) + rate * now + 1e-9
+
+
+def test_one_keys_churn_leaves_the_others_their_tokens() -> None:
+    """Issue 16: one user's churn spent the shared budget; each key has its own."""
+    buckets = KeyedBuckets(rate=2, burst=2)
+    assert [buckets.take("churner", 0.0) for _ in range(1000)].count(True) == 2
+    assert buckets.take("other", 0.0) and buckets.take("other", 0.0)
+    assert not buckets.take("churner", 0.25)  # half a token
+    assert buckets.take("churner", 0.5)
+    assert buckets.retry_after(0.0) == 1
+    assert all(KeyedBuckets(rate=0, burst=0).take("k", 0.0) for _ in range(1000))
+
+
+def test_keyed_buckets_forget_keys_whose_bucket_is_full_again() -> None:
+    buckets = KeyedBuckets(rate=10, burst=10)  # full again 1 s after a take
+    for i in range(5000):
+        buckets.take(f"u{i}", i / 10_000)  # 5,000 users within 0.5 s
+    assert len(buckets) == 5000  # all within their refill time
+    for i in range(5000):
+        buckets.take(f"v{i}", 10.0 + i / 10_000)
+    assert len(buckets) <= 2 * 1024 + 5000  # the u* buckets were swept
+    assert not any(k.startswith("u") for k in buckets._buckets)
+
+
+def test_keyed_count_bounds_each_key() -> None:
+    count = KeyedCount(limit=2)
+    assert [count.acquire("a") for _ in range(3)] == [True, True, False]
+    assert count.acquire("b")
+    count.release("a")
+    assert count.held("a") == 1 and count.acquire("a")
+    for key in ("a", "a", "b"):
+        count.release(key)
+    assert len(count) == 0  # nothing held, nothing kept
+    unbounded = KeyedCount(limit=0)
+    assert all(unbounded.acquire("a") for _ in range(1000)) and len(unbounded) == 0
+    unbounded.release("a")

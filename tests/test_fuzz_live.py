@@ -484,6 +484,8 @@ def test_a_hub_fed_garbage_from_every_side_keeps_serving(redis_server: RedisServ
         SMAPWS_LOG_FORMAT="json",
         SMAPWS_LOG_LEVEL="info",
         SMAPWS_MAX_ACCEPT_RATE="0",
+        SMAPWS_MAX_ACCEPT_RATE_PER_USER="0",
+        SMAPWS_MAX_PENDING_PER_ADDRESS="0",
         SMAPWS_HANDSHAKE_TIMEOUT=str(HANDSHAKE_TIMEOUT),
         # Heartbeats within the fuzzing time, so that the hub also closes
         # connections of its own accord while clients send junk.

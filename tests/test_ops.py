@@ -1179,7 +1179,7 @@ async def test_kubernetes_routes_answer_on_the_ports_the_manifests_name(
         "SMAPWS_ALLOWED_ORIGINS": "",
         "SMAPWS_LOG_LEVEL": "warning",
         "JWT_SECRET": SECRET,
-        "SMAPWS_API_KEY": "k8s-test-key",
+        "SMAPWS_API_KEY": "k8s-test-key-0123456789",
     }
     server: Server = await nursery.start(serve, load_config(local))
     assert server.internal_port is not None
@@ -1206,7 +1206,7 @@ async def test_kubernetes_routes_answer_on_the_ports_the_manifests_name(
         body = json.dumps(
             {"user_id": "u1", "message": {"type": "notification", "payload": {"n": 1}}}
         ).encode()
-        auth = {"Authorization": "Bearer k8s-test-key"}
+        auth = {"Authorization": "Bearer k8s-test-key-0123456789"}
         assert (await http(public, "POST", "/api/publish", body=body, headers=auth)).status == 404
         r = await http(internal, "POST", "/api/publish", body=body, headers=auth)
         assert r.status == 202

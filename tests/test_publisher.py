@@ -542,7 +542,7 @@ def test_from_env_reads_the_hubs_variables(
     with Publisher.from_env({**env, "SMAPWS_CHANNEL_PREFIX": "user_noti:"}) as pub:
         pub.publish("u1", "t", {})
     assert subscriber() == b'user_noti:u1 {"type":"t","payload":{}}'
-    api = Publisher.from_env({"SMAPWS_API_KEY": "k", "SMAPWS_PORT": "9"})
+    api = Publisher.from_env({"SMAPWS_API_KEY": API_KEY, "SMAPWS_PORT": "9"})
     assert (api.transport, api.server) == ("api", "http://127.0.0.1:9")
     with pytest.raises(ValueError, match="SMAPWS_API_KEY"):
         Publisher.from_env({})

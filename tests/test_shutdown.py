@@ -124,7 +124,7 @@ def test_publish_command_through_the_http_api() -> None:
                 await wait_connections(server, 1)
                 env = {
                     "PATH": os.environ.get("PATH", ""),
-                    "SMAPWS_API_KEY": "test-api-key",
+                    "SMAPWS_API_KEY": "test-api-key-0123456789",
                     "SMAPWS_PORT": str(server.port),
                 }
                 await trio.run_process(

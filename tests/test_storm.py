@@ -67,7 +67,9 @@ async def _one_client(port: int, i: int, head: bytes) -> None:
 
 
 async def test_churn_of_10000_connections_leaves_nothing_behind(nursery: trio.Nursery) -> None:
-    server: Server = await nursery.start(serve, make_config(SMAPWS_MAX_ACCEPT_RATE=0))
+    server: Server = await nursery.start(
+        serve, make_config(SMAPWS_MAX_ACCEPT_RATE=0, SMAPWS_MAX_ACCEPT_RATE_PER_USER=0)
+    )
     app = server.app
     await trio.sleep(0.1)
     tasks_before, fds_before = _tasks(), _fds()

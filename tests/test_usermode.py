@@ -21,6 +21,7 @@ from smapws._config import ConfigError, load
 from smapws._core.subscriptions import BATCH
 
 from .conftest import (
+    API_KEY,
     SECRET,
     RedisServer,
     connect,
@@ -285,7 +286,7 @@ async def test_publish_paths_are_unchanged(nursery: trio.Nursery, own_redis: Red
         ).encode()
         r = await http(
             hub.port, "POST", "/api/publish", body=body,
-            headers={"Authorization": "Bearer test-api-key"},
+            headers={"Authorization": f"Bearer {API_KEY}"},
         )  # fmt: skip
         assert r.json() == {"status": "accepted", "hubs": 1, "receivers": 1}
         assert (await receive_json(ws))["payload"] == {"x": 1}

@@ -38,9 +38,12 @@ from smapws._io.app import App
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.server import STOP_MARGIN_S, serve, stop_budget
 from smapws._io.supervisor import (
+    METRICS_TIMEOUT,
+    UNRESPONSIVE_KILL_S,
     Channel,
     ChannelError,
     Supervisor,
+    _ask_metrics,
     _Slot,
     worker_environment,
 )
@@ -326,7 +329,7 @@ async def test_workers_still_running_at_the_stop_deadline_are_killed(
     async def run_worker(supervisor: Supervisor, slot: _Slot) -> int:
         proc = StuckWorker()
         stuck.append(proc)
-        slot.proc = proc  # type: ignore[assignment]
+        slot.proc, slot.last_seen = proc, trio.current_time()  # type: ignore[assignment]
         await proc.gone.wait()
         slot.proc = None
         return -signal.SIGKILL
@@ -348,6 +351,90 @@ async def test_workers_still_running_at_the_stop_deadline_are_killed(
     expected = 1 + 2 + STOP_MARGIN_S if second_signal else 1 + 20 + 4 + STOP_MARGIN_S
     assert [p.killed_at for p in stuck] == [expected, expected]
     assert supervisor.killed and supervisor.restarts == 0
+
+
+async def test_a_worker_that_stops_reporting_is_not_ready_then_killed_and_replaced(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 16: a frozen worker was reported ready forever. Silent for more
+    than STALE_HEARTBEATS heartbeats (4 s), it is ``unresponsive`` (the
+    group's /ready is 503, /health names it); silent UNRESPONSIVE_KILL_S more,
+    it is killed and replaced."""
+    frozen: list[StuckWorker] = []
+    spawned: list[float] = []
+
+    async def run_worker(supervisor: Supervisor, slot: _Slot) -> int:
+        proc = StuckWorker()
+        spawned.append(trio.current_time())
+        slot.proc = proc  # type: ignore[assignment]
+        slot.report, slot.last_seen = report(slot.index), trio.current_time()
+        supervisor._changed()
+        if slot.index == 0 and len(frozen) == 0:
+            frozen.append(proc)  # the first worker of slot 0 never reports
+        else:
+
+            async def keep_reporting() -> None:
+                while True:
+                    slot.last_seen = trio.current_time()
+                    await trio.sleep(supervisor.heartbeat_s)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(keep_reporting)
+                await proc.gone.wait()
+                n.cancel_scope.cancel()
+        await proc.gone.wait()
+        slot.proc = slot.report = None
+        return proc.returncode or 0
+
+    config = make_config(REDIS_URL="redis://127.0.0.1:1/0", SMAPWS_WORKERS=2)
+    supervisor = Supervisor(config, [], [], run_worker=run_worker)
+    assert supervisor.heartbeat_s == 1.0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        await trio.sleep(4.5)
+        assert supervisor.view.value.ready  # 4 heartbeats may be missed
+        await trio.sleep(1)
+        view = supervisor.view.value
+        assert not view.ready
+        assert [w and w.status for w in view.workers] == ["unresponsive", "ready"]
+        app = App(make_config(), MemoryBroker())
+        app.broker.status_value.value = "connected"
+        app.worker_index, app.group = 1, view
+        assert app.ready() is False
+        assert app.health()["workers"]["list"][0]["status"] == "unresponsive"
+        status = sdnotify.group_status(view, 8081)
+        assert (
+            status.state == "degraded on port 8081: 1 of 2 workers ready (worker 0 not answering)"
+        )
+        await trio.sleep(15.6 - 5.5)
+        assert frozen[0].killed_at == 4 + UNRESPONSIVE_KILL_S + 1  # the tick after 14 s
+        assert len(spawned) == 3 and supervisor.restarts == 1  # replaced after 0.5 s
+        assert supervisor.view.value.ready
+        supervisor.drain()
+        for slot in supervisor.slots:
+            if slot.proc is not None:
+                slot.proc.kill()
+
+
+async def test_a_workers_metrics_request_never_waits_on_a_frozen_supervisor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 16: with the supervisor frozen, each /metrics request of a
+    worker blocked in its send once the control socket was full (2,286 hung,
+    ~2,300 fds). Now a request is queued or refused at once: 503 (None)
+    after METRICS_TIMEOUT when unanswered, at once when the queue is full."""
+    outbox, unsent = trio.open_memory_channel[object](2)
+    asked: dict[int, tuple[trio.Event, list[bytes]]] = {}
+    start = trio.current_time()
+    assert await _ask_metrics(outbox, asked) is None
+    assert trio.current_time() - start == METRICS_TIMEOUT
+    assert await _ask_metrics(outbox, asked) is None  # queued too: 2 of 2
+    assert trio.current_time() - start == 2 * METRICS_TIMEOUT
+    start = trio.current_time()
+    for _ in range(1000):
+        assert await _ask_metrics(outbox, asked) is None
+    assert trio.current_time() == start and not asked  # at once, nothing left waiting
+    assert [type(unsent.receive_nowait()).__name__ for _ in range(2)] == ["MetricsRequest"] * 2
 
 
 async def test_watchdog_needs_every_worker_alive_and_none_died_since_the_last_tick(
@@ -603,6 +690,41 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(
     assert stderr.count("msg=drained") == 2 and "signal received again" not in stderr, stderr
     assert len(re.findall(r'msg="worker exited" role=supervisor worker=\d exit=0\n', stderr)) == 2
     assert SECRET not in stderr
+
+
+async def test_a_stopped_worker_is_not_ready_then_replaced(
+    redis_server: RedisServer, notify_dir: Path
+) -> None:
+    """Issue 16: SIGSTOP of one of two workers left /ready 200 and the worker
+    listed ``ready`` for as long as it was stopped. Now, within 4 heartbeats
+    and one more, /ready is 503 and /health names it ``unresponsive``; after
+    UNRESPONSIVE_KILL_S more it is killed and a new worker takes its slot."""
+    port = free_port()
+    log = notify_dir / "group.log"
+    async with group_process(hub_env(redis_server, port), log) as proc:
+        doc = await wait_group_ready(port, proc)
+        victim = doc["workers"]["list"][0]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            with trio.fail_after(10):  # the other worker answers (the stopped one accepts nothing)
+                while (r := await http(port, "GET", "/ready")).status != 503:
+                    await trio.sleep(0.2)
+            noticed = time.monotonic() - stopped
+            listed = {w["worker"]: w["status"] for w in (await health(port))["workers"]["list"]}
+            assert listed == {0: "unresponsive", 1: "ready"}, listed
+            assert r.json()["status"] == "degraded"
+            doc = await wait_group_ready(port, proc, timeout=UNRESPONSIVE_KILL_S + 15)
+            replaced = time.monotonic() - stopped
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        assert doc["workers"]["list"][0]["pid"] != victim
+        assert doc["workers"]["restarts"] == 1
+    stderr = log.read_text()
+    assert re.search(rf"worker not answering, not ready.* worker=0 pid={victim}", stderr), stderr
+    assert re.search(r"worker exited, replacing it.* worker=0 exit=SIGKILL", stderr), stderr
+    print(f"stopped worker: /ready 503 after {noticed:.1f} s, replaced after {replaced:.1f} s")
 
 
 async def test_a_port_in_use_is_one_line_and_exit_1(

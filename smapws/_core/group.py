@@ -72,14 +72,19 @@ class WorkerReport:
     connections: int
     users: int
     pending_upgrades: int = 0
+    #: Set by the supervisor, never by the worker: it has sent nothing for
+    #: longer than its deadline (its loop is stuck, or it was stopped).
+    unresponsive: bool = False
 
     @property
     def ready(self) -> bool:
         """What this worker's own ``/ready`` would say alone."""
-        return self.broker == "connected" and not self.draining
+        return self.broker == "connected" and not self.draining and not self.unresponsive
 
     @property
     def status(self) -> str:
+        if self.unresponsive:
+            return "unresponsive"
         if self.draining:
             return "draining"
         return "ready" if self.ready else "not_ready"

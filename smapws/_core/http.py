@@ -175,16 +175,35 @@ def response(
     return head if head_only else head + body
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
+def request_scheme(head: RequestHead) -> str:
+    """The scheme the browser used to reach the hub: ``https`` when the
+    balancer in front says so in ``X-Forwarded-Proto`` (its first value),
+    else ``http`` (the hub's own listener is plain HTTP). A browser cannot set
+    this header on a WebSocket request, so a page cannot claim another
+    scheme; a non-browser client could, but it could send any Origin too."""
+    proto = (head.header("x-forwarded-proto") or "").split(",")[0].strip().lower()
+    return "https" if proto in ("https", "wss") else "http"
+
+
+def origin_allowed(
+    origin: str | None,
+    host: str | None,
+    allowed: tuple[str, ...],
+    scheme: str = "http",
+) -> bool:
     """Judge a browser's ``Origin`` header.
 
     - No Origin (a non-browser client): allowed; such a client could send any
       Origin it liked, so refusing it would protect nothing.
-    - ``allowed`` empty: same host only: the Origin's host[:port] equals the
-      request's ``Host`` header.
+    - ``allowed`` empty: same origin only: the Origin's host[:port] equals the
+      request's ``Host`` header *and* its scheme is ``scheme``, the scheme the
+      browser used to reach this hub (``http`` for ``ws://``, ``https`` for
+      ``wss://``): a plain-HTTP page of the same host (one anybody on the path
+      can write) is another origin.
     - Otherwise an entry matches when it equals the Origin (scheme://host[:port],
       case-insensitive), is ``*``, or is ``scheme://*.domain`` and the Origin's
-      host is a subdomain of ``domain``.
+      host is a subdomain of ``domain`` (one or more non-empty labels before it:
+      ``https://.domain`` is no host).
     """
     if origin is None:
         return True
@@ -193,14 +212,22 @@ def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...
         if host is None or origin == "null":
             return False
         split = _urlsplit(origin)
-        return split is not None and bool(split.netloc) and split.netloc == host.strip().lower()
+        return (
+            split is not None
+            and bool(split.netloc)
+            and split.scheme == scheme
+            and split.netloc == host.strip().lower()
+        )
     for entry in allowed:
         entry = entry.lower().rstrip("/")
         if entry in ("*", origin):
             return True
-        scheme, sep, rest = entry.partition("://*.")
+        entry_scheme, sep, rest = entry.partition("://*.")
         if sep:
             o = _urlsplit(origin)
-            if o is not None and o.scheme == scheme and o.netloc.endswith("." + rest):
+            if o is None or o.scheme != entry_scheme or not o.netloc.endswith("." + rest):
+                continue
+            labels = o.netloc[: -len(rest) - 1].split(".")
+            if all(labels):
                 return True
     return False

@@ -50,7 +50,7 @@ from smapws._core.history import (
 )
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
-from smapws._core.ratelimit import TokenBucket
+from smapws._core.ratelimit import KeyedBuckets, KeyedCount, TokenBucket
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
@@ -195,6 +195,18 @@ class App:
         self.tokens = VerifiedTokens(config.auth)
         rate = config.max_accept_rate
         self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
+        per_user = config.max_accept_rate_per_user
+        #: Each user's share of the accept rate, spent before the shared one;
+        #: its burst is as many as the user may hold (a browser restoring
+        #: every tab at once), then ``per_user`` a second.
+        self.user_buckets = KeyedBuckets(per_user, max(per_user, config.max_connections_per_user))
+        #: Sockets each client address holds before its request is answered
+        #: or while its answer lingers (``SMAPWS_MAX_PENDING_PER_ADDRESS``).
+        self.pending_by_address = KeyedCount(config.max_pending_per_address)
+        #: Answered sockets in their lingering close (see ``frontdoor._send``),
+        #: oldest first: they count against ``SMAPWS_MAX_PENDING_REQUESTS``
+        #: and are the first cut short when it is reached.
+        self.lingering: dict[int, trio.CancelScope] = {}
         self.pending_upgrades = 0
         self._pending_by_user: dict[str, int] = {}
         #: The sockets still sending their request head, oldest first: each
@@ -204,6 +216,7 @@ class App:
         self.pending_heads: dict[int, tuple[trio.CancelScope, float, int]] = {}
         self.pending_head_count = AsyncValue(0)
         self.metrics.pending_heads.set_function(lambda: len(self.pending_heads))
+        self.metrics.lingering.set_function(lambda: len(self.lingering))
         self.started_at = trio.current_time()
         self._invalid_log = RateLimitedLog(INVALID_LOG_INTERVAL)
         self._error_log = RateLimitedLog(INVALID_LOG_INTERVAL)
@@ -246,19 +259,29 @@ class App:
         accepting waits."""
         limit = self.config.max_pending_requests
         pending = self.pending_heads
-        while len(pending) >= limit:
+        lingering = self.lingering
+        while len(pending) + len(lingering) >= limit:
+            if lingering:
+                # Already answered: cutting its linger short costs at most
+                # that client an RST after its response.
+                lingering.pop(next(iter(lingering))).cancel()
+                self._count_pending()
+                continue
             key = next(iter(pending))
             scope, accepted_at, fd = pending[key]
             wait = accepted_at + HEAD_EVICT_AGE - trio.current_time()
             if wait <= 0:
                 if not _has_input(fd):
                     del pending[key]
-                    self.pending_head_count.value = len(pending)
+                    self._count_pending()
                     scope.cancel()
                     continue
                 wait = HEAD_EVICT_AGE / 4  # look again, unless a slot frees first
             with trio.move_on_after(wait):
                 await self.pending_head_count.wait_value(lambda n: n < limit)
+
+    def _count_pending(self) -> None:
+        self.pending_head_count.value = len(self.pending_heads) + len(self.lingering)
 
     @contextlib.contextmanager
     def reading_head(self, scope: trio.CancelScope, fd: int) -> Iterator[None]:
@@ -268,12 +291,26 @@ class App:
         pending = self.pending_heads
         key = id(scope)
         pending[key] = (scope, trio.current_time(), fd)
-        self.pending_head_count.value = len(pending)
+        self._count_pending()
         try:
             yield
         finally:
             if pending.pop(key, None) is not None:
-                self.pending_head_count.value = len(pending)
+                self._count_pending()
+
+    @contextlib.contextmanager
+    def lingering_close(self, scope: trio.CancelScope) -> Iterator[None]:
+        """Count an answered socket in its lingering close against
+        ``SMAPWS_MAX_PENDING_REQUESTS`` while the block runs; ``scope`` is
+        what :meth:`head_slot` cancels to make room."""
+        key = id(scope)
+        self.lingering[key] = scope
+        self._count_pending()
+        try:
+            yield
+        finally:
+            if self.lingering.pop(key, None) is not None:
+                self._count_pending()
 
     async def wait_empty(self) -> None:
         """Until no connection is open and no upgrade is under way."""

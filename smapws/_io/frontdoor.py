@@ -40,6 +40,7 @@ from smapws._core.http import (
     origin_allowed,
     parse_cookies,
     parse_head,
+    request_scheme,
     response,
 )
 from smapws._io import assets, connection, demo
@@ -53,6 +54,9 @@ _RECEIVE_BYTES: Final = 4096
 #: Bounds of the lingering close after a response (see ``_send``).
 _LINGER_S: Final = 2.0
 _LINGER_BYTES: Final = 256 * 1024
+#: Deadline for the 503 sent to an address over its bound (a fresh socket's
+#: send buffer takes it at once; a peer that reads nothing loses it).
+_REFUSE_SEND_S: Final = 0.5
 _JSON: Final = "application/json"
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds a refused client is told to wait (503), so reconnect storms spread.
@@ -99,6 +103,24 @@ def _peer(stream: trio.abc.Stream) -> str:
     except (AttributeError, OSError, ValueError, TypeError):
         return "-"
     return f"{host}:{port}"
+
+
+def _address(stream: trio.abc.Stream) -> str:
+    """The peer's IP address (the balancer's, behind one), or "-"."""
+    sock = getattr(stream, "socket", None)
+    try:
+        return str(sock.getpeername()[0])  # type: ignore[union-attr]
+    except (AttributeError, OSError, ValueError, TypeError, IndexError):
+        return "-"
+
+
+async def _refuse_address(app: App, stream: trio.abc.Stream, address: str) -> None:
+    """Answer 503 at once to a socket whose address holds
+    ``SMAPWS_MAX_PENDING_PER_ADDRESS`` already, without reading its request
+    or lingering: this answer must cost that address no slot."""
+    _reject_log(app, "address_limit", 503, address)
+    with trio.move_on_after(_REFUSE_SEND_S):
+        await stream.send_all(response(503, headers=(("Retry-After", str(RETRY_AFTER_S)),)))
 
 
 class _Refused(Exception):
@@ -153,8 +175,15 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     after it, counted as ``websocket_internal_errors_total{where="connection"}``
     and logged once with its traceback. Only cancellation goes further."""
     upgraded: list[ServerWebSocket] = []
+    address = _address(stream)
     try:
-        upgrade = await _front(app, stream, routes)
+        if not app.pending_by_address.acquire(address):
+            await _refuse_address(app, stream, address)
+            return
+        try:
+            upgrade = await _front(app, stream, routes)
+        finally:
+            app.pending_by_address.release(address)
         if upgrade is not None:
             await _websocket(app, stream, upgrade, upgraded)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -200,32 +229,32 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
                     await stream.send_all(response(408))
                 return None
             _reject_log(app, "handshake_timeout", 408, remote)
-            await _send(stream, response(408))
+            await _send(app, stream, response(408))
             return None
         if end > MAX_HEAD_BYTES:
             raise HttpError(431, "request head too large")
         head = parse_head(bytes(buf[:end]))
     except HttpError as exc:
         _reject_log(app, "bad_request", exc.status, remote)
-        await _send(stream, response(exc.status))
+        await _send(app, stream, response(exc.status))
         return None
 
     methods = routes.get(head.path)
     if methods is None and app.config.demo and routes is not INTERNAL_ROUTES:
         methods = demo.ROUTES.get(head.path)
     if methods is None:
-        await _send(stream, response(404))
+        await _send(app, stream, response(404))
     elif head.method not in methods:
         if head.path == "/ws":
             _reject_log(app, "bad_method", 405, remote)
-        await _send(stream, response(405, headers=(("Allow", ", ".join(methods)),)))
+        await _send(app, stream, response(405, headers=(("Allow", ", ".join(methods)),)))
     elif head.path == "/ws":
         try:
             resume = _resume(head)  # before the checks that spend the budget
             user_id, expires_at, query_used = _check_upgrade(app, head)
         except _Refused as r:
             _reject_log(app, r.reason, r.status, remote, **r.detail)
-            await _send(stream, response(r.status, headers=r.headers))
+            await _send(app, stream, response(r.status, headers=r.headers))
             return None
         if query_used:
             app.metrics.query_token_used.inc()
@@ -238,9 +267,9 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     elif head.path in demo.ROUTES:
-        await _send(stream, demo.respond(app, head))
+        await _send(app, stream, demo.respond(app, head))
     else:
-        await _send(stream, await _http_get(app, head))
+        await _send(app, stream, await _http_get(app, head))
     return None
 
 
@@ -268,7 +297,7 @@ async def _http_get(app: App, head: RequestHead) -> bytes:
     return response(status, body, content_type=_JSON, head_only=head_only)
 
 
-async def _send(stream: trio.abc.Stream, data: bytes) -> None:
+async def _send(app: App, stream: trio.abc.Stream, data: bytes) -> None:
     """Write a whole response, then close gracefully.
 
     The client may still be sending (a refused request body): closing a
@@ -276,16 +305,20 @@ async def _send(stream: trio.abc.Stream, data: bytes) -> None:
     the response before the client reads it. So half-close our side, then
     read and discard until the client closes or a short deadline passes
     (nginx's "lingering close")."""
-    with trio.move_on_after(_LINGER_S):
+    with trio.move_on_after(_LINGER_S) as scope:
         await stream.send_all(data)
         if isinstance(stream, trio.abc.HalfCloseableStream):
             await stream.send_eof()
         discarded = 0
-        while discarded < _LINGER_BYTES:
-            chunk = await stream.receive_some(_RECEIVE_BYTES)
-            if not chunk:
-                break
-            discarded += len(chunk)
+        # Counted against SMAPWS_MAX_PENDING_REQUESTS (and its address's
+        # bound, held by ``handle``): clients that never close would
+        # otherwise hold a descriptor each for 2 s outside every bound.
+        with app.lingering_close(scope):
+            while discarded < _LINGER_BYTES:
+                chunk = await stream.receive_some(_RECEIVE_BYTES)
+                if not chunk:
+                    break
+                discarded += len(chunk)
 
 
 def _reject_log(app: App, reason: str, status: int, remote: str, **detail: object) -> None:
@@ -320,7 +353,8 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
     # would be served spend it, so a flood of invalid ones (refused here,
     # counted under their own reasons) cannot starve valid users.
     origin = head.header("origin")
-    if not origin_allowed(origin, head.header("host"), app.config.allowed_origins):
+    allowed = app.config.allowed_origins
+    if not origin_allowed(origin, head.header("host"), allowed, request_scheme(head)):
         raise _Refused(403, "origin", origin=(origin or "")[:200])
     token = parse_cookies(head.header("cookie")).get("access_token")
     query_used = False
@@ -338,8 +372,14 @@ def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
             (("Retry-After", str(RETRY_AFTER_S)),),
             user=claims.user_id,
         )
+    now = trio.current_time()
+    # The user's share first: one user's churn, refused here, spends none of
+    # the shared budget the other users' upgrades need.
+    if not app.user_buckets.take(claims.user_id, now):
+        wait = app.user_buckets.retry_after(random.random())
+        raise _Refused(503, "user_rate_limited", (("Retry-After", str(wait)),), user=claims.user_id)
     bucket = app.accept_bucket
-    if not bucket.take(trio.current_time()):
+    if not bucket.take(now):
         wait = bucket.retry_after(random.random())
         raise _Refused(503, "rate_limited", (("Retry-After", str(wait)),))
     return claims.user_id, claims.expires_at, query_used
@@ -419,7 +459,7 @@ async def _publish(
             "publish refused", extra=fields(status=status, reason=result["error"], remote=remote)
         )
     payload = json.dumps(result).encode()
-    await _send(stream, response(status, payload, content_type=_JSON, headers=headers))
+    await _send(app, stream, response(status, payload, content_type=_JSON, headers=headers))
 
 
 async def _publish_inner(

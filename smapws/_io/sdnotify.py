@@ -246,6 +246,8 @@ def group_status(view: GroupView, port: int) -> Status:
     for i, w in enumerate(view.workers):
         if w is None:
             missing.append(f"worker {i} not running")
+        elif w.unresponsive:
+            missing.append(f"worker {i} not answering")
         elif not w.ready:
             missing.append(f"worker {i} {w.backend} subscriber {w.broker}")
     what = (

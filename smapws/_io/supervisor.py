@@ -82,6 +82,11 @@ HEARTBEAT_S: Final = 1.0
 #: A worker that has sent nothing for this many heartbeats counts as not
 #: alive (its loop is stuck): the supervisor skips WATCHDOG=1.
 STALE_HEARTBEATS: Final = 4
+#: How long a worker that stopped reporting (past :data:`STALE_HEARTBEATS`
+#: heartbeats, when it is marked ``unresponsive``: the group is not ready)
+#: may stay so before it is killed and replaced: long enough for a pause of
+#: the whole machine (a VM migrated, a debugger's breakpoint) to pass.
+UNRESPONSIVE_KILL_S: Final = 10.0
 #: How long a /metrics request waits for the workers' samples; a worker that
 #: has not answered by then is counted with the samples of its last answer.
 COLLECT_TIMEOUT: Final = 1.0
@@ -379,6 +384,7 @@ class Supervisor:
             self._nursery = root
             root.start_soon(self._push_views)
             root.start_soon(self._stop_deadline)
+            root.start_soon(self._watch_workers)
             if self.notifier.enabled:
                 root.start_soon(
                     partial(
@@ -464,6 +470,42 @@ class Supervisor:
             for s in left:
                 assert s.proc is not None
                 s.proc.kill()
+
+    async def _watch_workers(self) -> None:
+        """Every heartbeat: a worker that has sent nothing for
+        :data:`STALE_HEARTBEATS` heartbeats is marked ``unresponsive`` (the
+        group's ``/ready`` is 503 and ``/health`` names it); one still silent
+        :data:`UNRESPONSIVE_KILL_S` later is killed (``_keep`` replaces it).
+        While draining, the stop deadline deals with such workers."""
+        while True:
+            await trio.sleep(self.heartbeat_s)
+            if self.draining.value:
+                continue
+            now = trio.current_time()
+            limit = STALE_HEARTBEATS * self.heartbeat_s
+            for slot in self.slots:
+                silent = now - slot.last_seen
+                if slot.proc is None or silent <= limit:
+                    continue
+                report = slot.report
+                if report is not None and not report.unresponsive:
+                    slot.report = dataclasses.replace(report, unresponsive=True)
+                    self._changed()
+                    logger.error(
+                        "worker not answering, not ready",
+                        extra=fields(
+                            worker=slot.index,
+                            pid=report.pid,
+                            silent_s=round(silent, 1),
+                            kill_in_s=UNRESPONSIVE_KILL_S,
+                        ),
+                    )
+                if silent > limit + UNRESPONSIVE_KILL_S and slot.proc.returncode is None:
+                    logger.error(
+                        "worker not answering, killing it",
+                        extra=fields(worker=slot.index, silent_s=round(silent, 1)),
+                    )
+                    slot.proc.kill()
 
     async def _keep(self, slot: _Slot) -> None:
         """Keep a worker running in ``slot`` until the group drains."""
@@ -703,10 +745,16 @@ async def _worker(sock: socket.socket) -> None:
     listeners = (_listeners(hello.public_fds), _listeners(hello.internal_fds))
     asked: dict[int, tuple[trio.Event, list[bytes]]] = {}
 
+    # Everything this worker sends goes through one bounded queue and one
+    # writer: a supervisor that stops reading (frozen) fills the socket, and
+    # then the queue, and what does not fit is dropped at once, so no task of
+    # the worker (a /metrics request, the reporter) waits on it without end.
+    outbox, unsent = trio.open_memory_channel[object](OUTBOX)
+
     def hook(app: App) -> None:
         app.worker_index = hello.index
         app.group = hello.view
-        app.render_metrics = partial(_ask_metrics, channel, asked)
+        app.render_metrics = partial(_ask_metrics, outbox, asked)
 
     async with trio.open_nursery() as nursery:
 
@@ -721,9 +769,10 @@ async def _worker(sock: socket.socket) -> None:
             )
             nursery.cancel_scope.cancel()  # drained: the control tasks end too
 
+        nursery.start_soon(_write, channel, unsent)
         server: Server = await nursery.start(hub)
-        nursery.start_soon(_report, channel, server.app, hello.heartbeat_s)
-        nursery.start_soon(_obey, channel, server, asked)
+        nursery.start_soon(_report, outbox, server.app, hello.heartbeat_s)
+        nursery.start_soon(_obey, channel, outbox, server, asked)
 
 
 def _listeners(fds: tuple[int, ...]) -> list[trio.SocketListener]:
@@ -732,27 +781,38 @@ def _listeners(fds: tuple[int, ...]) -> list[trio.SocketListener]:
     ]
 
 
-async def _report(channel: Channel, app: App, heartbeat_s: float) -> None:
+def _post(outbox: trio.MemorySendChannel[object], message: object) -> bool:
+    """Queue ``message`` for the supervisor; False (dropped) when the queue
+    is full (the supervisor does not read) or closed."""
+    try:
+        outbox.send_nowait(message)
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
+
+
+async def _report(outbox: trio.MemorySendChannel[object], app: App, heartbeat_s: float) -> None:
     """Report this worker's state at once when it changes, and every
     heartbeat anyway (its counts, and the proof that its loop runs); its
     registry's samples every :data:`SAMPLES_EVERY_S`, so that a worker
-    killed between two scrapes loses at most that much of its counts."""
+    killed between two scrapes loses at most that much of its counts. A
+    report that does not fit the queue is dropped (the next one says it)."""
     next_samples = trio.current_time() + SAMPLES_EVERY_S
     while True:
-        try:
-            await channel.send(Report(app.report()))
-            if trio.current_time() >= next_samples:
-                next_samples = trio.current_time() + SAMPLES_EVERY_S
-                await channel.send(Samples(0, snapshot(app.metrics.registry)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the supervisor is gone: _obey drains
+        _post(outbox, Report(app.report()))
+        if trio.current_time() >= next_samples:
+            next_samples = trio.current_time() + SAMPLES_EVERY_S
+            _post(outbox, Samples(0, snapshot(app.metrics.registry)))
         seen = app.state.value
         with trio.move_on_after(heartbeat_s):
             await app.state.wait_value(lambda v, seen=seen: v != seen)
 
 
 async def _obey(
-    channel: Channel, server: Server, asked: dict[int, tuple[trio.Event, list[bytes]]]
+    channel: Channel,
+    outbox: trio.MemorySendChannel[object],
+    server: Server,
+    asked: dict[int, tuple[trio.Event, list[bytes]]],
 ) -> None:
     app = server.app
     while (message := await channel.receive()) is not None:
@@ -763,10 +823,7 @@ async def _obey(
         elif isinstance(message, Stop):
             server.stop()
         elif isinstance(message, Collect):
-            try:
-                await channel.send(Samples(message.ref, snapshot(app.metrics.registry)))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                break
+            _post(outbox, Samples(message.ref, snapshot(app.metrics.registry)))
         elif isinstance(message, MetricsText):
             waiter = asked.get(message.ref)
             if waiter is not None:
@@ -777,19 +834,18 @@ async def _obey(
 
 
 async def _ask_metrics(
-    channel: Channel, asked: dict[int, tuple[trio.Event, list[bytes]]]
+    outbox: trio.MemorySendChannel[object], asked: dict[int, tuple[trio.Event, list[bytes]]]
 ) -> bytes | None:
     """The group's /metrics, from the supervisor; ``None`` when it does not
-    answer within :data:`METRICS_TIMEOUT`."""
+    answer within :data:`METRICS_TIMEOUT`, or at once when the request
+    cannot even be queued (the supervisor has stopped reading)."""
     ref = next(_metric_refs)
     done, box = trio.Event(), list[bytes]()
     asked[ref] = (done, box)
     try:
-        await channel.send(MetricsRequest(ref))
-        with trio.move_on_after(METRICS_TIMEOUT):
-            await done.wait()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+        if _post(outbox, MetricsRequest(ref)):
+            with trio.move_on_after(METRICS_TIMEOUT):
+                await done.wait()
     finally:
         del asked[ref]
     return box[0] if box else None

@@ -371,7 +371,9 @@ async def test_sharded_user_mode_publish_paths_and_a_master_failover(
                 publish = quietly(lambda n: cluster.spublish(a, probe_message(n)))
                 arrived, frames = await wait_delivery(tab_a, publish, timeout=30)
             resumed = arrived - killed_at
-            assert 0 < failover <= resumed, (failover, resumed)
+            # The watcher sees the new owner up to one poll (50 ms, plus its
+            # thread hop) late: delivery may be seen back first within that.
+            assert 0 < failover <= resumed + 0.2, (failover, resumed)
             (notice,) = resyncs(frames)
             assert notice["payload"]["reason"] == "subscriber_reconnected"
             # b's master never failed: b's first frame is its message, no resync.

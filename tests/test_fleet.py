@@ -166,3 +166,33 @@ async def test_a_foreign_key_in_the_logs_place_is_a_gap_not_a_crash(
             assert first["type"] == "resync"
     assert metric(a, "websocket_fleet_log_errors_total", {"op": "consult"}) >= 1
     assert metric(a, "websocket_internal_errors_total", {"where": "route"}) == 0
+
+
+async def test_a_resume_from_the_log_includes_what_this_hub_routed_before_it_read_it(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    # Hub b routed n1 but its append never reached the log (here Redis
+    # refuses writes: OOM; the same holds while an append is in flight).
+    # The log ends at the tab's last id, an unbroken chain of nothing: b
+    # must replay n1 from its own window, not claim the tab missed nothing.
+    a = await start(nursery, own_redis)
+    async with connect(a, "f7") as tab:
+        await wait_connections(a, 1)
+        own_redis.publish("f7", note(0, "f7"))
+        last = (await receive_json(tab))["id"]
+    await settle(a, 1)
+    b = await start(nursery, own_redis)  # does not hold `last`
+    with own_redis.client() as c:
+        c.config_set("maxmemory-policy", "noeviction")
+        c.config_set("maxmemory", 1)
+        own_redis.publish("f7", note(1, "f7"))
+        await settle(b, 1)
+        with trio.fail_after(5):
+            while metric(b, "websocket_fleet_log_appends_total", {"result": "failed"}) < 1:
+                await trio.sleep(0.01)
+        c.config_set("maxmemory", 0)
+    async with connect(b, "f7", query=f"?since={last}&since_age=0.5") as tab:
+        await wait_connections(b, 1)
+        own_redis.publish("f7", note(2, "f7"))
+        first = await receive_json(tab)
+    assert first["type"] == "notification" and first["payload"]["n"] == 1

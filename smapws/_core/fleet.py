@@ -139,19 +139,29 @@ def splice(
     fleet: Sequence[tuple[str, str]], since: str, local: Iterable[tuple[str, str]]
 ) -> list[int] | None:
     """Join what the log had after ``since`` (``fleet``: (id, previous id)
-    pairs in order) with what this hub routed since it read the log
-    (``local``, in order): the indexes into ``local`` to replay after
-    ``fleet``, or None when the two do not make one chain."""
-    seen = {mid for mid, _ in fleet}
+    pairs in order) with this hub's window of the user (``local``, in
+    order): the indexes into ``local`` to replay after ``fleet``, or None
+    when the two do not make one chain.
+
+    The whole window, not only what was routed after the log was read: a
+    message this hub routed before may not be in the log yet (its append is
+    in flight, failed or was dropped), and the log's chain then ends early,
+    unbroken. What ``local`` holds up to the last entry the log (or
+    ``since``) has is behind the tab; each entry after it must follow the
+    one before, the first following the log's last."""
+    seen = {since, *(mid for mid, _ in fleet)}
+    pairs = list(local)
+    start = 0
+    for i, (mid, _) in enumerate(pairs):
+        if mid in seen:
+            start = i + 1
     last = fleet[-1][0] if fleet else since
     keep: list[int] = []
-    for i, (mid, prev) in enumerate(local):
-        if mid in seen:
-            continue
+    for i in range(start, len(pairs)):
+        mid, prev = pairs[i]
         if prev != last:
             return None
         keep.append(i)
-        seen.add(mid)
         last = mid
     return keep
 

@@ -196,3 +196,31 @@ async def test_a_resume_from_the_log_includes_what_this_hub_routed_before_it_rea
         own_redis.publish("f7", note(2, "f7"))
         first = await receive_json(tab)
     assert first["type"] == "notification" and first["payload"]["n"] == 1
+
+
+async def test_the_append_queue_is_bounded_in_bytes_while_redis_lags(
+    redis_server: RedisServer,
+) -> None:
+    # While Redis answers appends slower than messages arrive (here: the
+    # task that sends them has not run), the queue may not hold more than
+    # SMAPWS_HISTORY_MAX_BYTES of entries; 65536 entries of 64 KiB were 4 GiB.
+    from smapws._io.brokers.redis import PublishClient
+    from smapws._io.fleetlog import FleetLog
+    from smapws.metrics import Metrics
+
+    metrics = Metrics()
+    log = FleetLog(
+        PublishClient(redis_server.url, timeout=5.0),
+        ttl=300.0,
+        per_user=100,
+        max_bytes=1024 * 1024,
+        metrics=metrics,
+    )
+    entry = b"x" * 64 * 1024
+    for n in range(64):
+        log.append_nowait(b"user_noti:f8", f"{n:016x}", "-" * 16, entry)
+    dropped = metrics.registry.get_sample_value(
+        "websocket_fleet_log_appends_total", {"result": "dropped"}
+    )
+    assert dropped == 64 - 16
+    await log.aclose()

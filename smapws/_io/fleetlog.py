@@ -104,9 +104,15 @@ class FleetLog:
         ttl: float,
         per_user: int,
         metrics: Metrics,
+        max_bytes: int = 32 * 1024 * 1024,
         queue: int = 65536,
     ) -> None:
         self._client = client
+        #: Bytes of entries queued at most (``SMAPWS_HISTORY_MAX_BYTES``):
+        #: while Redis lags, ``queue`` entries of the largest message would
+        #: be gigabytes.
+        self._max_bytes = max_bytes
+        self._queued = 0
         self._ttl_ms = max(1, int(ttl * 1000))
         self._per_user = per_user
         self._metrics = metrics
@@ -114,12 +120,19 @@ class FleetLog:
         self._log = RateLimitedLog(_LOG_EVERY)
 
     def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
-        """Queue an append; a full queue drops it (counted): the log then
-        lacks a link, which resuming tabs see as a gap."""
+        """Queue an append; a full queue (``queue`` entries or ``max_bytes``)
+        drops it (counted): the log then lacks a link, which resuming tabs
+        see as a gap."""
+        size = len(entry)
+        if self._queued + size > self._max_bytes:
+            self._metrics.fleet_appends.labels("dropped").inc()
+            return
         try:
             self._send.send_nowait((channel, mid.encode("ascii") + prev.encode("ascii"), entry))
         except trio.WouldBlock:
             self._metrics.fleet_appends.labels("dropped").inc()
+            return
+        self._queued += size
 
     async def run(
         self,
@@ -138,6 +151,7 @@ class FleetLog:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
+            self._queued -= sum(len(entry) for _, _, entry in batch)
             commands = [
                 (
                     "EVALSHA",

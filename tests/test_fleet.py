@@ -5,6 +5,8 @@ silent gap."""
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import trio
@@ -224,3 +226,33 @@ async def test_the_append_queue_is_bounded_in_bytes_while_redis_lags(
     )
     assert dropped == 64 - 16
     await log.aclose()
+
+
+async def test_a_resume_reads_at_most_history_per_user_entries_of_a_longer_list(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    # A list longer than SMAPWS_HISTORY_PER_USER (a hub configured with a
+    # larger one, or anyone who can write to Redis) is read from its end
+    # only: a resume is one bounded LRANGE, never a whole list decoded and
+    # parsed on the hub's event loop.
+    from smapws._core.fleet import GENESIS, chain_id, encode_entry
+
+    channel = b"user_noti:f9"
+    prev, ids, entries = GENESIS, [], []
+    for n in range(30):
+        data = json.dumps(note(n, "f9")).encode()
+        mid = chain_id(channel, data, prev)
+        entries.append(encode_entry(mid, prev, int(time.time() * 1000), data))
+        ids.append(mid)
+        prev = mid
+    with own_redis.client() as c:
+        c.rpush(log_key(channel), *entries)
+    a = await start(nursery, own_redis, SMAPWS_HISTORY_PER_USER=10)
+    async with connect(a, "f9", query=f"?since={ids[0]}") as tab:
+        first = await receive_json(tab)
+        if first["type"] != "resync":  # read the rest, or the close waits on it
+            await receive_notes(tab, 28)
+    assert first["type"] == "resync"  # ids[0] is not among the last 10
+    async with connect(a, "f9", query=f"?since={ids[25]}") as tab:
+        missed = await receive_notes(tab, 4)
+    assert [m["payload"]["n"] for m in missed] == [26, 27, 28, 29]

@@ -10,8 +10,8 @@ Three operations, each one pipeline with a deadline:
   its expiry to ``SMAPWS_HISTORY_TTL``;
 - **consult** (a hub's first message on a channel since it subscribed, or
   after its chain went stale): the headers of the log's last entries;
-- **read** (a tab resumes with an id its hub does not hold): the whole log
-  of one user.
+- **read** (a tab resumes with an id its hub does not hold): one user's
+  log, its last ``SMAPWS_HISTORY_PER_USER`` entries.
 
 A failure is counted (``websocket_fleet_log_errors_total{op}``) and logged
 at most every 10 s; it never stops the hub. What it costs a resuming tab is a
@@ -200,9 +200,13 @@ class FleetLog:
         return out
 
     async def read(self, channel: bytes) -> list[LogEntry] | None:
-        """``channel``'s whole log, oldest first; None when Redis did not
-        answer or the log is not one this hub can read."""
-        replies = await self._commands("read", [("LRANGE", log_key(channel), 0, -1)])
+        """The last ``per_user`` entries of ``channel``'s log (all of it, as
+        this hub trims it), oldest first; None when Redis did not answer or
+        the log is not one this hub can read. Bounded: a longer list (a hub
+        with a larger ``SMAPWS_HISTORY_PER_USER``, a foreign writer) is
+        never read whole, let alone decoded on the event loop."""
+        key = log_key(channel)
+        replies = await self._commands("read", [("LRANGE", key, -self._per_user, -1)])
         if replies is None:
             return None
         reply = replies[0]

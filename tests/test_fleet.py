@@ -51,6 +51,18 @@ async def settle(server: Server, published: int) -> None:
         await trio.sleep(0.05)
 
 
+async def late_hub(nursery: trio.Nursery, redis: RedisServer, user: str) -> tuple[Server, str]:
+    """A hub that started after ``user``'s message n0 (which another hub
+    routed and appended), and that message's id."""
+    a = await start(nursery, redis)
+    async with connect(a, user) as tab:
+        await wait_connections(a, 1)
+        redis.publish(user, note(0, user))
+        last = (await receive_json(tab))["id"]
+    await settle(a, 1)
+    return await start(nursery, redis), last
+
+
 async def test_a_tab_resumes_on_a_hub_that_started_after_its_last_message(
     nursery: trio.Nursery, own_redis: RedisServer
 ) -> None:
@@ -178,13 +190,7 @@ async def test_a_resume_from_the_log_includes_what_this_hub_routed_before_it_rea
     # refuses writes: OOM; the same holds while an append is in flight).
     # The log ends at the tab's last id, an unbroken chain of nothing: b
     # must replay n1 from its own window, not claim the tab missed nothing.
-    a = await start(nursery, own_redis)
-    async with connect(a, "f7") as tab:
-        await wait_connections(a, 1)
-        own_redis.publish("f7", note(0, "f7"))
-        last = (await receive_json(tab))["id"]
-    await settle(a, 1)
-    b = await start(nursery, own_redis)  # does not hold `last`
+    b, last = await late_hub(nursery, own_redis, "f7")
     with own_redis.client() as c:
         c.config_set("maxmemory-policy", "noeviction")
         c.config_set("maxmemory", 1)
@@ -270,13 +276,7 @@ async def test_a_message_the_log_had_before_this_hub_routed_it_reaches_the_tab_o
 ) -> None:
     from smapws._core.fleet import chain_id, encode_entry
 
-    a = await start(nursery, own_redis)
-    async with connect(a, "f10") as tab:
-        await wait_connections(a, 1)
-        own_redis.publish("f10", note(0, "f10"))
-        last = (await receive_json(tab))["id"]
-    await settle(a, 1)
-    b = await start(nursery, own_redis)
+    b, last = await late_hub(nursery, own_redis, "f10")
     # Hub a received n1 and appended it before b received it (b lags).
     channel = b"user_noti:f10"
     data = json.dumps(note(1, "f10")).encode()

@@ -322,3 +322,28 @@ async def test_ids_agree_when_the_log_is_slow_to_answer_a_hubs_first_message(
             on_a = await receive_json(tab_a)
             on_b = await receive_json(tab_b)
     assert on_b["id"] == on_a["id"]
+
+
+async def test_a_log_entry_whose_id_is_not_an_id_is_not_replayed(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    # Anyone who can write to Redis can write to the list; an entry's id is
+    # spliced into the frame as it stands, so one that is not 16 hex
+    # characters could add fields to what the browser parses (or break it).
+    from smapws._core.fleet import GENESIS, encode_entry
+
+    since = "1" * 16
+    forged = ('","evil":"' + "x" * 16)[:16]
+    data = json.dumps(note(1, "f12")).encode()
+    wall = int(time.time() * 1000)
+    with own_redis.client() as c:
+        c.rpush(
+            log_key(b"user_noti:f12"),
+            encode_entry(since, GENESIS, wall, json.dumps(note(0, "f12")).encode()),
+            encode_entry(forged, since, wall, data),
+        )
+    a = await start(nursery, own_redis)
+    async with connect(a, "f12", query=f"?since={since}") as tab:
+        first = await receive_json(tab)
+    assert "evil" not in first
+    assert first["type"] == "resync"

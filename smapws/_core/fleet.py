@@ -37,6 +37,7 @@ GENESIS: Final = "-" * 16
 ID_LEN: Final = 16
 #: Wall milliseconds, zero-padded: good until the year 2286.
 _MS_LEN: Final = 13
+_HEX: Final = frozenset("0123456789abcdef")
 #: Bytes before the published message in a log entry.
 HEADER_LEN: Final = 2 * ID_LEN + _MS_LEN
 
@@ -84,14 +85,18 @@ def encode_entry(mid: str, prev: str, wall_ms: int, raw: bytes) -> bytes:
 
 def decode_header(data: bytes) -> Header:
     """Raises :class:`ValueError` for anything that is not an entry's header
-    (a key written by someone else)."""
+    (a key written by someone else): an id that is not 16 lower-case hex
+    characters (a previous id may be :data:`GENESIS`) would otherwise reach
+    the browser as it stands, spliced into a frame."""
     if len(data) < HEADER_LEN:
         raise ValueError("short log entry")
     head = data[:HEADER_LEN].decode("ascii")
-    ms = head[2 * ID_LEN :]
+    mid, prev, ms = head[:ID_LEN], head[ID_LEN : 2 * ID_LEN], head[2 * ID_LEN :]
+    if not _HEX.issuperset(mid) or (prev != GENESIS and not _HEX.issuperset(prev)):
+        raise ValueError("bad log entry id")
     if not ms.isdigit():
         raise ValueError("bad log entry time")
-    return Header(head[:ID_LEN], head[ID_LEN : 2 * ID_LEN], int(ms))
+    return Header(mid, prev, int(ms))
 
 
 def decode_entry(data: bytes) -> LogEntry:

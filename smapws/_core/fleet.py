@@ -37,6 +37,7 @@ GENESIS: Final = "-" * 16
 ID_LEN: Final = 16
 #: Wall milliseconds, zero-padded: good until the year 2286.
 _MS_LEN: Final = 13
+_HEX: Final = frozenset("0123456789abcdef")
 #: Bytes before the published message in a log entry.
 HEADER_LEN: Final = 2 * ID_LEN + _MS_LEN
 
@@ -84,14 +85,18 @@ def encode_entry(mid: str, prev: str, wall_ms: int, raw: bytes) -> bytes:
 
 def decode_header(data: bytes) -> Header:
     """Raises :class:`ValueError` for anything that is not an entry's header
-    (a key written by someone else)."""
+    (a key written by someone else): an id that is not 16 lower-case hex
+    characters (a previous id may be :data:`GENESIS`) would otherwise reach
+    the browser as it stands, spliced into a frame."""
     if len(data) < HEADER_LEN:
         raise ValueError("short log entry")
     head = data[:HEADER_LEN].decode("ascii")
-    ms = head[2 * ID_LEN :]
+    mid, prev, ms = head[:ID_LEN], head[ID_LEN : 2 * ID_LEN], head[2 * ID_LEN :]
+    if not _HEX.issuperset(mid) or (prev != GENESIS and not _HEX.issuperset(prev)):
+        raise ValueError("bad log entry id")
     if not ms.isdigit():
         raise ValueError("bad log entry time")
-    return Header(head[:ID_LEN], head[ID_LEN : 2 * ID_LEN], int(ms))
+    return Header(mid, prev, int(ms))
 
 
 def decode_entry(data: bytes) -> LogEntry:
@@ -139,19 +144,29 @@ def splice(
     fleet: Sequence[tuple[str, str]], since: str, local: Iterable[tuple[str, str]]
 ) -> list[int] | None:
     """Join what the log had after ``since`` (``fleet``: (id, previous id)
-    pairs in order) with what this hub routed since it read the log
-    (``local``, in order): the indexes into ``local`` to replay after
-    ``fleet``, or None when the two do not make one chain."""
-    seen = {mid for mid, _ in fleet}
+    pairs in order) with this hub's window of the user (``local``, in
+    order): the indexes into ``local`` to replay after ``fleet``, or None
+    when the two do not make one chain.
+
+    The whole window, not only what was routed after the log was read: a
+    message this hub routed before may not be in the log yet (its append is
+    in flight, failed or was dropped), and the log's chain then ends early,
+    unbroken. What ``local`` holds up to the last entry the log (or
+    ``since``) has is behind the tab; each entry after it must follow the
+    one before, the first following the log's last."""
+    seen = {since, *(mid for mid, _ in fleet)}
+    pairs = list(local)
+    start = 0
+    for i, (mid, _) in enumerate(pairs):
+        if mid in seen:
+            start = i + 1
     last = fleet[-1][0] if fleet else since
     keep: list[int] = []
-    for i, (mid, prev) in enumerate(local):
-        if mid in seen:
-            continue
+    for i in range(start, len(pairs)):
+        mid, prev = pairs[i]
         if prev != last:
             return None
         keep.append(i)
-        seen.add(mid)
         last = mid
     return keep
 

@@ -73,12 +73,13 @@ class Resume:
 
 @dataclass(frozen=True, slots=True)
 class FleetReplay:
-    """The log's chain after a resuming tab's ``since``, and the mark of
-    this hub's window when it was read (:meth:`History.routed_since`)."""
+    """The log's chain after a resuming tab's ``since``: its messages,
+    their (id, previous id) links, and this hub's :attr:`History.epoch`
+    when it was read."""
 
     envelopes: tuple[Envelope, ...]
     links: tuple[tuple[str, str], ...]
-    mark: int
+    epoch: int
 
 
 def parse_resume(query: Mapping[str, str]) -> Resume | None:
@@ -106,17 +107,16 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
 class _Entry:
     # Lean on purpose (there are tens of thousands): the user is the window's
     # (one string per user, not per message).
-    __slots__ = ("at", "envelope", "mid", "prev", "seq", "size", "window")
+    __slots__ = ("at", "envelope", "mid", "prev", "size", "window")
 
     def __init__(
-        self, window: _UserWindow, mid: str, prev: str, envelope: Envelope, at: float, seq: int
+        self, window: _UserWindow, mid: str, prev: str, envelope: Envelope, at: float
     ) -> None:
         self.window = window
         self.mid = mid
         self.prev = prev
         self.envelope = envelope
         self.at = at
-        self.seq = seq
         self.size = len(envelope.frame) + ENTRY_OVERHEAD
 
 
@@ -132,7 +132,7 @@ class History:
     """The replay window of every user. Sans-IO: ``now`` is an argument, on
     one monotonic clock (the hub passes ``trio.current_time()``)."""
 
-    __slots__ = ("_bytes", "_dropped", "_limits", "_order", "_seq", "_users")
+    __slots__ = ("_bytes", "_epoch", "_limits", "_order", "_users")
 
     def __init__(self, limits: HistoryLimits) -> None:
         self._limits = limits
@@ -140,19 +140,19 @@ class History:
         #: Every entry, oldest first (for the total bound and expiry).
         self._order: OrderedDict[_Entry, None] = OrderedDict()
         self._bytes = 0
-        #: Messages recorded so far (the mark of :meth:`routed_since`).
-        self._seq = 0
-        #: The newest mark of a message forgotten so far.
-        self._dropped = 0
+        #: How many times a window was cleared for a hole (:attr:`epoch`).
+        self._epoch = 0
 
     @property
     def limits(self) -> HistoryLimits:
         return self._limits
 
     @property
-    def mark(self) -> int:
-        """A mark for :meth:`routed_since`: how many messages were recorded."""
-        return self._seq
+    def epoch(self) -> int:
+        """Changes whenever a window is cleared because the subscription had
+        a hole (:meth:`clear`, :meth:`forget_user`): a replay prepared
+        before that may not be joined to the window after it."""
+        return self._epoch
 
     def record(self, user: str, mid: str, prev: str, envelope: Envelope, now: float) -> None:
         """Append a message (as delivered, id included; ``prev``: the id it
@@ -161,8 +161,7 @@ class History:
         window = self._users.get(user)
         if window is None:
             window = self._users[user] = _UserWindow(user)
-        self._seq += 1
-        entry = _Entry(window, mid, prev, envelope, now, self._seq)
+        entry = _Entry(window, mid, prev, envelope, now)
         window.entries.append(entry)
         self._order[entry] = None
         self._bytes += entry.size
@@ -171,16 +170,15 @@ class History:
         while self._bytes > lim.max_bytes and self._order:
             self._forget(next(iter(self._order)))
 
-    def routed_since(self, user: str, mark: int) -> list[tuple[str, str, Envelope]] | None:
-        """``(id, previous id, envelope)`` of what ``user`` was sent after
-        :attr:`mark` was ``mark``, in order; None when the window may have
-        lost some of it (anything recorded after the mark was forgotten)."""
-        if self._dropped > mark:
-            return None
+    def chain(self, user: str, now: float) -> list[tuple[str, str, Envelope]]:
+        """``(id, previous id, envelope)`` of every message in ``user``'s
+        window, oldest first (what :func:`smapws._core.fleet.splice` joins
+        to the fleet's log)."""
         window = self._users.get(user)
         if window is None:
             return []
-        return [(e.mid, e.prev, e.envelope) for e in window.entries if e.seq > mark]
+        self._expire_user(window, now)
+        return [(e.mid, e.prev, e.envelope) for e in window.entries]
 
     def after(self, user: str, resume: Resume, now: float) -> list[Envelope] | None:
         """What a tab of ``user`` that last saw ``resume.since`` has missed,
@@ -208,11 +206,12 @@ class History:
         self._users.clear()
         self._order.clear()
         self._bytes = 0
-        self._dropped = self._seq
+        self._epoch += 1
 
     def forget_user(self, user: str) -> None:
         """Forget ``user``'s window: that user's subscription was down (user
         mode), so their window has a hole; other users' windows stand."""
+        self._epoch += 1
         window = self._users.get(user)
         while window is not None and window.entries:
             self._forget(window.entries[0])
@@ -241,8 +240,6 @@ class History:
         window = entry.window
         removed = window.entries.popleft()
         assert removed is entry
-        if entry.seq > self._dropped:
-            self._dropped = entry.seq
         del self._order[entry]
         self._bytes -= entry.size
         if not window.entries:

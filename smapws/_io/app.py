@@ -391,8 +391,8 @@ class App:
 
     def _missed(self, user: str, resume: Resume, now: float) -> tuple[str, list[Envelope] | None]:
         """What a resuming tab missed: from this hub's window (``replayed``)
-        or from the fleet's log and what this hub routed since it read it
-        (``fleet``); None when neither can tell."""
+        or from the fleet's log joined to this hub's window (``fleet``);
+        None when neither can tell."""
         history = self.history
         if history is None:
             return "gap", None
@@ -400,11 +400,9 @@ class App:
         if local is not None:
             return "replayed", local
         fleet = resume.fleet
-        if fleet is None:
+        if fleet is None or fleet.epoch != history.epoch:
             return "gap", None
-        routed = history.routed_since(user, fleet.mark)
-        if routed is None:
-            return "gap", None
+        routed = history.chain(user, now)
         keep = splice(fleet.links, resume.since, [(mid, prev) for mid, prev, _ in routed])
         if keep is None:
             return "gap", None
@@ -682,7 +680,7 @@ class App:
         if history.after(user, resume, trio.current_time()) is not None:
             await trio.lowlevel.checkpoint()
             return resume
-        mark = history.mark
+        epoch = history.epoch
         entries = None
         with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:
             entries = await fleet.read(self.prefix + user.encode())
@@ -714,7 +712,7 @@ class App:
             self.metrics.fleet_errors.labels("read").inc()
             return resume
         links = tuple((e.mid, e.prev) for e in chain)
-        return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, mark))
+        return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, epoch))
 
     async def maintain(self) -> None:
         """The hub's periodic duties, in one task: a heartbeat tick for every

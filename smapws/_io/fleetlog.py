@@ -10,8 +10,8 @@ Three operations, each one pipeline with a deadline:
   its expiry to ``SMAPWS_HISTORY_TTL``;
 - **consult** (a hub's first message on a channel since it subscribed, or
   after its chain went stale): the headers of the log's last entries;
-- **read** (a tab resumes with an id its hub does not hold): the whole log
-  of one user.
+- **read** (a tab resumes with an id its hub does not hold): one user's
+  log, its last ``SMAPWS_HISTORY_PER_USER`` entries.
 
 A failure is counted (``websocket_fleet_log_errors_total{op}``) and logged
 at most every 10 s; it never stops the hub. What it costs a resuming tab is a
@@ -86,11 +86,6 @@ _HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
 
 #: Appends sent in one pipeline at most.
 APPEND_BATCH: Final = 512
-#: Bytes of entries waiting to be appended, at most: beyond it (Redis slower
-#: than the messages coming in) appends are dropped, counted, and resuming
-#: tabs see the missing links as gaps. The count bound alone would let
-#: 65,536 large messages wait.
-APPEND_QUEUE_BYTES: Final = 16 * 1024 * 1024
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
 #: drain wait their turn instead of holding a thousand lists in memory.
@@ -113,21 +108,28 @@ class FleetLog:
         ttl: float,
         per_user: int,
         metrics: Metrics,
+        max_bytes: int = 32 * 1024 * 1024,
         queue: int = 65536,
     ) -> None:
         self._client = client
+        #: Bytes of entries queued at most (``SMAPWS_HISTORY_MAX_BYTES``):
+        #: while Redis lags, ``queue`` entries of the largest message would
+        #: be gigabytes.
+        self._max_bytes = max_bytes
+        self._queued = 0
         self._ttl_ms = max(1, int(ttl * 1000))
         self._per_user = per_user
         self._metrics = metrics
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
-        self._queued_bytes = 0
         self._readers = trio.CapacityLimiter(CONCURRENT_READS)
         self._log = RateLimitedLog(_LOG_EVERY)
 
     def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
-        """Queue an append; a full queue drops it (counted): the log then
-        lacks a link, which resuming tabs see as a gap."""
-        if self._queued_bytes + len(entry) > APPEND_QUEUE_BYTES:
+        """Queue an append; a full queue (``queue`` entries or ``max_bytes``)
+        drops it (counted): the log then lacks a link, which resuming tabs
+        see as a gap."""
+        size = len(entry)
+        if self._queued + size > self._max_bytes:
             self._metrics.fleet_appends.labels("dropped").inc()
             return
         try:
@@ -135,7 +137,7 @@ class FleetLog:
         except trio.WouldBlock:
             self._metrics.fleet_appends.labels("dropped").inc()
             return
-        self._queued_bytes += len(entry)
+        self._queued += size
 
     async def run(
         self,
@@ -154,7 +156,7 @@ class FleetLog:
                     batch.append(receive.receive_nowait())
                 except trio.WouldBlock:
                     break
-            self._queued_bytes -= sum(len(entry) for _, _, entry in batch)
+            self._queued -= sum(len(entry) for _, _, entry in batch)
             commands = [
                 (
                     "EVALSHA",
@@ -203,10 +205,14 @@ class FleetLog:
         return out
 
     async def read(self, channel: bytes) -> list[LogEntry] | None:
-        """``channel``'s whole log, oldest first; None when Redis did not
-        answer or the log is not one this hub can read."""
+        """The last ``per_user`` entries of ``channel``'s log (all of it, as
+        this hub trims it), oldest first; None when Redis did not answer or
+        the log is not one this hub can read. Bounded: a longer list (a hub
+        with a larger ``SMAPWS_HISTORY_PER_USER``, a foreign writer) is
+        never read whole, let alone decoded on the event loop."""
+        key = log_key(channel)
         async with self._readers:
-            replies = await self._commands("read", [("LRANGE", log_key(channel), 0, -1)])
+            replies = await self._commands("read", [("LRANGE", key, -self._per_user, -1)])
         if replies is None:
             return None
         reply = replies[0]

@@ -186,7 +186,11 @@ def make_fleet_log(config: Config, metrics: Metrics) -> FleetLog | None:
         return None
     client = PublishClient(redis_target(config), timeout=config.redis_timeout)
     return FleetLog(
-        client, ttl=config.history_ttl, per_user=config.history_per_user, metrics=metrics
+        client,
+        ttl=config.history_ttl,
+        per_user=config.history_per_user,
+        max_bytes=config.history_max_bytes,
+        metrics=metrics,
     )
 
 

@@ -229,6 +229,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.broker_disconnects = Counter(
+            "websocket_broker_disconnects",
+            "Broker subscriptions lost after they were up, by cause.",
+            ["cause"],
+            registry=r,
+        )
         self.broker_dropped = Counter(
             "websocket_broker_messages_dropped",
             "Valid broker messages dropped because the router's queue was full.",

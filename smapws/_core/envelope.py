@@ -174,8 +174,18 @@ def _depth(text: str) -> int:
 
 
 #: A run of digits long enough for an integer beyond a double's range, in
-#: the raw bytes (the fast path leaves such texts to the careful one).
-_LONG_DIGITS_RAW: Final = re.compile(rb"\d{%d}" % _MAX_FINITE_DIGITS)
+#: the raw bytes (the fast path leaves such texts to the careful one), found
+#: as a substring once every ASCII digit is mapped to "0" and every other
+#: byte to " ": two C passes. The regex ``\d{309}`` it replaces took 540 us
+#: on a 60 KB message, 35 times orjson's parse, and made the router the
+#: slow reader of Redis at large messages (issue 16).
+_DIGITS_AS_ZEROS: Final = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_DIGIT_RUN: Final = b"0" * _MAX_FINITE_DIGITS
+
+
+def _has_long_digits(raw: bytes) -> bool:
+    """Whether ``raw`` holds a run of :data:`_MAX_FINITE_DIGITS` ASCII digits."""
+    return _LONG_DIGIT_RUN in raw.translate(_DIGITS_AS_ZEROS)
 
 
 def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
@@ -197,7 +207,7 @@ def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     :class:`InvalidMessage` (``not_utf8``, ``not_json``, ``too_deep``,
     ``bad_number``, ``bad_unicode``) and nothing else.
     """
-    if raw.count(b"[") + raw.count(b"{") <= max_depth and not _LONG_DIGITS_RAW.search(raw):
+    if raw.count(b"[") + raw.count(b"{") <= max_depth and not _has_long_digits(raw):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

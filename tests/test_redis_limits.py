@@ -90,6 +90,8 @@ def test_limit_problems_reads_redis_notation() -> None:
         == []
     )
     assert limit_problems({"client-output-buffer-limit": "pubsub 0 0 0"}, 65536) == []  # no limit
+    with pytest.raises(ValueError):  # the broker logs it could not check
+        limit_problems({"client-output-buffer-limit": "pubsub lots 0 0"}, 65536)
 
 
 async def test_a_33mb_publish_at_default_limits_is_a_counted_logged_disconnect(
@@ -150,3 +152,16 @@ async def test_messages_over_the_bound_are_discarded_unparsed_without_taking_que
         assert (await receive_json(tab))["payload"] == {"n": 2}
     assert metric(hub, "websocket_broker_messages_invalid_total", {"reason": "too_large"}) == 200
     assert metric(hub, "websocket_broker_messages_dropped_total") == 0
+
+
+async def test_where_config_is_refused_the_hub_says_it_could_not_check_and_serves(
+    nursery: trio.Nursery, own_redis: RedisServer, logs: pytest.LogCaptureFixture
+) -> None:
+    with own_redis.client() as c:  # a Redis user without CONFIG, as on managed Redis
+        c.execute_command("ACL", "SETUSER", "hub", "on", ">hubpass", "~*", "&*", "+@all", "-config")
+    url = f"redis://hub:hubpass@127.0.0.1:{own_redis.port}/0"
+    hub: Server = await nursery.start(serve, make_config(REDIS_URL=url))
+    await wait_ready(hub)
+    assert warnings(logs) == []
+    assert [r for r in logs.records if r.getMessage() == "Redis limits not checked"]
+    assert "hubpass" not in logs.text

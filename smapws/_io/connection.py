@@ -131,8 +131,7 @@ class Connection:
         if result & OVERFLOW:
             # Counted here, whoever offered (the router, or register() with a
             # replay or the current state), so the two metrics agree.
-            if self.close_code is None:
-                self._metrics.slow_consumer_closes.inc()
+            self._metrics.slow_consumer_closes.inc()
             self.request_close(TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
             return result
         self._wake()

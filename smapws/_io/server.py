@@ -192,6 +192,12 @@ def make_broker(
             on_commands=lambda command, n: commands.labels(command).inc(),
         )
         metrics.subscribed_channels.set_function(lambda: channels.subscribed)
+    reading: dict[str, Any] = {  # the read loop's bounds and reports
+        "max_message_bytes": config.max_message_bytes,
+        "on_too_large": on_too_large,
+        "on_disconnect": lambda cause: metrics.broker_disconnects.labels(cause).inc(),
+        "queued": queued,
+    }
     common: dict[str, Any] = {
         "timeout": config.redis_timeout,
         "reconnect_max": config.reconnect_max,
@@ -205,7 +211,7 @@ def make_broker(
         target = ClusterTarget(config.redis_cluster_nodes, password=config.redis_password)
         if config.sharded_pubsub:
             assert channels is not None  # load() checks the pair
-            return ShardedBroker(target, channels=channels, **common)
+            return ShardedBroker(target, channels=channels, **common, **reading)
     elif config.redis_sentinels:
         assert config.redis_sentinel_master is not None  # load() checks the pair
         target = SentinelTarget(
@@ -222,11 +228,8 @@ def make_broker(
         config.channel_prefix + "*",
         on_resync=lambda reason, down_s: on_resync(reason, down_s, None),
         channels=channels,
-        max_message_bytes=config.max_message_bytes,
-        on_too_large=on_too_large,
-        on_disconnect=lambda cause: metrics.broker_disconnects.labels(cause).inc(),
-        queued=queued,
         **common,
+        **reading,
     )
 
 

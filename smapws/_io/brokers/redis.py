@@ -473,13 +473,14 @@ class RedisBroker:
         try:
             with trio.fail_after(self._timeout):
                 got = await trio_asyncio.aio_as_trio(_config_get)(client)
-        except (redis.exceptions.RedisError, OSError, trio.TooSlowError) as exc:
+            problems = limit_problems(got, self._max_bytes)
+        except (redis.exceptions.RedisError, OSError, trio.TooSlowError, ValueError) as exc:
+            # CONFIG refused (managed Redis, ACL), or a reply not understood.
             logger.info(
-                "Redis limits not checked (CONFIG GET refused)",
+                "Redis limits not checked",
                 extra=fields(url=self._where, error=type(exc).__name__),
             )
             return
-        problems = limit_problems(got, self._max_bytes)
         if problems:
             logger.warning(
                 "Redis can drop this hub's subscription: " + "; ".join(problems),

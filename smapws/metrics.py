@@ -280,6 +280,11 @@ class Metrics:
             "Projects held in the current-state cache for new tabs.",
             registry=r,
         )
+        self.snapshot_bytes = Gauge(
+            "websocket_snapshot_bytes",
+            "Bytes the current-state cache accounts (frames and bookkeeping).",
+            registry=r,
+        )
         self.query_token_used = Counter(
             "websocket_deprecated_query_token",
             "Connections that authenticated with the deprecated ?token= parameter.",

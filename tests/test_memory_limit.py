@@ -101,6 +101,8 @@ async def test_the_flood_in_256_mib_leaves_the_hub_alive_and_delivering(
         assert m["websocket_broker_messages_received_total"] == FLOOD + 1
         assert m.get('websocket_internal_errors_total{where="route"}', 0) == 0
         assert m["websocket_snapshot_entries"] < FLOOD  # bounded in bytes, not by count
+        assert m["websocket_snapshot_bytes"] <= 32 * 1024 * 1024
+        assert m["websocket_history_bytes"] <= 32 * 1024 * 1024
         assert (await http(port, "GET", "/ready")).status == 200
         peak = vm_peak_mib(proc.pid)
         assert peak < LIMIT / 2**20

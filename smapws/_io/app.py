@@ -121,6 +121,7 @@ class App:
                 )
             )
             self.metrics.snapshot_entries.set_function(lambda: len(snapshots))
+            self.metrics.snapshot_bytes.set_function(lambda: snapshots.bytes)
         self.history: History | None = None
         history_limits = HistoryLimits(
             ttl=config.history_ttl,

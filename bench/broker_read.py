@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 import threading
 import time
@@ -30,17 +28,11 @@ from pathlib import Path
 
 import redis
 
-from bench.procs import cpu_seconds, free_port, http_get, spawn, start_redis, stop, wait_ready
-
-SECRET = "bench-secret-" + "x" * 32
+from bench.procs import cpu_seconds, hub_on_redis, metric_value
 
 
 def received(port: int) -> int:
-    _, body = http_get("127.0.0.1", port, "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith("websocket_broker_messages_received_total "):
-            return int(float(line.split()[1]))
-    return 0
+    return int(metric_value(port, "websocket_broker_messages_received_total"))
 
 
 def subscriber_omem(client: redis.Redis) -> int:
@@ -110,28 +102,14 @@ def main() -> None:
     parser.add_argument("--count-small", type=int, default=50_000)
     parser.add_argument("--count-large", type=int, default=3_000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="smapws-bench-") as d:
-        workdir = Path(d)
-        redis_port, hub_port = free_port(), free_port()
-        redis_proc = start_redis(redis_port, workdir / "redis.log")
-        env = {
-            **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "JWT_SECRET": SECRET,
-            "SMAPWS_HOST": "127.0.0.1",
-            "SMAPWS_PORT": str(hub_port),
-            "SMAPWS_LOG_LEVEL": "warning",
-        }
-        hub = spawn([sys.executable, "-m", "smapws", "serve"], workdir / "hub.log", env=env)
-        try:
-            wait_ready(hub, "127.0.0.1", hub_port, workdir / "hub.log")
-            results = [
-                measure(redis_port, hub_port, hub.pid, 200, args.count_small),
-                measure(redis_port, hub_port, hub.pid, 60_000, args.count_large),
-            ]
-        finally:
-            stop(hub)
-            stop(redis_proc)
+    with (
+        tempfile.TemporaryDirectory(prefix="smapws-bench-") as d,
+        hub_on_redis(Path(d)) as (redis_port, hub_port, hub),
+    ):
+        results = [
+            measure(redis_port, hub_port, hub.pid, 200, args.count_small),
+            measure(redis_port, hub_port, hub.pid, 60_000, args.count_large),
+        ]
     print(json.dumps(results, indent=2))
 
 

@@ -15,28 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import redis
 
-from bench.procs import free_port, http_get, rss_bytes, spawn, start_redis, stop, wait_ready
+from bench.procs import BENCH_SECRET, hub_on_redis, metric_value, rss_bytes
 from bench.wsclient import handshake_request, parse_handshake_response
 from smapws._core.auth import mint
 
-SECRET = "bench-secret-" + "x" * 32
-
 
 def received(port: int) -> int:
-    _, body = http_get("127.0.0.1", port, "/metrics")
-    for line in body.decode().splitlines():
-        if line.startswith("websocket_broker_messages_received_total "):
-            return int(float(line.split()[1]))
-    return 0
+    return int(metric_value(port, "websocket_broker_messages_received_total"))
 
 
 def flood(
@@ -63,7 +55,7 @@ def open_tabs(port: int, n: int, first: int) -> list[socket.socket]:
     for i in range(first, first + n):
         s = socket.create_connection(("127.0.0.1", port))
         request, accept = handshake_request(
-            "127.0.0.1", port, "/ws", mint(f"tab-{i}", key=SECRET, now=time.time(), ttl=3600)
+            "127.0.0.1", port, "/ws", mint(f"tab-{i}", key=BENCH_SECRET, now=time.time(), ttl=3600)
         )
         s.sendall(request)
         head = b""
@@ -81,23 +73,12 @@ def main() -> None:
     steps = [int(n) for n in args.connections.split(",")]
     mib = 1 << 20
     out: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(prefix="smapws-bench-") as d:
-        workdir = Path(d)
-        redis_port, hub_port = free_port(), free_port()
-        redis_proc = start_redis(redis_port, workdir / "redis.log")
-        env = {
-            **os.environ,
-            "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-            "JWT_SECRET": SECRET,
-            "SMAPWS_HOST": "127.0.0.1",
-            "SMAPWS_PORT": str(hub_port),
-            "SMAPWS_LOG_LEVEL": "warning",
-            "SMAPWS_MAX_ACCEPT_RATE": "0",
-        }
-        hub = spawn([sys.executable, "-m", "smapws", "serve"], workdir / "hub.log", env=env)
-        socks: list[socket.socket] = []
+    socks: list[socket.socket] = []
+    with (
+        tempfile.TemporaryDirectory(prefix="smapws-bench-") as d,
+        hub_on_redis(Path(d), {"SMAPWS_MAX_ACCEPT_RATE": "0"}) as (redis_port, hub_port, hub),
+    ):
         try:
-            wait_ready(hub, "127.0.0.1", hub_port, workdir / "hub.log")
             out["idle_MiB"] = round(rss_bytes(hub.pid) / mib, 1)
             client = redis.Redis(port=redis_port)
             flood(client, hub_port, "big", 20_000, {"pad": "x" * 60_000})
@@ -114,8 +95,6 @@ def main() -> None:
         finally:
             for s in socks:
                 s.close()
-            stop(hub)
-            stop(redis_proc)
     print(json.dumps(out, indent=2))
 
 

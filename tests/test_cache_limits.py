@@ -90,13 +90,15 @@ async def test_resuming_from_the_oldest_id_replays_at_most_the_resume_cap(
 
 
 async def test_a_flood_to_unused_ids_leaves_a_resuming_tabs_window(nursery: trio.Nursery) -> None:
-    hub = await start(nursery, SMAPWS_HISTORY_MAX_BYTES=256 * 1024)
+    hub = await start(
+        nursery, SMAPWS_HISTORY_MAX_BYTES=256 * 1024, SMAPWS_SNAPSHOT_MAX_BYTES=256 * 1024
+    )
     async with connect(hub, "alice") as ws:
-        await publish(hub, "alice", "notification", n=1)
+        await publish(hub, "alice", "project_progress", project_id="mine", done=1)
         seen = await receive_json(ws)
     await wait_connections(hub, 0)
-    for i in range(1000):  # ~1.9 MB accounted to ids nobody uses
-        await publish(hub, f"nobody-{i}", "notification", n=i)
+    for i in range(1000):  # ~1.9 MB accounted to ids nobody uses, in each cache
+        await publish(hub, f"nobody-{i}", "project_progress", project_id="p", done=i)
     await publish(hub, "alice", "notification", n=2)
     await trio.testing.wait_all_tasks_blocked()
     assert hub.app.history is not None and hub.app.history.bytes <= 256 * 1024
@@ -104,3 +106,6 @@ async def test_a_flood_to_unused_ids_leaves_a_resuming_tabs_window(nursery: trio
         got = await receive_json(ws)
     assert got["type"] == "notification" and got["payload"] == {"n": 2}
     assert metric(hub, "websocket_resumes_total", {"result": "replayed"}) == 1
+    async with connect(hub, "alice") as ws:  # a reload: her current state is still there
+        state = await receive_json(ws)
+    assert state["id"] == seen["id"] and state["payload"] == {"project_id": "mine", "done": 1}

@@ -98,6 +98,25 @@ def test_one_users_state_is_capped_and_cannot_evict_others() -> None:
     assert snaps.for_user("bystander", 200.0) == [bystander]
 
 
+def test_a_flood_to_unused_ids_cannot_evict_a_held_users_state() -> None:
+    snaps = Snapshots(SnapshotLimits(ttl=600.0, max_bytes=2 * 1024 * 1024))
+    mine = envelope(progress("mine", 10))
+    snaps.hold("alice")  # her tab is open here
+    snaps.observe("alice", mine, now=0.0)
+    snaps.release("alice", 1.0)  # ... and reloads
+    for i in range(300):  # 18 MB to 300 ids nobody uses
+        snaps.observe(f"nobody-{i}", envelope(progress("p", PAD, i)), now=2.0 + i)
+    assert snaps.bytes <= 2 * 1024 * 1024
+    assert snaps.for_user("alice", 400.0) == [mine]
+    # Once her hold has ended (600 s after the reload), she is one of the others.
+    snaps.observe("alice", mine, now=500.0)
+    snaps.sweep(601.0)
+    assert snaps.held() == 0
+    for i in range(300, 340):
+        snaps.observe(f"nobody-{i}", envelope(progress("p", PAD, i)), now=601.0 + i)
+    assert snaps.for_user("alice", 700.0) == []
+
+
 def test_a_single_message_over_the_user_share_is_not_kept() -> None:
     snaps = Snapshots(SnapshotLimits(per_user_bytes=32 * 1024))
     snaps.observe("u", envelope(progress("p", 10, 1)), now=0.0)

@@ -14,7 +14,10 @@ last update (``completed_ttl`` for completions). Bytes are what an entry
 really costs: its frame plus :data:`ENTRY_OVERHEAD`, and each user with any
 entry :data:`USER_OVERHEAD` more, so the bound holds for memory. A
 project whose one message is over ``per_user_bytes`` is not kept at all (a
-new tab could not be sent it within its send queue anyway).
+new tab could not be sent it within its send queue anyway). For the total
+bounds, the entries of users *held* here (a tab open on this hub, or closed
+less than ``ttl`` ago: a reload) go last (:meth:`Snapshots.hold`), so a flood
+to ids nobody uses evicts itself first, not the state of users being served.
 
 In pattern mode every node keeps the snapshot of every user (all nodes see
 all messages), so a tab gets the same state whichever node the load balancer
@@ -25,6 +28,7 @@ subscribed to, and forgets a user's entries when it unsubscribes
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
@@ -32,9 +36,10 @@ from typing import Final
 from smapws._core.envelope import COMPLETED, PROGRESS, Envelope
 
 #: Bytes an entry costs beyond its frame (the entry, its envelope object and
-#: strings, its slots in the user's dict and in the LRU with its key tuple):
-#: measured with tracemalloc by ``bench/snapshot_memory.py`` on CPython 3.11.
-ENTRY_OVERHEAD: Final = 560
+#: strings, its slots in the user's dict and in the LRUs with its key tuple):
+#: measured with tracemalloc by ``bench/cache_memory.py`` on CPython 3.11
+#: (650).
+ENTRY_OVERHEAD: Final = 680
 
 #: Bytes a user with any entry costs beyond them (the user's dict, its slot
 #: in the users' dict, the user id string): same measure.
@@ -64,7 +69,7 @@ class _Entry:
 class Snapshots:
     """Latest progress per (user, project). Sans-IO: time is an argument."""
 
-    __slots__ = ("_bytes", "_limits", "_lru", "_user_bytes", "_users")
+    __slots__ = ("_bytes", "_cold", "_held", "_limits", "_lru", "_user_bytes", "_users")
 
     def __init__(self, limits: SnapshotLimits) -> None:
         self._limits = limits
@@ -72,6 +77,11 @@ class Snapshots:
         #: Bytes accounted per user (entries + USER_OVERHEAD), and in all.
         self._user_bytes: dict[str, int] = {}
         self._bytes = 0
+        #: The entries of users not held, least recently updated first: what
+        #: the total bounds forget first.
+        self._cold: OrderedDict[tuple[str, str], None] = OrderedDict()
+        #: Held users -> until when (inf while a tab is open).
+        self._held: dict[str, float] = {}
         # Every (user, project), least recently updated first.
         self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()
 
@@ -95,10 +105,12 @@ class Snapshots:
         projects[key] = _Entry(envelope, now + ttl, size)
         self._charge(user, size)
         self._lru[(user, key)] = None
+        if user not in self._held:
+            self._cold[(user, key)] = None
         while len(projects) > lim.per_user or self._user_bytes[user] > lim.per_user_bytes:
             self._forget(user, next(iter(projects)))
         while len(self._lru) > lim.max_entries or self._bytes > lim.max_bytes:
-            self._forget(*next(iter(self._lru)))
+            self._forget(*next(iter(self._cold or self._lru)))
 
     def _charge(self, user: str, size: int) -> None:
         """Account ``size`` more (or, negative, fewer) bytes to ``user``."""
@@ -113,6 +125,7 @@ class Snapshots:
         if entry is None:
             return
         self._lru.pop((user, key), None)
+        self._cold.pop((user, key), None)
         self._charge(user, -entry.size)
         if not projects:
             del self._users[user]
@@ -126,8 +139,26 @@ class Snapshots:
             return 0
         for key in projects:
             self._lru.pop((user, key), None)
+            self._cold.pop((user, key), None)
         self._bytes -= self._user_bytes.pop(user)
         return len(projects)
+
+    def hold(self, user: str) -> None:
+        """``user`` has a tab open here: its entries go last for the total
+        bounds until :meth:`release` and ``ttl`` more."""
+        self._held[user] = math.inf
+        for key in self._users.get(user, ()):
+            self._cold.pop((user, key), None)
+
+    def release(self, user: str, now: float) -> None:
+        """``user``'s last tab here closed: held for ``ttl`` more (a reload
+        comes back within it)."""
+        if user in self._held:
+            self._held[user] = now + self._limits.ttl
+
+    def held(self) -> int:
+        """How many users are held."""
+        return len(self._held)
 
     def for_user(self, user: str, now: float) -> list[Envelope]:
         """The user's current state, oldest update first; expired entries are
@@ -147,7 +178,13 @@ class Snapshots:
         return out
 
     def sweep(self, now: float) -> int:
-        """Forget every expired entry; return how many. O(entries)."""
+        """Forget every expired entry and end the holds that expired; return
+        how many entries were forgotten. O(entries)."""
+        ended = [user for user, until in self._held.items() if until <= now]
+        for user in ended:
+            del self._held[user]
+            for key in self._users.get(user, ()):
+                self._cold[(user, key)] = None
         dead = [
             (user, key)
             for user, projects in self._users.items()

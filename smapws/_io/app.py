@@ -300,8 +300,9 @@ class App:
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
         now = trio.current_time()
-        if self.history is not None:
-            self.history.hold(conn.user_id)  # its window goes last (issue 16)
+        for held in (self.history, self.snapshots):  # its recovery goes last (issue 16)
+            if held is not None:
+                held.hold(conn.user_id)
         if resume is not None:
             missed = None if self.history is None else self.history.after(conn.user_id, resume, now)
             outcome = "gap" if missed is None else "replayed"
@@ -354,8 +355,10 @@ class App:
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.hub.remove(conn.user_id, conn)
-        if not has_others and self.history is not None:
-            self.history.release(conn.user_id, trio.current_time())
+        if not has_others:
+            for held in (self.history, self.snapshots):
+                if held is not None:
+                    held.release(conn.user_id, trio.current_time())
         if self.channels is not None:
             self.channels.release(conn.user_id)
         unsent = len(conn.outbox)

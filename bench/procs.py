@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -241,3 +242,43 @@ def pinned_self(cpus: set[int] | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+#: The JWT secret of the hubs :func:`hub_on_redis` starts.
+BENCH_SECRET = "bench-secret-" + "x" * 32
+
+
+def metric_value(port: int, name: str) -> float:
+    """The value of the unlabelled series ``name`` in the hub's ``/metrics`` (0 if absent)."""
+    _, body = http_get("127.0.0.1", port, "/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+@contextlib.contextmanager
+def hub_on_redis(
+    workdir: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[int, int, subprocess.Popen[bytes]]]:
+    """A throw-away redis-server (:func:`start_redis`) and one ``smapws serve``
+    on it (``SMAPWS_LOG_LEVEL=warning`` and ``env`` over the defaults), ready:
+    ``(redis port, hub port, hub process)``; both stopped on exit."""
+    redis_port, hub_port = free_port(), free_port()
+    redis_proc = start_redis(redis_port, workdir / "redis.log")
+    full_env = {
+        **os.environ,
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "JWT_SECRET": BENCH_SECRET,
+        "SMAPWS_HOST": "127.0.0.1",
+        "SMAPWS_PORT": str(hub_port),
+        "SMAPWS_LOG_LEVEL": "warning",
+        **(env or {}),
+    }
+    hub = spawn([sys.executable, "-m", "smapws", "serve"], workdir / "hub.log", env=full_env)
+    try:
+        wait_ready(hub, "127.0.0.1", hub_port, workdir / "hub.log")
+        yield redis_port, hub_port, hub
+    finally:
+        stop(hub)
+        stop(redis_proc)

@@ -444,6 +444,20 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "projects kept in all for new tabs (0: off)",
     ),
     _Option(
+        "snapshot_per_user_bytes",
+        "SMAPWS_SNAPSHOT_PER_USER_BYTES",
+        _positive_int,
+        512 * 1024,
+        "bytes of current state kept per user for new tabs",
+    ),
+    _Option(
+        "snapshot_max_bytes",
+        "SMAPWS_SNAPSHOT_MAX_BYTES",
+        _positive_int,
+        32 * 1024 * 1024,
+        "bytes of current state kept in all, least recently updated forgotten first",
+    ),
+    _Option(
         "history_ttl",
         "SMAPWS_HISTORY_TTL",
         _non_negative_float,
@@ -473,6 +487,20 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "a tab resumes on any hub (off: this hub's window only)",
     ),
     _Option(
+        "history_per_user_bytes",
+        "SMAPWS_HISTORY_PER_USER_BYTES",
+        _positive_int,
+        1024 * 1024,
+        "bytes kept per user for ?since= recovery, oldest forgotten first",
+    ),
+    _Option(
+        "resume_max_bytes",
+        "SMAPWS_RESUME_MAX_BYTES",
+        _positive_int,
+        256 * 1024,
+        "bytes one ?since= resume may replay; beyond, resync and the current state",
+    ),
+    _Option(
         "demo",
         "SMAPWS_DEMO",
         _bool,
@@ -486,6 +514,13 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         _positive_int,
         65536,
         "broker-to-router queue bound (messages)",
+    ),
+    _Option(
+        "ingest_queue_bytes",
+        "SMAPWS_INGEST_QUEUE_BYTES",
+        _positive_int,
+        16 * 1024 * 1024,
+        "broker-to-router queue bound (bytes)",
     ),
     _Option(
         "redis_timeout",
@@ -568,12 +603,17 @@ class Config:
     snapshot_completed_ttl: float = 30.0
     snapshot_per_user: int = 32
     snapshot_max_entries: int = 20000
+    snapshot_per_user_bytes: int = 512 * 1024
+    snapshot_max_bytes: int = 32 * 1024 * 1024
     history_ttl: float = 300.0
     history_per_user: int = 100
     history_max_bytes: int = 32 * 1024 * 1024
     fleet_history: bool = True
+    history_per_user_bytes: int = 1024 * 1024
+    resume_max_bytes: int = 256 * 1024
     demo: bool = False
     ingest_queue: int = 65536
+    ingest_queue_bytes: int = 16 * 1024 * 1024
     redis_timeout: float = 5.0
     reconnect_max: float = 1.0
     probe_interval: float = 5.0

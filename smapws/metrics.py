@@ -229,6 +229,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.broker_disconnects = Counter(
+            "websocket_broker_disconnects",
+            "Broker subscriptions lost after they were up, by cause.",
+            ["cause"],
+            registry=r,
+        )
         self.broker_dropped = Counter(
             "websocket_broker_messages_dropped",
             "Valid broker messages dropped because the router's queue was full.",
@@ -272,6 +278,11 @@ class Metrics:
         self.snapshot_entries = Gauge(
             "websocket_snapshot_entries",
             "Projects held in the current-state cache for new tabs.",
+            registry=r,
+        )
+        self.snapshot_bytes = Gauge(
+            "websocket_snapshot_bytes",
+            "Bytes the current-state cache accounts (frames and bookkeeping).",
             registry=r,
         )
         self.query_token_used = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -195,3 +196,21 @@ def test_depth_bound_is_exact() -> None:
     with pytest.raises(InvalidMessage) as info:
         loads_strict(b"[" * 6 + b"]" * 6, max_depth=5)
     assert info.value.reason == "too_deep"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"1" * 309, True),
+        (b'{"n":' + b"9" * 309 + b"}", True),
+        (b'{"n":' + b"9" * 308 + b"}", False),
+        (b"1" * 308 + b"x" + b"1" * 308, False),
+        (b"\xd9" * 400, False),  # not an ASCII digit, whatever it decodes to
+        (b"x" * 60_000, False),
+    ],
+)
+def test_long_digit_runs_are_found_as_the_regex_found_them(raw: bytes, expected: bool) -> None:
+    from smapws_publisher._validate import _has_long_digits
+
+    assert _has_long_digits(raw) is expected
+    assert bool(re.search(rb"\d{309}", raw)) is expected

@@ -14,6 +14,7 @@ from smapws._core.fleet import Chains, chain_id
 from smapws._core.history import (
     AGE_TOLERANCE,
     ENTRY_OVERHEAD,
+    USER_OVERHEAD,
     History,
     HistoryLimits,
     Resume,
@@ -132,7 +133,7 @@ def test_forget_user_leaves_other_users_windows() -> None:
 def test_the_total_byte_bound_forgets_the_oldest_across_users() -> None:
     env = parse(raw("notification", n=0), wall_time=0, received_at=0)
     frame = len(with_id(env, "0" * 16).frame)
-    per_entry = frame + ENTRY_OVERHEAD
+    per_entry = frame + ENTRY_OVERHEAD + USER_OVERHEAD  # one message per user
     hub = Hub(max_bytes=3 * per_entry + 10)
     ids = [hub.route(f"u{i}", raw("notification", n=0), float(i))[0] for i in range(5)]
     assert len(hub.history) == 3 and hub.history.bytes <= 3 * per_entry + 10

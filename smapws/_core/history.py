@@ -12,6 +12,15 @@ where it stands in the order, and only when no completion of that project
 followed it. A tab whose id this window does not hold is answered from the
 fleet's log in Redis where there is one (:mod:`smapws._io.fleetlog`).
 
+**Bytes** (issue 16). ``max_bytes`` and each user's share of it,
+``per_user_bytes`` (the user's oldest forgotten first), count what the window
+really costs: each entry's frame plus :data:`ENTRY_OVERHEAD`, and each user
+with a window :data:`USER_OVERHEAD` (:meth:`History._charge`). For the
+total bound, the windows of users *held* here (a tab open on this hub, or
+closed less than ``ttl`` ago: :meth:`History.hold`) go last: a flood to ids
+nobody uses, or to users gone, cannot evict the window a tab is about to
+resume from.
+
 Sans-IO: time is an argument; nothing here reads a clock.
 """
 
@@ -32,8 +41,14 @@ _ID_CHARS: Final = frozenset("0123456789abcdef")
 
 #: Bytes an entry costs beyond its frame (the entry object, the window's
 #: bookkeeping, the envelope object and its strings): measured with
-#: tracemalloc by ``bench/history_memory.py`` on CPython 3.11.
-ENTRY_OVERHEAD: Final = 590
+#: tracemalloc by ``bench/history_memory.py`` and ``bench/cache_memory.py``
+#: on CPython 3.11 (635 and 628).
+ENTRY_OVERHEAD: Final = 650
+
+#: Bytes a user's window costs beyond its entries (the window object, its
+#: deque and dict, the user's slot and id string): measured with tracemalloc
+#: by ``bench/cache_memory.py`` on CPython 3.11.
+USER_OVERHEAD: Final = 1100
 
 #: Seconds by which a tab may claim to have seen ``since`` before this hub
 #: received it (``since_age`` larger than the entry's age) and still be
@@ -52,6 +67,9 @@ class HistoryLimits:
     ttl: float = 300.0
     per_user: int = 100
     max_bytes: int = 32 * 1024 * 1024
+    #: One user's share of ``max_bytes``: traffic to one user cannot take
+    #: the window of the others (1 MiB: 100 messages of 10 KiB).
+    per_user_bytes: int = 1024 * 1024
 
     @property
     def enabled(self) -> bool:
@@ -121,10 +139,12 @@ class _Entry:
 
 
 class _UserWindow:
-    __slots__ = ("entries", "user")
+    __slots__ = ("bytes", "entries", "user")
 
     def __init__(self, user: str) -> None:
         self.user = user
+        #: Bytes accounted to this window, its USER_OVERHEAD included.
+        self.bytes = 0
         self.entries: deque[_Entry] = deque()
 
 
@@ -132,7 +152,7 @@ class History:
     """The replay window of every user. Sans-IO: ``now`` is an argument, on
     one monotonic clock (the hub passes ``trio.current_time()``)."""
 
-    __slots__ = ("_bytes", "_epoch", "_limits", "_order", "_users")
+    __slots__ = ("_bytes", "_cold", "_epoch", "_held", "_limits", "_order", "_users")
 
     def __init__(self, limits: HistoryLimits) -> None:
         self._limits = limits
@@ -142,6 +162,11 @@ class History:
         self._bytes = 0
         #: How many times a window was cleared for a hole (:attr:`epoch`).
         self._epoch = 0
+        #: The entries of users not held, in the order the total bound
+        #: forgets them (each user's in window order) (:meth:`hold`).
+        self._cold: OrderedDict[_Entry, None] = OrderedDict()
+        #: Held users -> until when (inf while a tab is open).
+        self._held: dict[str, float] = {}
 
     @property
     def limits(self) -> HistoryLimits:
@@ -161,14 +186,19 @@ class History:
         window = self._users.get(user)
         if window is None:
             window = self._users[user] = _UserWindow(user)
+            self._charge(window, USER_OVERHEAD)
         entry = _Entry(window, mid, prev, envelope, now)
         window.entries.append(entry)
         self._order[entry] = None
-        self._bytes += entry.size
-        while len(window.entries) > lim.per_user:
+        if user not in self._held:
+            self._cold[entry] = None
+        self._charge(window, entry.size)
+        while len(window.entries) > lim.per_user or (
+            window.bytes > lim.per_user_bytes and len(window.entries) > 1
+        ):
             self._forget(window.entries[0])
         while self._bytes > lim.max_bytes and self._order:
-            self._forget(next(iter(self._order)))
+            self._forget(next(iter(self._cold or self._order)))
 
     def chain(self, user: str, now: float) -> list[tuple[str, str, Envelope]]:
         """``(id, previous id, envelope)`` of every message in ``user``'s
@@ -205,6 +235,7 @@ class History:
         hole that no replay may paper over."""
         self._users.clear()
         self._order.clear()
+        self._cold.clear()
         self._bytes = 0
         self._epoch += 1
 
@@ -217,7 +248,9 @@ class History:
             self._forget(window.entries[0])
 
     def sweep(self, now: float) -> int:
-        """Forget every entry older than ``ttl``; return how many."""
+        """Forget every entry older than ``ttl`` and end the holds that
+        expired; return how many entries were forgotten."""
+        self._expire_holds(now)
         horizon = now - self._limits.ttl
         order = self._order
         n = 0
@@ -241,16 +274,61 @@ class History:
         removed = window.entries.popleft()
         assert removed is entry
         del self._order[entry]
-        self._bytes -= entry.size
+        self._cold.pop(entry, None)
+        self._charge(window, -entry.size)
         if not window.entries:
             del self._users[window.user]
+            self._charge(window, -USER_OVERHEAD)
+
+    # -- byte accounting (issue 16): one place, apart from the ids ---------
+
+    def _charge(self, window: _UserWindow, size: int) -> None:
+        """Account ``size`` more (negative: fewer) bytes to ``window``'s user
+        and to the whole window."""
+        window.bytes += size
+        self._bytes += size
+
+    def hold(self, user: str) -> None:
+        """``user`` has a tab open here: its window goes last for the total
+        bound (after every window of a user not held) until :meth:`release`
+        and ``ttl`` more."""
+        self._held[user] = math.inf
+        window = self._users.get(user)
+        if window is not None:
+            for entry in window.entries:
+                self._cold.pop(entry, None)
+
+    def release(self, user: str, now: float) -> None:
+        """``user``'s last tab here closed: its window stays held for ``ttl``
+        (the time it may take to resume), then is forgotten like any."""
+        if user in self._held:
+            self._held[user] = now + self._limits.ttl
+
+    def _expire_holds(self, now: float) -> None:
+        ended = [user for user, until in self._held.items() if until <= now]
+        for user in ended:
+            del self._held[user]
+            window = self._users.get(user)
+            if window is not None:
+                for entry in window.entries:
+                    self._cold[entry] = None
+
+    def held(self) -> int:
+        """How many users are held (:meth:`hold`)."""
+        return len(self._held)
+
+    def user_bytes(self, user: str) -> int:
+        """Bytes accounted to ``user``'s window (0: none)."""
+        window = self._users.get(user)
+        return 0 if window is None else window.bytes
 
     def __len__(self) -> int:
         return len(self._order)
 
     @property
     def bytes(self) -> int:
-        """Bytes accounted: frames plus :data:`ENTRY_OVERHEAD` each."""
+        """Bytes accounted: frames plus :data:`ENTRY_OVERHEAD` each, plus
+        :data:`USER_OVERHEAD` per user with a window."""
         return self._bytes
 
     def users(self) -> int:

@@ -52,7 +52,7 @@ from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
 from smapws._core.ratelimit import KeyedBuckets, KeyedCount, TokenBucket
 from smapws._core.snapshot import SnapshotLimits, Snapshots
-from smapws._io.brokers import Broker, Item
+from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
 from smapws._io.fleetlog import FleetLog
@@ -142,14 +142,18 @@ class App:
                     completed_ttl=config.snapshot_completed_ttl,
                     per_user=config.snapshot_per_user,
                     max_entries=config.snapshot_max_entries,
+                    per_user_bytes=config.snapshot_per_user_bytes,
+                    max_bytes=config.snapshot_max_bytes,
                 )
             )
             self.metrics.snapshot_entries.set_function(lambda: len(snapshots))
+            self.metrics.snapshot_bytes.set_function(lambda: snapshots.bytes)
         self.history: History | None = None
         history_limits = HistoryLimits(
             ttl=config.history_ttl,
             per_user=config.history_per_user,
             max_bytes=config.history_max_bytes,
+            per_user_bytes=config.history_per_user_bytes,
         )
         if history_limits.enabled:
             history = self.history = History(history_limits)
@@ -372,16 +376,20 @@ class App:
         self.hub.add(conn.user_id, conn)
         self.metrics.connections_total.inc()
         now = trio.current_time()
+        for held in (self.history, self.snapshots):  # its recovery goes last (issue 16)
+            if held is not None:
+                held.hold(conn.user_id)
         if resume is not None:
-            result, missed = self._missed(conn.user_id, resume, now)
+            outcome, missed = self._missed(conn.user_id, resume, now)
+            if missed is not None and not self._fits(missed, self.config.resume_max_bytes):
+                missed, outcome = None, "too_large"  # past SMAPWS_RESUME_MAX_BYTES
+            self.metrics.resumes.labels(outcome).inc()
             if missed is not None:
-                self.metrics.resumes.labels(result).inc()
                 for env in missed:
                     conn.offer(env)
                 if missed:
                     self.metrics.replayed_messages.inc(len(missed))
             else:
-                self.metrics.resumes.labels("gap").inc()
                 conn.offer(self._resync_envelope("history_gap", now))
                 self._send_current_state(conn, now)
         else:
@@ -408,9 +416,27 @@ class App:
             return "gap", None
         return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)])
 
+    def _fits(self, envs: list[Envelope], budget: int) -> bool:
+        """Whether ``envs`` fit ``budget`` bytes and a new tab's send queue
+        (what does not fit there would close the tab 1013 at once, again on
+        every reconnect)."""
+        cfg = self.config
+        size = sum(len(env.frame) for env in envs)
+        return (
+            size <= min(budget, cfg.send_queue_bytes // 2)
+            and len(envs) <= cfg.send_queue_messages // 2
+        )
+
     def _send_current_state(self, conn: Connection, now: float) -> None:
+        """Queue the user's current state, the most recently updated part
+        that fits half the tab's send queue (the rest is left out, so
+        that a state larger than the queue is not a 1013 on every
+        connect; ``SMAPWS_SNAPSHOT_PER_USER_BYTES`` keeps it under at the
+        defaults)."""
         if self.snapshots is not None:
             state = self.snapshots.for_user(conn.user_id, now)
+            while state and not self._fits(state, self.config.send_queue_bytes):
+                state = state[1:]  # oldest update first: keep the newest
             for env in state:
                 conn.offer(env)
             if state:
@@ -423,6 +449,10 @@ class App:
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.hub.remove(conn.user_id, conn)
+        if not has_others:
+            for held in (self.history, self.snapshots):
+                if held is not None:
+                    held.release(conn.user_id, trio.current_time())
         if self.channels is not None:
             self.channels.release(conn.user_id)
         unsent = len(conn.outbox)
@@ -584,11 +614,8 @@ class App:
             result = conn.offer(env)
             if result == QUEUED:  # the common case: nothing else to count
                 queued += 1
-            elif not result:  # already closing
+            elif not result or result & OVERFLOW:  # closing (the connection counts 1013s)
                 m.messages_failed.inc()
-            elif result & OVERFLOW:
-                m.messages_failed.inc()
-                m.slow_consumer_closes.inc()
             else:
                 queued += 1
                 if result & CONFLATED:
@@ -596,6 +623,13 @@ class App:
                 if result & HIGH_WATER:
                     m.queue_high_water.inc()
         return queued
+
+    def too_large(self, channel: bytes, size: int) -> None:
+        """A broker message over ``SMAPWS_MAX_MESSAGE_BYTES``, discarded by
+        the read loop unparsed: counted and logged like any invalid one."""
+        self.metrics.broker_received.inc()
+        self.metrics.broker_invalid.labels("too_large").inc()
+        self._log_invalid("too_large", channel, size, trio.current_time())
 
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:
         suppressed = self._invalid_log.allow(reason, now)
@@ -611,8 +645,12 @@ class App:
             ),
         )
 
-    async def router(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
-        """The router task: drain the broker's queue into connections.
+    async def router(
+        self, receive: trio.MemoryReceiveChannel[Item], queued: QueueBytes | None = None
+    ) -> None:
+        """The router task: drain the broker's queue into connections,
+        giving each message's bytes back to ``queued`` (the broker's bound
+        of the queue in bytes, when it has one).
 
         Messages that arrived together are routed together, up to
         :data:`ROUTER_BATCH`, with one clock reading and one checkpoint:
@@ -621,13 +659,16 @@ class App:
         in it first, in one round trip (:meth:`_consult`)."""
         route = self.route
         receive_nowait = receive.receive_nowait
+        give = (lambda n: None) if queued is None else queued.give
         async for item in receive:
+            give(len(item[1]))
             batch = [item]
             for _ in range(ROUTER_BATCH):
                 try:
                     batch.append(receive_nowait())
                 except trio.WouldBlock:
                     break
+                give(len(batch[-1][1]))
             if self.fleet is not None:
                 await self._consult(batch)
             wall, now = time.time(), trio.current_time()

@@ -129,6 +129,9 @@ class Connection:
                 return QUEUED
         result = self.outbox.push(envelope)
         if result & OVERFLOW:
+            # Counted here, whoever offered (the router, or register() with a
+            # replay or the current state), so the two metrics agree.
+            self._metrics.slow_consumer_closes.inc()
             self.request_close(TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
             return result
         self._wake()

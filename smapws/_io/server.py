@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from smapws._config import Config
 from smapws._io import frontdoor, sdnotify
 from smapws._io.app import App
-from smapws._io.brokers import Broker, Item
+from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
 from smapws._io.brokers.cluster import ShardedBroker
 from smapws._io.brokers.memory import MemoryBroker
@@ -200,6 +200,8 @@ def make_broker(
     on_resync: Callable[[str, float, bytes | None], object] = lambda reason, down_s, ch: None,
     on_error: Callable[[BaseException], object] = lambda exc: None,
     on_forget: Callable[[bytes], object] = lambda channel: None,
+    on_too_large: Callable[[bytes, int], object] = lambda channel, size: None,
+    queued: QueueBytes | None = None,
 ) -> Broker:
     """The broker the configuration asks for; never memory when Redis is set.
     ``on_resync(reason, down_s, channel)`` is called when a Redis
@@ -207,7 +209,9 @@ def make_broker(
     mode: every connection missed messages; in user mode, the one user's
     channel), ``on_error(exc)`` when a read loop caught an unexpected
     exception (and restarted its subscription), ``on_forget(channel)`` (user
-    mode) when a user's channel is no longer subscribed."""
+    mode) when a user's channel is no longer subscribed, ``on_too_large(channel,
+    size)`` for a message over ``SMAPWS_MAX_MESSAGE_BYTES`` the read loop
+    discarded unparsed."""
     if config.broker != "redis":
         return MemoryBroker()
     channels = None
@@ -224,6 +228,12 @@ def make_broker(
             on_commands=lambda command, n: commands.labels(command).inc(),
         )
         metrics.subscribed_channels.set_function(lambda: channels.subscribed)
+    reading: dict[str, Any] = {  # the read loop's bounds and reports
+        "max_message_bytes": config.max_message_bytes,
+        "on_too_large": on_too_large,
+        "on_disconnect": lambda cause: metrics.broker_disconnects.labels(cause).inc(),
+        "queued": queued,
+    }
     common: dict[str, Any] = {
         "timeout": config.redis_timeout,
         "reconnect_max": config.reconnect_max,
@@ -235,13 +245,14 @@ def make_broker(
     target = redis_target(config)
     if isinstance(target, ClusterTarget) and config.sharded_pubsub:
         assert channels is not None  # load() checks the pair
-        return ShardedBroker(target, channels=channels, **common)
+        return ShardedBroker(target, channels=channels, **common, **reading)
     return RedisBroker(
         target,
         config.channel_prefix + "*",
         on_resync=lambda reason, down_s: on_resync(reason, down_s, None),
         channels=channels,
         **common,
+        **reading,
     )
 
 
@@ -313,12 +324,15 @@ async def serve(
         raise ValueError("serve() needs config.auth (JWT_SECRET or JWT_PUBLIC_KEY_FILE)")
     metrics = metrics or Metrics()
     # The broker calls into `app` only once running, after `app` exists.
+    queued = QueueBytes(config.ingest_queue_bytes)
     broker = make_broker(
         config,
         metrics,
         on_resync=lambda reason, down_s, channel: app.resync(reason, down_s, channel),
         on_error=lambda exc: app.internal_error("broker", exc),
         on_forget=lambda channel: app.forget_state(channel),
+        on_too_large=lambda channel, size: app.too_large(channel, size),
+        queued=queued,
     )
     fleet = make_fleet_log(config, metrics)
     app = App(config, broker, metrics, fleet)
@@ -337,7 +351,11 @@ async def serve(
             await root.start(broker.run, send)
             if app.fleet is not None:
                 await root.start(app.fleet.run, app.off_chain)
-            root.start_soon(app.router, receive)
+            # Only the Redis read loop takes from ``queued``; the others must
+            # not have it given back.
+            root.start_soon(
+                app.router, receive, queued if isinstance(broker, RedisBroker) else None
+            )
             root.start_soon(app.maintain)
             root.start_soon(server._drain_when_asked)
             if config.demo:

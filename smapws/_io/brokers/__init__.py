@@ -28,6 +28,28 @@ if TYPE_CHECKING:
 Item = tuple[bytes, bytes]
 
 
+class QueueBytes:
+    r"""The router queue's bound in bytes (``SMAPWS_INGEST_QUEUE_BYTES``):
+    the broker's read loop :meth:`take`\ s a message's size before queueing
+    it (refused: dropped and counted, as when the queue is full), the router
+    :meth:`give`\ s it back when it takes the message out. One thread."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
 class BrokerError(Exception):
     """Publishing failed (broker unreachable or too slow). The message never
     contains credentials."""

@@ -96,8 +96,13 @@ class ShardedBroker:
         on_reconnect: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
         on_error: Callable[[BaseException], object] = lambda exc: None,
+        **link_options: Any,
     ) -> None:
+        """``link_options`` go to each link's :class:`RedisBroker` as they
+        are (``max_message_bytes``, ``on_too_large``, ``on_disconnect``,
+        ``queued``)."""
         assert channels.sharded, "sharded pub/sub needs sharded channels"
+        self._link_options = link_options
         self._target = target
         self.channels = channels
         self._timeout = timeout
@@ -340,6 +345,7 @@ class ShardedBroker:
             channels=self.channels,
             link=address,
             accept=partial(self._accepts, address),
+            **self._link_options,
         )
         scope = trio.CancelScope()
         self._links[address] = _Link(broker, scope)

@@ -81,7 +81,7 @@ from trio_util import AsyncValue
 
 from smapws._config import redact_url
 from smapws._core.cluster import Address, SlotMap
-from smapws._io.brokers import BrokerError, Item
+from smapws._io.brokers import BrokerError, Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
 from smapws._log import fields, logger
 
@@ -314,8 +314,17 @@ class RedisBroker:
         channels: UserChannels | None = None,
         link: Hashable = None,
         accept: Callable[[Hashable], bool] | None = None,
+        max_message_bytes: int | None = None,
+        on_too_large: Callable[[bytes, int], object] = lambda channel, size: None,
+        on_disconnect: Callable[[str], object] = lambda cause: None,
+        queued: QueueBytes | None = None,
     ) -> None:
         self._target = target
+        self._max_bytes = max_message_bytes
+        self._on_too_large = on_too_large
+        self._on_disconnect = on_disconnect
+        self._limits_checked = False
+        self._queued = queued
         self._where = target if isinstance(target, str) else target.display
         self._where = redact_url(self._where)
         self._pattern = pattern
@@ -415,10 +424,12 @@ class RedisBroker:
         while True:
             self._status = "connecting"
             clients = self._clients()
+            cause = "internal"
             try:
                 await self._session(clients, sink)
             except* _LINK_ERRORS as group:
                 exc = _first(group)
+                cause = disconnect_cause(exc)
                 self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
             except* Exception as group:
                 exc = _first(group)
@@ -436,6 +447,7 @@ class RedisBroker:
                 self._lost_at = now
                 if now - since >= STABLE_AFTER:
                     attempt = 0
+                self._dropped(cause)
             delay = backoff_delay(attempt, cap=self._reconnect_max)
             attempt += 1
             self._reconnects += 1
@@ -445,6 +457,41 @@ class RedisBroker:
                 extra=fields(url=self._where, error=self._last_error, retry_in_s=round(delay, 3)),
             )
             await trio.sleep(delay)
+
+    def _dropped(self, cause: str) -> None:
+        """A subscription that was up is lost: count and log it, with its
+        cause (:func:`disconnect_cause`)."""
+        self._on_disconnect(cause)
+        hint = _DROP_HINTS.get(cause)
+        logger.warning(
+            "Redis subscription dropped",
+            extra=fields(url=self._where, cause=cause, error=self._last_error, hint=hint),
+        )
+
+    async def _check_limits(self, client: aioredis.Redis) -> None:
+        """Once per broker: read the server's ``client-output-buffer-limit``
+        and ``proto-max-bulk-len`` (``CONFIG GET``, where allowed) and log one
+        warning naming the fix when they let Redis drop this subscription
+        (:func:`limit_problems`)."""
+        if self._limits_checked or self._max_bytes is None:
+            return
+        self._limits_checked = True
+        try:
+            with trio.fail_after(self._timeout):
+                got = await trio_asyncio.aio_as_trio(_config_get)(client)
+            problems = limit_problems(got, self._max_bytes)
+        except (redis.exceptions.RedisError, OSError, trio.TooSlowError, ValueError) as exc:
+            # CONFIG refused (managed Redis, ACL), or a reply not understood.
+            logger.info(
+                "Redis limits not checked",
+                extra=fields(url=self._where, error=type(exc).__name__),
+            )
+            return
+        if problems:
+            logger.warning(
+                "Redis can drop this hub's subscription: " + "; ".join(problems),
+                extra=fields(url=self._where, fix=RECOMMENDED_REDIS_CONFIG),
+            )
 
     async def _session(self, clients: _Clients, sink: trio.MemorySendChannel[Item]) -> NoReturn:
         """One subscription, from connect to failure. Always raises."""
@@ -494,6 +541,7 @@ class RedisBroker:
                 await subscribed.wait()
             if isinstance(self._target, ClusterTarget):
                 await self._learn_nodes(client)
+            await self._check_limits(client)
             if channels is not None:
                 nursery.start_soon(
                     partial(
@@ -534,7 +582,16 @@ class RedisBroker:
         on_control: Callable[[str, bytes], None],
     ) -> NoReturn:
         await trio_asyncio.aio_as_trio(_pump)(
-            pubsub, sink, self._on_drop, progress, self.probe_channel, on_probe, on_control
+            pubsub,
+            sink,
+            self._on_drop,
+            progress,
+            self.probe_channel,
+            on_probe,
+            on_control,
+            self._max_bytes,
+            self._on_too_large,
+            self._queued,
         )
         raise _SubscriptionEnded("subscription ended")
 
@@ -580,6 +637,83 @@ class RedisBroker:
     async def aclose(self) -> None:
         """Close the publishing client (the subscriber closes its own)."""
         await self._publisher.aclose()
+
+
+#: How many messages of ``SMAPWS_MAX_MESSAGE_BYTES`` Redis must be able to
+#: hold for this hub while it is briefly not reading (a GC pause, a busy
+#: core, a burst of publishes in one event-loop turn) without dropping it:
+#: a thousand 64 KiB messages is 64 MiB.
+BURST_MESSAGES: Final = 1000
+
+#: The settings the README recommends, named in the start-up warning.
+RECOMMENDED_REDIS_CONFIG: Final = (
+    "CONFIG SET client-output-buffer-limit 'pubsub 256mb 128mb 60' "
+    "and CONFIG SET proto-max-bulk-len 1mb (or in redis.conf)"
+)
+
+#: What a dropped subscription's log record suggests, by cause.
+_DROP_HINTS: Final = {
+    "closed_by_server": (
+        "Redis closed the link: a pub/sub client past client-output-buffer-limit "
+        "is closed so (see the README's Redis section)"
+    ),
+}
+
+
+def disconnect_cause(exc: BaseException) -> str:
+    """The ``cause`` label of ``websocket_broker_disconnects_total`` for the
+    exception that ended a session: ``probe_lost`` (the link went silent),
+    ``closed_by_server`` (Redis closed it: ``CLIENT KILL``, a restart, or
+    its output-buffer limit), ``timeout``, ``error_reply`` or ``link_error``."""
+    if isinstance(exc, ProbeLost):
+        return "probe_lost"
+    if isinstance(exc, trio.TooSlowError | redis.exceptions.TimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(exc, _SubscriptionEnded):
+        return "closed_by_server"
+    if isinstance(exc, redis.exceptions.ConnectionError) and "closed by server" in str(exc):
+        return "closed_by_server"
+    if isinstance(exc, redis.exceptions.ResponseError):
+        return "error_reply"
+    return "link_error"
+
+
+def _size(text: str) -> int:
+    """Redis's size notation (``32mb``, ``8388608``, ``1gb``) in bytes."""
+    text = text.strip().lower()
+    for suffix, factor in (("gb", 1 << 30), ("mb", 1 << 20), ("kb", 1 << 10), ("b", 1)):
+        if text.endswith(suffix):
+            return int(text[: -len(suffix)]) * factor
+    return int(text)
+
+
+def limit_problems(config: dict[str, str], max_message_bytes: int) -> list[str]:
+    """What in a Redis server's ``config`` (``CONFIG GET`` replies:
+    ``client-output-buffer-limit``, ``proto-max-bulk-len``) lets it drop a
+    subscriber that accepts messages of ``max_message_bytes``: a pubsub
+    limit (hard, or soft) under :data:`BURST_MESSAGES` such messages, or a
+    ``proto-max-bulk-len`` that lets one publish pass the hard limit. Empty
+    when nothing does (a 0 limit is none)."""
+    problems: list[str] = []
+    words = config.get("client-output-buffer-limit", "").split()
+    hard = soft = 0
+    for i, word in enumerate(words[:-3]):
+        if word == "pubsub":
+            hard, soft = _size(words[i + 1]), _size(words[i + 2])
+    burst = BURST_MESSAGES * max_message_bytes
+    for name, limit in (("hard", hard), ("soft", soft)):
+        if 0 < limit < burst:
+            problems.append(
+                f"client-output-buffer-limit pubsub {name} limit {limit} bytes is under "
+                f"{BURST_MESSAGES} messages of SMAPWS_MAX_MESSAGE_BYTES ({burst} bytes)"
+            )
+    bulk = config.get("proto-max-bulk-len")
+    if bulk is not None and hard and _size(bulk) >= hard:
+        problems.append(
+            f"proto-max-bulk-len {_size(bulk)} lets one PUBLISH pass the pubsub hard "
+            f"limit ({hard} bytes) and drop every subscriber"
+        )
+    return problems
 
 
 def safe_error(target: Target, exc: BaseException) -> str:
@@ -757,6 +891,17 @@ async def _subscribe(pubsub: aioredis.client.PubSub, pattern: str | None, probe:
     await pubsub.subscribe(probe)
 
 
+async def _config_get(client: aioredis.Redis) -> dict[str, str]:
+    """``CONFIG GET`` of the two settings :func:`limit_problems` reads."""
+    out: dict[str, str] = {}
+    for name in ("client-output-buffer-limit", "proto-max-bulk-len"):
+        reply = await client.config_get(name)
+        for key, value in reply.items():
+            k = key.decode() if isinstance(key, bytes) else str(key)
+            out[k] = value.decode() if isinstance(value, bytes) else str(value)
+    return out
+
+
 async def _send(
     pubsub: aioredis.client.PubSub, commands: list[tuple[str, tuple[bytes, ...]]]
 ) -> None:
@@ -819,6 +964,9 @@ async def _pump(
     probe: bytes,
     on_probe: Callable[[bytes], None],
     on_control: Callable[[str, bytes], None],
+    max_bytes: int | None = None,
+    on_too_large: Callable[[bytes, int], object] = lambda channel, size: None,
+    queued: QueueBytes | None = None,
 ) -> None:
     """asyncio side: read the subscription and hand messages to trio without
     waiting, counting them in ``progress``: ``pmessage`` (pattern mode),
@@ -827,11 +975,16 @@ async def _pump(
     (un)subscribe confirmations to ``on_control(kind, channel)``,
     synchronously, so that whatever it does happens before the next message
     is read (a user mode hub registers a tab's subscription there: messages
-    read after it are that tab's). Returns or raises when the connection
-    fails."""
+    read after it are that tab's). A message over ``max_bytes`` goes to
+    ``on_too_large(channel, size)`` instead, unparsed and without taking a
+    place in the router's queue; one that ``queued`` (the queue's bytes)
+    refuses goes to ``on_drop()``, like one the full queue refuses. Returns
+    or raises when the connection fails."""
     get = pubsub.get_message
     handle = pubsub.handle_message
     send = sink.send_nowait
+    limit = (1 << 62) if max_bytes is None else max_bytes
+    take = (lambda n: True) if queued is None else queued.take
 
     def on_message(msg: dict[str, Any]) -> None:
         kind = msg["type"]
@@ -845,10 +998,19 @@ async def _pump(
         if channel == probe:
             on_probe(data)
             return
+        size = len(data)
+        if size > limit:
+            on_too_large(channel, size)
+            return
+        if not take(size):
+            on_drop()
+            return
         try:
             send((channel, data))
         except trio.WouldBlock:
             on_drop()
+            if queued is not None:
+                queued.give(size)
 
     fast = _fast_reader(pubsub)
     if fast is None:

@@ -413,7 +413,7 @@ def machine(systemd_base: str, pip_mounts: list[str]) -> Iterator[Machine]:
     name = f"smapws-systemd-{os.getpid()}"
     source = [
         arg
-        for item in ("pyproject.toml", "README.rst", "smapws", "systemd")
+        for item in ("pyproject.toml", "README.rst", "smapws", "publisher", "systemd")
         for arg in ("-v", f"{ROOT / item}:/src/{item}:ro")
     ]
     podman("run", "--detach", "--name", name, "--network", "host", "--systemd=always",

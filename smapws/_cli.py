@@ -25,6 +25,7 @@ from smapws._config import OPTIONS, Config, ConfigError, add_arguments, load, un
 from smapws._core.auth import MAC_ALGORITHMS, mint_for
 from smapws._version import __version__
 from smapws.publisher import Publisher, PublishError
+from smapws_publisher._publisher import url_host
 
 #: What ``publish`` reads from the environment (it has no settings flags).
 _PUBLISH_ENV = """\
@@ -273,7 +274,7 @@ def _serve(config: Config, *, demo_banner: bool = False, public: bool = False) -
             return
         async with trio.open_nursery() as nursery:
             server = await nursery.start(partial(serve, config, handle_signals=True))
-            host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+            host = url_host(config.host)
             print(
                 f"smapws demo: open http://{host}:{server.port}/demo (Ctrl-C stops)",
                 file=sys.stderr,
@@ -381,8 +382,7 @@ def _listen(
     from smapws._io.listen import listen
 
     if url is None:
-        host = os.environ.get("SMAPWS_HOST", "").strip() or "127.0.0.1"
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        host = url_host(os.environ.get("SMAPWS_HOST", "").strip())
         port = os.environ.get("SMAPWS_PORT", "").strip() or "8081"
         url = f"ws://{host}:{port}/ws"
     if token is None:

@@ -427,14 +427,20 @@ def _describe(client: object) -> str:
     return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+def url_host(host: str) -> str:
+    """``host`` as a client on the same machine writes it in a URL: the
+    loopback address for a wildcard bind (``0.0.0.0``, ``::``, empty), an
+    IPv6 address in brackets."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"[{host}]" if ":" in host else host
+
+
 def _local_hub(config: Config) -> str:
     """The base URL of the publish API of the hub the configuration
     describes: its internal port when it has one (the API is served there
     alone), else its port."""
     host, port = config.internal_address or (config.host, config.port)
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}"
+    return f"http://{url_host(host)}:{port}"
 
 
 class Publisher(_Methods[int, redis.Redis | redis.cluster.RedisCluster]):

@@ -227,3 +227,25 @@ def test_a_users_log_is_in_the_slot_of_its_channel(user: str) -> None:
 
     channel = b"user_noti:" + user.encode()
     assert key_slot(log_key(channel)) == key_slot(channel)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    data=st.one_of(
+        st.binary(max_size=120),
+        st.builds(
+            lambda h, t: h + t,
+            st.sampled_from([b"a" * 16 + b"-" * 16 + b"1700000000000", b"0" * 45, b"\xff" * 45]),
+            st.binary(max_size=40),
+        ),
+    )
+)
+def test_any_bytes_in_the_log_decode_or_raise_value_error(data: bytes) -> None:
+    # What Redis holds under a log's key may be anyone's: the hub reads it
+    # only through decode_entry, which refuses with ValueError and nothing else.
+    try:
+        entry = decode_entry(data)
+    except ValueError:
+        return
+    assert len(entry.mid) == 16 and len(entry.prev) == 16 and entry.wall_ms >= 0
+    assert encode_entry(*entry) == data

@@ -21,6 +21,7 @@ from trio_util import AsyncBool, AsyncValue, compose_values
 
 from smapws import _version
 from smapws._config import Config
+from smapws._core.admission import Admission
 from smapws._core.auth import VerifiedTokens
 from smapws._core.envelope import (
     Envelope,
@@ -50,7 +51,7 @@ from smapws._core.history import (
 )
 from smapws._core.hub import Hub
 from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
-from smapws._core.ratelimit import KeyedBuckets, KeyedCount, TokenBucket
+from smapws._core.ratelimit import KeyedCount
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
@@ -197,13 +198,17 @@ class App:
         self.channels = broker.channels
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
         self.tokens = VerifiedTokens(config.auth)
-        rate = config.max_accept_rate
-        self.accept_bucket = TokenBucket(rate, rate, now=trio.current_time())
-        per_user = config.max_accept_rate_per_user
-        #: Each user's share of the accept rate, spent before the shared one;
-        #: its burst is as many as the user may hold (a browser restoring
-        #: every tab at once), then ``per_user`` a second.
-        self.user_buckets = KeyedBuckets(per_user, max(per_user, config.max_connections_per_user))
+        #: The upgrade decision (``frontdoor`` asks it with this App as the
+        #: load) and its accept-rate buckets: the shared one and each user's
+        #: share, spent before the shared one.
+        self.admission = Admission(
+            self.tokens,
+            allowed_origins=config.allowed_origins,
+            rate=config.max_accept_rate,
+            rate_per_user=config.max_accept_rate_per_user,
+            max_connections_per_user=config.max_connections_per_user,
+            now=trio.current_time(),
+        )
         #: Sockets each client address holds before its request is answered
         #: or while its answer lingers (``SMAPWS_MAX_PENDING_PER_ADDRESS``).
         self.pending_by_address = KeyedCount(config.max_pending_per_address)

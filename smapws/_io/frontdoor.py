@@ -28,21 +28,19 @@ from typing import Final, TypeAlias
 
 import trio
 
-from smapws._core.auth import AuthError
+from smapws._core.admission import RETRY_AFTER_S, Accept, Refuse
 from smapws._core.envelope import InvalidMessage, parse_publish_body
 from smapws._core.frames import close_frame
-from smapws._core.history import Resume, parse_resume
+from smapws._core.history import Resume
 from smapws._core.http import (
     MAX_HEAD_BYTES,
     HttpError,
     RequestHead,
     head_end,
-    origin_allowed,
-    parse_cookies,
     parse_head,
-    request_scheme,
     response,
 )
+from smapws._errors import SmapwsError
 from smapws._io import assets, connection, demo
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
@@ -59,8 +57,6 @@ _LINGER_BYTES: Final = 256 * 1024
 _REFUSE_SEND_S: Final = 0.5
 _JSON: Final = "application/json"
 _METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-#: Seconds a refused client is told to wait (503), so reconnect storms spread.
-RETRY_AFTER_S: Final = 5
 
 #: Paths a listener serves, with their allowed methods.
 Routes: TypeAlias = Mapping[str, tuple[str, ...]]
@@ -123,8 +119,9 @@ async def _refuse_address(app: App, stream: trio.abc.Stream, address: str) -> No
         await stream.send_all(response(503, headers=(("Retry-After", str(RETRY_AFTER_S)),)))
 
 
-class _Refused(Exception):
-    """Refuse a request: answer ``status`` and log/count ``reason``."""
+class _Refused(SmapwsError):
+    """Refuse a publish request: answer ``status`` and log/count ``reason``
+    (a fixed word, safe to log)."""
 
     def __init__(
         self,
@@ -249,21 +246,27 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
             _reject_log(app, "bad_method", 405, remote)
         await _send(app, stream, response(405, headers=(("Allow", ", ".join(methods)),)))
     elif head.path == "/ws":
-        try:
-            resume = _resume(head)  # before the checks that spend the budget
-            user_id, expires_at, query_used = _check_upgrade(app, head)
-        except _Refused as r:
-            _reject_log(app, r.reason, r.status, remote, **r.detail)
-            await _send(app, stream, response(r.status, headers=r.headers))
+        decision = _check_upgrade(app, head)
+        if isinstance(decision, Refuse):
+            _reject_log(app, decision.reason, decision.status, remote, **dict(decision.detail))
+            await _send(app, stream, response(decision.status, headers=decision.headers))
             return None
-        if query_used:
+        if decision.query_token_used:
             app.metrics.query_token_used.inc()
             logger.warning(
                 "deprecated query token used; send the access_token cookie instead",
-                extra=fields(user=user_id, remote=remote),
+                extra=fields(user=decision.user_id, remote=remote),
             )
         key = head.header("sec-websocket-key") or ""
-        return _Upgrade(user_id, expires_at, key, bytes(buf[end:]), remote, deadline, resume)
+        return _Upgrade(
+            decision.user_id,
+            decision.expires_at,
+            key,
+            bytes(buf[end:]),
+            remote,
+            deadline,
+            decision.resume,
+        )
     elif head.path == "/api/publish":
         await _publish(app, stream, head, bytes(buf[end:]), remote)
     elif head.path in demo.ROUTES:
@@ -332,66 +335,17 @@ def _reject_log(app: App, reason: str, status: int, remote: str, **detail: objec
 # -- WebSocket upgrade ---------------------------------------------------------
 
 
-def _check_upgrade(app: App, head: RequestHead) -> tuple[str, float, bool]:
-    """Everything decided before the upgrade. Returns (user id, token expiry
-    as POSIX seconds, whether the deprecated query token was used); raises
-    :class:`_Refused`."""
-    upgrade = (head.header("upgrade") or "").lower()
-    if upgrade != "websocket" or not head.has_token("connection", "upgrade"):
-        raise _Refused(426, "not_upgrade", (("Upgrade", "websocket"),))
-    if head.version != "HTTP/1.1":
-        raise _Refused(400, "bad_request")
-    if head.header("sec-websocket-version") != "13":
-        raise _Refused(426, "bad_version", (("Sec-WebSocket-Version", "13"),))
-    if not valid_key(head.header("sec-websocket-key") or ""):
-        raise _Refused(400, "bad_request")
-    if app.draining:
-        raise _Refused(503, "draining", (("Retry-After", str(RETRY_AFTER_S)),))
-    if app.at_capacity():
-        raise _Refused(503, "capacity", (("Retry-After", str(RETRY_AFTER_S)),))
-    # Origin and token before the accept-rate budget: only upgrades that
-    # would be served spend it, so a flood of invalid ones (refused here,
-    # counted under their own reasons) cannot starve valid users.
-    origin = head.header("origin")
-    allowed = app.config.allowed_origins
-    if not origin_allowed(origin, head.header("host"), allowed, request_scheme(head)):
-        raise _Refused(403, "origin", origin=(origin or "")[:200])
-    token = parse_cookies(head.header("cookie")).get("access_token")
-    query_used = False
-    if not token:
-        token = head.query.get("token")
-        query_used = bool(token)
-    try:
-        claims = app.tokens.verify(token or "", now=time.time())
-    except AuthError as exc:
-        raise _Refused(401, exc.reason) from None
-    if app.user_at_limit(claims.user_id):
-        raise _Refused(
-            429,
-            "user_limit",
-            (("Retry-After", str(RETRY_AFTER_S)),),
-            user=claims.user_id,
-        )
-    now = trio.current_time()
-    # The user's share first: one user's churn, refused here, spends none of
-    # the shared budget the other users' upgrades need.
-    if not app.user_buckets.take(claims.user_id, now):
-        wait = app.user_buckets.retry_after(random.random())
-        raise _Refused(503, "user_rate_limited", (("Retry-After", str(wait)),), user=claims.user_id)
-    bucket = app.accept_bucket
-    if not bucket.take(now):
-        wait = bucket.retry_after(random.random())
-        raise _Refused(503, "rate_limited", (("Retry-After", str(wait)),))
-    return claims.user_id, claims.expires_at, query_used
-
-
-def _resume(head: RequestHead) -> Resume | None:
-    """``?since=<id>[&since_age=<s>]``: what the client saw last (400 when
-    it is not an id)."""
-    try:
-        return parse_resume(head.query)
-    except ValueError:
-        raise _Refused(400, "bad_since") from None
+def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
+    """Everything decided before the upgrade (see :mod:`smapws._core.admission`):
+    this reads the clocks and draws the jitter it is given."""
+    return app.admission.decide(
+        head,
+        app,
+        key_ok=valid_key(head.header("sec-websocket-key") or ""),
+        now=trio.current_time(),
+        wall=time.time(),
+        jitter=random.random(),
+    )
 
 
 async def _websocket(

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smapws._core.fleet import (
+    CLUSTER_SLOTS,
     GENESIS,
     HEADER_LEN,
     SUBSCRIBE_MARGIN,
@@ -25,8 +26,10 @@ from smapws._core.fleet import (
     decode_entry,
     decode_header,
     encode_entry,
+    key_slot,
     log_key,
     resolve,
+    slot_tag,
     splice,
 )
 
@@ -214,19 +217,30 @@ def test_splice_takes_what_the_hub_routed_before_it_read_the_log() -> None:
     assert splice([], a, [(z, GENESIS)]) is None  # neither behind nor after a
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="log_key wraps the channel in {...}: a user id with '}' (or a hash tag of "
-    "its own) puts the list in another slot than the channel, so on another node than "
-    "sharded pub/sub publishes from (it still works: one more node in the path). Fix: "
-    "a precomputed table of one short hash tag per slot, {tag(slot(channel))}.",
-)
-@pytest.mark.parametrize("user", ["a}b", "{x}", "x{y}z"])
+@pytest.mark.parametrize("user", ["a}b", "{x}", "x{y}z", "}{", "{}", "plain"])
 def test_a_users_log_is_in_the_slot_of_its_channel(user: str) -> None:
-    from redis.crc import key_slot
+    # redis-py's own slot function, the one its cluster client routes by.
+    from redis.crc import key_slot as redis_key_slot
 
     channel = b"user_noti:" + user.encode()
-    assert key_slot(log_key(channel)) == key_slot(channel)
+    assert redis_key_slot(log_key(channel)) == redis_key_slot(channel)
+    assert key_slot(channel) == redis_key_slot(channel)
+
+
+def test_log_keys_with_braces_stay_distinct_per_user() -> None:
+    users = [b"a}b", b"a}c", b"{x}", b"{x}y", b"x{y}z"]
+    keys = {log_key(b"user_noti:" + u) for u in users}
+    assert len(keys) == len(users)
+    # The common case keeps the key that earlier hubs use (rolling updates).
+    assert log_key(b"user_noti:42") == b"{user_noti:42}:smapws:log"
+
+
+@settings(max_examples=200, deadline=None)
+@given(slot=st.integers(0, CLUSTER_SLOTS - 1))
+def test_every_slot_has_a_short_tag(slot: int) -> None:
+    tag = slot_tag(slot)
+    assert len(tag) <= 4 and b"{" not in tag and b"}" not in tag
+    assert key_slot(b"{" + tag + b"}:anything") == slot
 
 
 @settings(max_examples=500, deadline=None)

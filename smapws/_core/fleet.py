@@ -27,6 +27,9 @@ are arguments.
 
 from __future__ import annotations
 
+import binascii
+import functools
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -60,10 +63,52 @@ def chain_id(channel: bytes, raw: bytes, prev: str) -> str:
 
 
 def log_key(channel: bytes) -> bytes:
-    """The Redis key of ``channel``'s log: hash-tagged with the channel, so
-    that it lives in the channel's cluster slot (where sharded pub/sub
-    publishes it)."""
-    return b"{" + channel + b"}:smapws:log"
+    """The Redis key of ``channel``'s log, in the channel's cluster slot
+    (where sharded pub/sub publishes it).
+
+    A channel without braces is the key's hash tag (``{channel}:smapws:log``).
+    A user id with ``{`` or ``}`` cannot be inside a tag (the first ``}``
+    would end it, or the channel's own tag would decide its slot), so its key
+    is tagged with the shortest string that hashes to the channel's slot
+    (:func:`slot_tag`), and names the channel after the tag."""
+    if b"{" not in channel and b"}" not in channel:
+        return b"{" + channel + b"}:smapws:log"
+    return b"{" + slot_tag(key_slot(channel)) + b"}:smapws:log:" + channel
+
+
+#: Redis Cluster's slot count (a key's slot is CRC16 of its tag, modulo this).
+CLUSTER_SLOTS: Final = 16384
+_TAG_ALPHABET: Final = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def key_slot(key: bytes) -> int:
+    """Redis Cluster's slot for ``key`` (its hash tag rule, then CRC16 XMODEM)."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % CLUSTER_SLOTS
+
+
+def slot_tag(slot: int) -> bytes:
+    """The first string, shortest first, of :data:`_TAG_ALPHABET` that hashes
+    to ``slot``: the same on every hub. The table of all 16,384 is built in
+    one pass the first time it is needed (~240,000 CRCs, a fraction of a
+    second; only user ids with braces need it)."""
+    return _slot_tags()[slot]
+
+
+@functools.cache
+def _slot_tags() -> tuple[bytes, ...]:
+    tags: dict[int, bytes] = {}
+    for length in itertools.count(1):
+        for chars in itertools.product(_TAG_ALPHABET, repeat=length):
+            tag = bytes(chars)
+            tags.setdefault(binascii.crc_hqx(tag, 0) % CLUSTER_SLOTS, tag)
+        if len(tags) == CLUSTER_SLOTS:
+            return tuple(tags[i] for i in range(CLUSTER_SLOTS))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Header(NamedTuple):

@@ -392,6 +392,13 @@ class Metrics:
             "Accepted sockets still sending their request head.",
             registry=r,
         )
+        self.tasks = Gauge(  # counted at scrape time (smapws._io.tasktree)
+            "websocket_tasks",
+            "trio tasks in this hub process (a worker's own; the group's sum in a "
+            "group): one per open connection and per request being served, plus a "
+            "fixed few. Growth at a steady connection count is a leak.",
+            registry=r,
+        )
         self.lingering = Gauge(  # read from the front door at scrape time
             "websocket_lingering_sockets",
             "Answered sockets in their lingering close (counted against "

@@ -57,6 +57,7 @@ from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
 from smapws._io.fleetlog import FleetLog
+from smapws._io.tasktree import task_tree
 from smapws._log import RateLimitedLog, fields, logger
 from smapws.metrics import Metrics
 
@@ -226,6 +227,7 @@ class App:
         self.pending_head_count = AsyncValue(0)
         self.metrics.pending_heads.set_function(lambda: len(self.pending_heads))
         self.metrics.lingering.set_function(lambda: len(self.lingering))
+        self.metrics.tasks.set_function(lambda: task_tree().tasks)
         self.started_at = trio.current_time()
         self._invalid_log = RateLimitedLog(INVALID_LOG_INTERVAL)
         self._error_log = RateLimitedLog(INVALID_LOG_INTERVAL)

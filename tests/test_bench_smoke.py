@@ -217,3 +217,43 @@ def test_workers_comparison_runs_end_to_end(tmp_path: Path) -> None:
     assert workers["count"] == 2 and workers["ready"] == 2
     assert run["w4_connect"]["ok"] == report["plan"]["connections"]
     assert "W1 published msg/s kept up" in stdout
+
+
+def test_soak_runs_end_to_end_and_judges_growth(tmp_path: Path) -> None:
+    """``python -m bench.soak`` for 20 seconds with 60 tabs: calibrates, churns, samples
+    RSS/fds/tasks and writes its verdict (issue 16). Nothing about speed is asserted;
+    that no message went missing without a resync, and that nothing grew, is its own
+    pass/fail, and a 20-second run of a hub that leaks nothing passes it."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.soak", "--minutes", "0.34", "--tabs", "60"),
+            *("--lifetime", "3", "--out", str(tmp_path)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, f"bench.soak failed:\n{proc.stdout}\n{proc.stderr}"
+    (path,) = tmp_path.glob("soak-*.json")
+    report = json.loads(path.read_text())
+    assert report["passed"] is True and report["final"]["gaps"] == 0
+    assert report["capacity_deliveries_per_s"] > 0 and report["rate_published_per_s"] > 0
+    assert len(report["samples"]) >= 6
+    assert report["final"]["connects"] > 60 and report["final"]["resumes"] > 0  # churned
+    for row in report["samples"]:
+        assert row["rss_MiB"] > 0 and row["fds"] > 0 and row["tasks"] > 0
+    assert set(report["verdict"]) == {"rss_MiB", "fds", "tasks"}
+
+
+def test_soak_growth_rule() -> None:
+    from bench.soak import growing
+
+    times = [float(t) for t in range(0, 600, 10)]
+    flat = [100.0 + (t % 30) / 10 for t in times]  # noise, no trend
+    assert not growing("rss_MiB", times, flat)[0]
+    leak = [100.0 + t / 20 for t in times]  # +30 MiB over the run
+    assert growing("rss_MiB", times, leak)[0]
+    step = [100.0] * 30 + [100.5] * 30  # one small step: under the margin
+    assert not growing("rss_MiB", times, step)[0]
+    assert growing("tasks", times, [1000.0 + t for t in times])[0]

@@ -416,6 +416,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "per-connection send queue bound (bytes)",
     ),
     _Option(
+        "send_queue_total_bytes",
+        "SMAPWS_SEND_QUEUE_TOTAL_BYTES",
+        _positive_int,
+        32 * 1024 * 1024,
+        "bytes queued for all connections together; past it, a connection whose queue "
+        "holds more than its share is closed 1013",
+    ),
+    _Option(
         "snapshot_ttl",
         "SMAPWS_SNAPSHOT_TTL",
         _non_negative_float,
@@ -599,6 +607,7 @@ class Config:
     send_queue_high_water: int = 32
     send_queue_messages: int = 256
     send_queue_bytes: int = 1024 * 1024
+    send_queue_total_bytes: int = 32 * 1024 * 1024
     snapshot_ttl: float = 600.0
     snapshot_completed_ttl: float = 30.0
     snapshot_per_user: int = 32
@@ -853,6 +862,10 @@ def load(
     if v["send_queue_high_water"] > v["send_queue_messages"]:
         raise ConfigError(
             "SMAPWS_SEND_QUEUE_HIGH_WATER: must not exceed SMAPWS_SEND_QUEUE_MESSAGES"
+        )
+    if v["send_queue_total_bytes"] < v["send_queue_bytes"]:
+        raise ConfigError(
+            "SMAPWS_SEND_QUEUE_TOTAL_BYTES: must not be less than SMAPWS_SEND_QUEUE_BYTES"
         )
     if not v["channel_prefix"]:
         raise ConfigError("SMAPWS_CHANNEL_PREFIX: must not be empty")

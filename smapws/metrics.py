@@ -392,6 +392,13 @@ class Metrics:
             "Accepted sockets still sending their request head.",
             registry=r,
         )
+        self.send_queue_bytes = Gauge(  # read from the hub's budget at scrape time
+            "websocket_send_queue_bytes",
+            "Bytes queued for all connections together (frames shared by several "
+            "connections counted once per connection), against "
+            "SMAPWS_SEND_QUEUE_TOTAL_BYTES.",
+            registry=r,
+        )
         self.tasks = Gauge(  # counted at scrape time (smapws._io.tasktree)
             "websocket_tasks",
             "trio tasks in this hub process (a worker's own; the group's sum in a "

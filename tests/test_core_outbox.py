@@ -17,6 +17,7 @@ from smapws._core.outbox import (
     QUEUED,
     Outbox,
     OutboxLimits,
+    QueueBudget,
 )
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 
@@ -223,3 +224,76 @@ def test_snapshot_completion_lingers_then_expires() -> None:
     assert snaps.sweep(now=99) == 0
     assert snaps.sweep(now=100) == 1
     assert len(snaps) == 0
+
+
+# -- the hub's budget for all queues together (SMAPWS_SEND_QUEUE_TOTAL_BYTES) --------
+
+
+def budgeted(total: int, n: int) -> tuple[QueueBudget, list[Outbox]]:
+    budget = QueueBudget(total)
+    limits = OutboxLimits(high_water=100, max_messages=1000, max_bytes=1 << 20, budget=budget)
+    return budget, [Outbox(limits) for _ in range(n)]
+
+
+def test_the_budget_counts_every_queue_and_is_given_back() -> None:
+    budget, (a, b) = budgeted(1 << 20, 2)
+    m1, m2 = note(pad=100), note(pad=300)
+    assert a.push(m1) == QUEUED and b.push(m2) == QUEUED
+    assert budget.used == len(m1.frame) + len(m2.frame) and budget.queues == 2
+    a.take_all()
+    assert budget.used == len(m2.frame) and budget.queues == 1
+    b.take_all()
+    assert budget.used == 0 and budget.queues == 0
+
+
+def test_conflation_gives_back_what_it_drops() -> None:
+    budget = QueueBudget(1 << 20)
+    box = Outbox(OutboxLimits(high_water=1, max_messages=10, budget=budget))
+    box.push(progress("p", pad=500))
+    box.push(progress("p", pad=500))  # above high water: replaces the first
+    assert len(box) == 1 and budget.used == box.queued_bytes
+    box.push(completed("p"))  # drops the queued progress
+    assert budget.used == box.queued_bytes == len(box.take_all()[0].frame) and budget.used == 0
+
+
+def test_past_the_budget_the_slow_queues_are_refused_and_a_fast_one_is_not() -> None:
+    size = len(note(pad=1000).frame)
+    budget, boxes = budgeted(20 * size, 5)
+    slow, fast = boxes[:4], boxes[4]
+    refused = 0
+    for _ in range(10):  # ten messages to every slow tab: 40 in all, twice the budget
+        for box in slow:
+            refused += box.push(note(pad=1000)) == OVERFLOW
+        assert fast.push(note(pad=1000)) == QUEUED  # a tab that keeps up
+        fast.take_all()
+    assert refused > 0
+    # Each slow queue was refused at its share (the budget over 4 or 5 queues).
+    assert all(box.queued_bytes <= 20 * size // 4 for box in slow)
+    assert budget.used <= 2 * budget.total
+    for box in slow:  # a refused connection is closed: its queue is given back
+        box.take_all()
+    assert budget.used == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["note", "progress", "completed", "take"])),
+        max_size=200,
+    )
+)
+def test_the_budget_always_equals_what_the_queues_hold(ops: list[tuple[int, str]]) -> None:
+    budget, boxes = budgeted(4000, 6)
+    for i, op in ops:
+        box = boxes[i]
+        if op == "take":
+            box.take_all()
+        elif op == "note":
+            box.push(note(pad=200))
+        elif op == "progress":
+            box.push(progress(f"p{i % 2}", pad=200))
+        else:
+            box.push(completed(f"p{i % 2}"))
+        assert budget.used == sum(b.queued_bytes for b in boxes)
+        assert budget.queues == sum(1 for b in boxes if len(b))
+        assert budget.used < 2 * budget.total + 1000

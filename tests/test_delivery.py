@@ -213,3 +213,46 @@ async def test_a_tab_opened_mid_run_gets_the_current_state_first(memory_hub: Ser
     assert all(ts <= live["timestamp"] for ts in original.values())
     assert metric(server, "websocket_snapshot_messages_sent_total") == 3
     assert metric(server, "websocket_snapshot_entries") == 4  # p1, p2, p3 of u1; other of u2
+
+
+async def test_stalled_tabs_past_the_hubs_total_are_closed_and_a_fast_tab_keeps_receiving(
+    nursery: trio.Nursery,
+) -> None:
+    # Each stalled tab gets less than its own bound (SMAPWS_SEND_QUEUE_BYTES, 1 MiB):
+    # only the total for all queues (1 MiB here) can close them.
+    cfg = make_config(
+        SMAPWS_WRITE_WAIT=60,
+        SMAPWS_SEND_QUEUE_TOTAL_BYTES=1 << 20,
+        SMAPWS_SEND_QUEUE_MESSAGES=1000,
+    )
+    server: Server = await nursery.start(serve, cfg)
+    stalled = [await StalledClient.open(server.port, f"slow{i}") for i in range(6)]
+    async with connect(server, "fast") as fast:
+        await wait_connections(server, 7)
+        per_tab = 0
+        for n in range(24):  # 24 x ~40 KB = ~960 KB to each stalled tab
+            for i in range(6):
+                await publish(server, f"slow{i}", "notification", n=n, pad=PAD)
+            per_tab += len(PAD)
+            await publish(server, "fast", "notification", n=n)
+            assert (await receive_json(fast))["payload"]["n"] == n
+        assert per_tab < cfg.send_queue_bytes
+        closes = metric(server, "websocket_slow_consumer_closes_total")
+        assert closes >= 1
+        # Never far past the total: at most about the total again (see outbox.py).
+        assert metric(server, "websocket_send_queue_bytes") < 2 * cfg.send_queue_total_bytes
+        closed = 0
+        for client in stalled:
+            async with client.stream:
+                frames = await client.read_until(
+                    lambda fs: len(fs) >= 24 or any(op == 0x8 for op, _ in fs)
+                )
+                close = [p for op, p in frames if op == 0x8]
+                if close:
+                    assert int.from_bytes(close[0][:2], "big") == 1013
+                    closed += 1
+        assert closed == closes
+        await publish(server, "fast", "notification", n=99)
+        assert (await receive_json(fast))["payload"]["n"] == 99
+    await wait_connections(server, 0)
+    assert metric(server, "websocket_send_queue_bytes") == 0

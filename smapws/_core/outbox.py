@@ -19,6 +19,15 @@ The queue treats them so (see the "Delivery" table of docs/design/delivery.rst):
   caller closes the connection with 1013 (after flushing what is queued) and
   the client reconnects to fresh state. Nothing is dropped silently.
 
+- All the queues of a hub share one budget, ``SMAPWS_SEND_QUEUE_TOTAL_BYTES``
+  (:class:`QueueBudget`): a push that takes the total past it is refused with
+  :data:`OVERFLOW` when the pushing queue would hold more than its fair share
+  (the budget divided by the queues not empty), and accepted otherwise. So
+  when many slow tabs together fill the budget, they are the ones closed 1013,
+  while a tab that keeps up (its queue near empty) goes on receiving; and the
+  total passes the budget only by queues each under its share (so by at
+  most about the budget again).
+
 The router pushes without ever waiting; the connection's writer takes
 everything queued at once (:meth:`Outbox.take_all`) and writes it in one
 ``send_all``.
@@ -59,6 +68,29 @@ HIGH_WATER: Final = Push.HIGH_WATER
 OVERFLOW: Final = Push.OVERFLOW
 
 
+class QueueBudget:
+    """The bytes queued in all the outboxes of a hub, against ``total``
+    (see the module docstring). Mutable, one per hub."""
+
+    __slots__ = ("queues", "total", "used")
+
+    def __init__(self, total: int) -> None:
+        if total <= 0:
+            raise ValueError("need a positive total")
+        self.total = total
+        #: Bytes queued in all outboxes together.
+        self.used = 0
+        #: Outboxes holding at least one message.
+        self.queues = 0
+
+    def admits(self, queued: int, size: int) -> bool:
+        """Whether a queue holding ``queued`` bytes may take ``size`` more."""
+        if self.used + size <= self.total:
+            return True
+        sharing = self.queues + (queued == 0)
+        return queued + size <= self.total // sharing
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxLimits:
     """Shared by all outboxes of a hub (one object, not one per connection)."""
@@ -66,6 +98,8 @@ class OutboxLimits:
     high_water: int = DEFAULT_HIGH_WATER
     max_messages: int = DEFAULT_MAX_MESSAGES
     max_bytes: int = DEFAULT_MAX_BYTES
+    #: The hub's budget for all queues together (None: no total bound).
+    budget: QueueBudget | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.high_water <= self.max_messages:
@@ -107,35 +141,62 @@ class Outbox:
             if self._bytes + size > lim.max_bytes:
                 return OVERFLOW
             self._lossless += 1
+        budget = lim.budget
+        if budget is not None:
+            if not budget.admits(self._bytes, size):
+                self._undo(kind)
+                return OVERFLOW
+            budget.used += size
+            if not self._bytes:
+                budget.queues += 1
         self._items.append(envelope)
         self._bytes += size
         if before < lim.high_water <= len(self._items):
             result |= HIGH_WATER
         return result
 
+    def _undo(self, kind: int) -> None:
+        """Take back the count :meth:`push` made for a message it refuses."""
+        if kind == PROGRESS:
+            self._progress -= 1
+        else:
+            self._lossless -= 1
+
+    def _credit(self, freed: int) -> None:
+        """``freed`` bytes left this queue: give them back to the budget."""
+        budget = self._limits.budget
+        if budget is not None and freed:
+            budget.used -= freed
+            if not self._bytes:
+                budget.queues -= 1
+
     def _drop_progress(self, key: str | None) -> int:
         """Remove every queued progress message of project ``key``; return how
         many were removed. O(queue length): only runs above the high-water
         mark or on a completion, and the queue is bounded."""
         kept: list[Envelope] = []
-        freed = 0
+        freed = freed_bytes = 0
         for e in self._items:
             if e.kind == PROGRESS and e.key == key:
                 freed += 1
-                self._bytes -= len(e.frame)
+                freed_bytes += len(e.frame)
             else:
                 kept.append(e)
         if freed:
             self._items = kept
             self._progress -= freed
+            self._bytes -= freed_bytes
+            self._credit(freed_bytes)
         return freed
 
     def take_all(self) -> list[Envelope]:
         """Remove and return everything queued, oldest first."""
         items = self._items
         if items:
+            freed = self._bytes
             self._items = []
             self._bytes = self._lossless = self._progress = 0
+            self._credit(freed)
         return items
 
     def __len__(self) -> int:

@@ -50,7 +50,14 @@ from smapws._core.history import (
     conflate,
 )
 from smapws._core.hub import Hub
-from smapws._core.outbox import CONFLATED, HIGH_WATER, OVERFLOW, QUEUED, OutboxLimits
+from smapws._core.outbox import (
+    CONFLATED,
+    HIGH_WATER,
+    OVERFLOW,
+    QUEUED,
+    OutboxLimits,
+    QueueBudget,
+)
 from smapws._core.ratelimit import KeyedCount
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._io.brokers import Broker, Item, QueueBytes
@@ -133,8 +140,15 @@ class App:
         self.metrics = metrics or Metrics()
         self.metrics.bind_gauges(lambda: self.hub.active_connections, lambda: self.hub.active_users)
         self.metrics.subscriber_up.set_function(lambda: float(broker.status == "connected"))
+        #: What every connection's send queue holds, against
+        #: SMAPWS_SEND_QUEUE_TOTAL_BYTES (shared through the limits).
+        self.queue_budget = budget = QueueBudget(config.send_queue_total_bytes)
+        self.metrics.send_queue_bytes.set_function(lambda: budget.used)
         self.limits = OutboxLimits(
-            config.send_queue_high_water, config.send_queue_messages, config.send_queue_bytes
+            config.send_queue_high_water,
+            config.send_queue_messages,
+            config.send_queue_bytes,
+            budget,
         )
         self.snapshots: Snapshots | None = None
         if config.snapshot_ttl > 0 and config.snapshot_max_entries > 0:

@@ -14,7 +14,7 @@ import os
 import select
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import trio
 from trio_util import AsyncBool, AsyncValue, compose_values
@@ -88,6 +88,10 @@ CONSULT_BACKOFF = 5.0
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
 ROUTER_BATCH = 64
+#: Seconds between two resyncs for messages dropped before the router: its
+#: queue is full when that happens, and one resync covers every drop before
+#: it (a frontend refetches once, not once per dropped message).
+DROP_RESYNC_INTERVAL: Final = 1.0
 
 #: Granularity of pings, pong deadlines and token expiry: one task visits every
 #: connection this often (a few ms for 10,000 connections), instead of one
@@ -244,6 +248,10 @@ class App:
         self.metrics.tasks.set_function(lambda: task_tree().tasks)
         self.started_at = trio.current_time()
         self._invalid_log = RateLimitedLog(INVALID_LOG_INTERVAL)
+        #: A message was dropped before the router: every tab is owed a
+        #: resync, sent by the router (see :meth:`dropped`).
+        self._resync_pending = False
+        self._next_drop_resync = 0.0
         self._error_log = RateLimitedLog(INVALID_LOG_INTERVAL)
         self._empty = trio.Event()
         #: Whether per-message debug lines are wanted (read once: the check
@@ -652,6 +660,33 @@ class App:
         self.metrics.broker_invalid.labels("too_large").inc()
         self._log_invalid("too_large", channel, size, trio.current_time())
 
+    def dropped(self) -> None:
+        """A valid broker message was dropped before the router (its queue
+        was full: the router fell behind). Counted and logged (rate-limited),
+        and nobody's window may replay across it: every tab gets a ``resync``
+        (reason ``dropped``) and the replay windows are cleared, by the
+        router's next batch or the next heartbeat tick, whichever is first,
+        at most once per :data:`DROP_RESYNC_INTERVAL` (drops meanwhile are
+        covered by the next one). Which user's message it was is not known
+        here. (The windows are cleared when the resync is sent, not exactly
+        where the message was lost: a tab that resumes in between, within
+        that second, may be replayed across it.)"""
+        self.metrics.broker_dropped.inc()
+        self._resync_pending = True
+        now = trio.current_time()
+        suppressed = self._invalid_log.allow("dropped", now)
+        if suppressed is not None:
+            logger.warning(
+                "broker message dropped: the router's queue is full; every tab gets resync",
+                extra=fields(suppressed_since_last=suppressed),
+            )
+
+    def _resync_if_dropped(self, now: float) -> None:
+        if self._resync_pending and now >= self._next_drop_resync:
+            self._resync_pending = False
+            self._next_drop_resync = now + DROP_RESYNC_INTERVAL
+            self.resync("dropped", 0.0)
+
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:
         suppressed = self._invalid_log.allow(reason, now)
         if suppressed is None:
@@ -693,6 +728,7 @@ class App:
             if self.fleet is not None:
                 await self._consult(batch)
             wall, now = time.time(), trio.current_time()
+            self._resync_if_dropped(now)
             for channel, data in batch:
                 route(channel, data, wall_time=wall, now=now)
             self._consulted.clear()
@@ -789,6 +825,7 @@ class App:
             next_tick += tick
             await trio.sleep_until(next_tick)
             now = trio.current_time()
+            self._resync_if_dropped(now)  # when no message came since the drop
             for conn in self.hub.all_connections():
                 try:
                     conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)

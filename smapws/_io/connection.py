@@ -54,10 +54,6 @@ PEER_CLOSED: Final = 0
 REFUSED: Final = Push(0)
 
 
-def _abort_wait(_: object) -> trio.lowlevel.Abort:
-    return trio.lowlevel.Abort.SUCCEEDED
-
-
 class Connection:
     """A live connection as the router, the hub and the heartbeat see it."""
 
@@ -188,13 +184,21 @@ class Connection:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
 
+    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
+        # Cancelled (the hub shuts down): trio reschedules the task itself,
+        # so nobody else may from now on (the reader reporting the peer's
+        # close in the same tick did, and trio's assertion ended the
+        # connection as an internal error).
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
     async def wait(self) -> None:
         """Until something is queued or a close is requested. (A parked task
         rather than an Event: no allocation per connection.)"""
         if not len(self.outbox) and not self._control and self.close_code is None:
             self._waiter = trio.lowlevel.current_task()
             try:
-                await trio.lowlevel.wait_task_rescheduled(_abort_wait)
+                await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
             finally:
                 self._waiter = None
         else:

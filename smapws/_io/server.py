@@ -201,6 +201,7 @@ def make_broker(
     on_error: Callable[[BaseException], object] = lambda exc: None,
     on_forget: Callable[[bytes], object] = lambda channel: None,
     on_too_large: Callable[[bytes, int], object] = lambda channel, size: None,
+    on_drop: Callable[[], object] | None = None,
     queued: QueueBytes | None = None,
 ) -> Broker:
     """The broker the configuration asks for; never memory when Redis is set.
@@ -211,7 +212,8 @@ def make_broker(
     exception (and restarted its subscription), ``on_forget(channel)`` (user
     mode) when a user's channel is no longer subscribed, ``on_too_large(channel,
     size)`` for a message over ``SMAPWS_MAX_MESSAGE_BYTES`` the read loop
-    discarded unparsed."""
+    discarded unparsed, ``on_drop()`` for a valid one dropped because the
+    router's queue was full (default: only counted)."""
     if config.broker != "redis":
         return MemoryBroker()
     channels = None
@@ -239,7 +241,7 @@ def make_broker(
         "reconnect_max": config.reconnect_max,
         "probe_interval": config.probe_interval,
         "on_reconnect": metrics.subscriber_reconnects.inc,
-        "on_drop": metrics.broker_dropped.inc,
+        "on_drop": metrics.broker_dropped.inc if on_drop is None else on_drop,
         "on_error": on_error,
     }
     target = redis_target(config)
@@ -332,6 +334,7 @@ async def serve(
         on_error=lambda exc: app.internal_error("broker", exc),
         on_forget=lambda channel: app.forget_state(channel),
         on_too_large=lambda channel, size: app.too_large(channel, size),
+        on_drop=lambda: app.dropped(),
         queued=queued,
     )
     fleet = make_fleet_log(config, metrics)

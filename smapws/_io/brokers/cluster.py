@@ -48,11 +48,11 @@ from smapws._core.cluster import SLOTS, Address, SlotMap, TopologyError
 from smapws._io.brokers import Item
 from smapws._io.brokers.channels import UserChannels
 from smapws._io.brokers.redis import (
-    _LINK_ERRORS,
+    LINK_ERRORS,
+    Clients,
     ClusterTarget,
     PublishClient,
     RedisBroker,
-    _Clients,
     backoff_delay,
     client_options,
     fetch_slots,
@@ -235,7 +235,7 @@ class ShardedBroker:
                 try:
                     slots = await self._discover()
                 except Exception as exc:
-                    if isinstance(exc, (*_LINK_ERRORS, TopologyError)):
+                    if isinstance(exc, (*LINK_ERRORS, TopologyError)):
                         self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
                     else:
                         self._last_error = f"internal error: {type(exc).__name__}"
@@ -273,12 +273,12 @@ class ShardedBroker:
             try:
                 with trio.fail_after(per_node * 2):
                     slots = await fetch_slots(client, (host, port))
-            except (*_LINK_ERRORS, TopologyError) as exc:
+            except (*LINK_ERRORS, TopologyError) as exc:
                 error = exc
                 continue
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
-                    await _Clients(client, None).aclose()
+                    await Clients(client, None).aclose()
             if slots.covered == 0:
                 error = TopologyError(f"{host}:{port} knows no slot owner")
                 continue

@@ -32,6 +32,7 @@ from smapws._config import ConfigError, load
 from smapws._io.brokers.redis import (
     BACKOFF_BASE,
     PROBE_CHANNEL_PREFIX,
+    PatternSubscription,
     ProbeLost,
     ProbeTracker,
     Progress,
@@ -306,10 +307,12 @@ def test_sentinel_settings_win_and_are_validated() -> None:
 
 
 async def test_subscriber_info_never_shows_a_password() -> None:
-    by_url = RedisBroker("redis://:s3cret-pw@redis:6379/0", "p*", timeout=1, reconnect_max=1)
+    by_url = RedisBroker(
+        "redis://:s3cret-pw@redis:6379/0", PatternSubscription("p*"), timeout=1, reconnect_max=1
+    )
     assert by_url.info()["url"] == "redis://:***@redis:6379/0"
     target = SentinelTarget((("10.0.0.1", 26379),), "m", password="s3cret-pw")
-    by_sentinel = RedisBroker(target, "p*", timeout=1, reconnect_max=1)
+    by_sentinel = RedisBroker(target, PatternSubscription("p*"), timeout=1, reconnect_max=1)
     assert by_sentinel.info()["url"] == "sentinel://10.0.0.1:26379/m"
     assert "s3cret" not in repr(target) + repr(by_sentinel.info())
 

@@ -2,8 +2,9 @@
 
 A sharded channel lives on the master that owns its hash slot (``SPUBLISH``
 reaches only that shard), so a hub in user mode keeps one *link* per master
-(a :class:`~smapws._io.brokers.redis.RedisBroker` session: probe, read
-loop, (un)subscribe commands) and each link ``SSUBSCRIBE``\\ s the channels
+(a :class:`~smapws._io.brokers.redis.RedisBroker` in the
+:class:`~smapws._io.brokers.redis.ShardedLink` role: probe, read loop,
+(un)subscribe commands) and each link ``SSUBSCRIBE``\\ s the channels
 of the slots its master owns, one command per slot (Redis refuses
 ``SSUBSCRIBE`` across slots), all sent in one go::
 
@@ -53,6 +54,7 @@ from smapws._io.brokers.redis import (
     ClusterTarget,
     PublishClient,
     RedisBroker,
+    ShardedLink,
     backoff_delay,
     client_options,
     fetch_slots,
@@ -334,7 +336,7 @@ class ShardedBroker:
 
         broker = RedisBroker(
             f"redis://{auth}{host}:{port}/0",
-            "",
+            ShardedLink(self.channels, address=address, accept=partial(self._accepts, address)),
             timeout=self._timeout,
             reconnect_max=self._reconnect_max,
             probe_interval=self._probe_interval,
@@ -342,9 +344,6 @@ class ShardedBroker:
             on_drop=self._on_drop,
             on_error=self._on_error,
             node_id=f"{self.node_id}.{self._serial}",
-            channels=self.channels,
-            link=address,
-            accept=partial(self._accepts, address),
             **self._link_options,
         )
         scope = trio.CancelScope()

@@ -3,7 +3,9 @@
 - :mod:`.targets`: where Redis is (URL, Sentinel, Cluster), described
   without its password;
 - :mod:`.probes`: the liveness probes that prove a subscription alive;
-- :mod:`.broker`: :class:`RedisBroker`, the reconnecting subscription;
+- :mod:`.roles`: what a session subscribes (the users' pattern, per-user
+  channels, one master's sharded channels);
+- :mod:`.broker`: :class:`RedisBroker`, the reconnecting session of one role;
 - :mod:`.client`: redis-py clients, the publishing client, and the calls
   across the trio-asyncio bridge;
 - :mod:`.limits`: the server settings that would let Redis drop us;
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 from smapws._io.brokers.redis.broker import (
     BACKOFF_BASE,
-    RESYNC_REASON,
     STABLE_AFTER,
     RedisBroker,
     backoff_delay,
@@ -43,6 +44,13 @@ from smapws._io.brokers.redis.probes import (
     Progress,
     watch_probes,
 )
+from smapws._io.brokers.redis.roles import (
+    RESYNC_REASON,
+    PatternSubscription,
+    Role,
+    ShardedLink,
+    UserSubscriptions,
+)
 from smapws._io.brokers.redis.targets import (
     ClusterTarget,
     SentinelTarget,
@@ -61,13 +69,17 @@ __all__ = [
     "STABLE_AFTER",
     "Clients",
     "ClusterTarget",
+    "PatternSubscription",
     "ProbeLost",
     "ProbeTracker",
     "Progress",
     "PublishClient",
     "RedisBroker",
+    "Role",
     "SentinelTarget",
+    "ShardedLink",
     "Target",
+    "UserSubscriptions",
     "backoff_delay",
     "client_options",
     "clients_for",

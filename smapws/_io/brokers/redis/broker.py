@@ -1,13 +1,12 @@
-"""The Redis subscriber: ``PSUBSCRIBE {prefix}*`` (pattern mode) or the users'
-own channels (user mode) through trio-asyncio, proven alive by probes
-(:mod:`.probes`), reconnecting with capped backoff.
+"""The Redis subscriber: one role (:mod:`.roles`) run through trio-asyncio,
+proven alive by probes (:mod:`.probes`), reconnecting with capped backoff.
 
 Shape of one subscription ("session")::
 
     run (trio, the broker task)                 reconnect loop, backoff, status
     └── session nursery
         ├── pump (asyncio side, via aio_as_trio) reads messages -> send_nowait
-        ├── the (un)subscribe command sender (user mode)
+        ├── the role's command sender (user mode)
         └── watch_probes (trio)                 PUBLISH a probe every interval,
                                                 raise ProbeLost when one is late
 
@@ -18,28 +17,18 @@ Shape of one subscription ("session")::
   its clients, waits :func:`backoff_delay` (capped, jittered, exponential) and
   starts a new session with new clients. It never falls back to the
   in-process broker.
-- **Gap notice.** When Redis confirms the ``PSUBSCRIBE`` of a session after an
-  earlier session's subscription was lost, ``on_resync`` is told how long the
-  hub was deaf (the app then offers every open connection a ``resync``
-  message). The pump calls it synchronously as it reads the confirmation,
-  before it can read any message of the new subscription: every message
-  queued after the resync was published after the subscription was back.
+- **Gap notice.** Told by the role when Redis confirms the new subscription
+  (:class:`~.roles.PatternSubscription`: one for every connection;
+  :class:`~.roles.UserSubscriptions`: per user, by the channels' bookkeeping).
 - **Sentinel.** With a :class:`~.targets.SentinelTarget` each session asks
   the Sentinels for the current master (``redis.asyncio.sentinel``); after a
   failover the old master's link fails (or its probes stop) and the next
   session finds the new master.
-- **User mode.** Instead of the pattern, the session subscribes the
-  channels the hub's :class:`~smapws._io.brokers.channels.UserChannels`
-  asks for: a task next to the pump sends the batched (un)subscribe
-  commands, the pump hands every confirmation back synchronously, and when
-  the session ends its channels are handed back (the next session
-  subscribes them again; each user's tabs get ``resync`` when theirs is
-  confirmed). One class serves both modes: the read loop, the probes and
-  the reconnect policy are the same.
 - **Cluster.** With a :class:`~.targets.ClusterTarget` a session connects to
   one node (a plain ``PUBLISH`` is relayed to every node) and learns the
-  others (``CLUSTER SLOTS``); each new session tries the next node. Sharded
-  pub/sub runs one of these per master (:mod:`~smapws._io.brokers.cluster`).
+  others (:class:`~.client.ClusterEndpoint`); each new session tries the next
+  node. Sharded pub/sub runs one of these per master
+  (:mod:`~smapws._io.brokers.cluster`).
 - **Deadlines.** Every bounded call across the bridge (connect + subscribe,
   probe publish, publish, close) runs under ``trio.fail_after`` /
   ``move_on_after``. The pump is the one unbounded call: it is a stream, and
@@ -50,7 +39,7 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Final, NoReturn
 
@@ -60,7 +49,6 @@ import trio
 import trio_asyncio
 from trio_util import AsyncValue
 
-from smapws._core.cluster import Address
 from smapws._errors import SmapwsError
 from smapws._io.brokers import Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
@@ -69,9 +57,7 @@ from smapws._io.brokers.redis.client import (
     Clients,
     PublishClient,
     address,
-    client_options,
-    clients_for,
-    fetch_slots,
+    endpoint_for,
     send_batch,
     subscribe,
 )
@@ -84,7 +70,8 @@ from smapws._io.brokers.redis.probes import (
     watch_probes,
 )
 from smapws._io.brokers.redis.pump import pump
-from smapws._io.brokers.redis.targets import ClusterTarget, Target, describe, safe_error
+from smapws._io.brokers.redis.roles import Role
+from smapws._io.brokers.redis.targets import Target, describe, safe_error
 from smapws._log import fields, logger
 
 #: First reconnect delay ceiling; doubles per failed attempt up to
@@ -97,9 +84,6 @@ BACKOFF_BASE: Final = 0.1
 #: output buffer, a flapping proxy) keeps backing off instead of reconnecting
 #: ten times a second.
 STABLE_AFTER: Final = 10.0
-
-#: The ``reason`` of the resync notice sent after a subscriber outage.
-RESYNC_REASON: Final = "subscriber_reconnected"
 
 
 class _SubscriptionEnded(SmapwsError):
@@ -126,69 +110,45 @@ def backoff_delay(attempt: int, *, cap: float, rng: Callable[[], float] = random
 
 class RedisBroker:
     """Subscriber and publisher on one Redis (a URL, a master found through
-    Sentinel, or any node of a cluster).
-
-    In pattern mode (``channels`` is ``None``) a session ``PSUBSCRIBE``\\ s
-    ``pattern``. In user mode the session subscribes what ``channels`` (the
-    hub's :class:`UserChannels`) asks for, on link ``link``, restricted to the
-    groups ``accept`` takes (a cluster node's slots); when it ends, those
-    channels are handed back (:meth:`UserChannels.lost`). With a
-    :class:`ClusterTarget` each session connects to the next node of the
-    cluster in turn (``PUBLISH`` reaches every node of a cluster).
-
-    ``status`` is ``connecting`` while a session is being set up and until
-    its first probe has come back, ``connected`` from then on, ``down``
-    between sessions (waiting out the backoff). Callbacks run on the trio
-    thread and must not block or raise: ``on_reconnect()`` before each
-    reconnect attempt, ``on_drop()`` per message dropped because the
-    router's queue was full, ``on_resync(reason, down_s)`` (pattern mode)
-    when Redis confirms a new subscription after one was lost ``down_s``
-    seconds earlier (called from the pump, before any message of the new
-    subscription is handed on).
-    """
+    Sentinel, or any node of a cluster), in one ``role``
+    (:mod:`~smapws._io.brokers.redis.roles`)."""
 
     backend = "redis"
 
     def __init__(
         self,
         target: Target,
-        pattern: str,
+        role: Role,
         *,
         timeout: float,
         reconnect_max: float,
         probe_interval: float = 5.0,
         on_reconnect: Callable[[], None] = lambda: None,
         on_drop: Callable[[], None] = lambda: None,
-        on_resync: Callable[[str, float], object] = lambda reason, down_s: None,
         on_error: Callable[[BaseException], object] = lambda exc: None,
         node_id: str | None = None,
-        channels: UserChannels | None = None,
-        link: Hashable = None,
-        accept: Callable[[Hashable], bool] | None = None,
         max_message_bytes: int | None = None,
         on_too_large: Callable[[bytes, int], object] = lambda channel, size: None,
         on_disconnect: Callable[[str], object] = lambda cause: None,
         queued: QueueBytes | None = None,
     ) -> None:
         self._target = target
+        self._role = role
+        self._endpoint = endpoint_for(target, timeout)
         self._max_bytes = max_message_bytes
         self._on_too_large = on_too_large
         self._on_disconnect = on_disconnect
         self._limits_checked = False
         self._queued = queued
         self._where = describe(target)
-        self._pattern = pattern
         self._timeout = timeout
         self._reconnect_max = reconnect_max
         self._probe_interval = probe_interval
         self._on_reconnect = on_reconnect
         self._on_drop = on_drop
-        self._on_resync = on_resync
         self._on_error = on_error
         #: The hub's per-user subscriptions (user mode), or ``None``.
-        self.channels = channels
-        self._link = link
-        self._accept = accept
+        self.channels: UserChannels | None = role.channels
         self.node_id = node_id or secrets.token_hex(6)
         self.probe_channel = (PROBE_CHANNEL_PREFIX + self.node_id).encode()
         #: ``status`` as an observable value: readiness waits on its changes.
@@ -203,10 +163,6 @@ class RedisBroker:
         self._started_at: float | None = None
         self._server: str | None = None
         self._probe_rtt: float | None = None
-        #: Cluster nodes to try, in turn (a :class:`ClusterTarget` only).
-        self._nodes: list[Address] = list(target.nodes) if isinstance(target, ClusterTarget) else []
-        self._next_node = 0
-        self._node: Address | None = None
         self._publisher = PublishClient(target, timeout=timeout)
 
     @property
@@ -233,8 +189,8 @@ class RedisBroker:
             "status": self._status,
             "url": self._where,
             "server": self._server,
-            "mode": "pattern" if channels is None else "user",
-            "pattern": self._pattern if channels is None else None,
+            "mode": self._role.mode,
+            "pattern": self._role.pattern,
             "subscribed_channels": None if channels is None else channels.subscribed,
             "reconnects": self._reconnects,
             "last_error": self._last_error,
@@ -243,19 +199,6 @@ class RedisBroker:
             "probe_interval_s": self._probe_interval,
             "probe_rtt_ms": None if self._probe_rtt is None else round(self._probe_rtt * 1e3, 3),
         }
-
-    def _clients(self) -> Clients:
-        """New, unconnected clients for the configured target (no I/O); for a
-        cluster, for its next node."""
-        target = self._target
-        if isinstance(target, ClusterTarget):
-            host, port = self._node = self._nodes[self._next_node % len(self._nodes)]
-            self._next_node += 1
-            client = aioredis.Redis(
-                host=host, port=port, password=target.password, **client_options(self._timeout)
-            )
-            return Clients(client, None)
-        return clients_for(target, self._timeout)
 
     async def run(
         self,
@@ -273,7 +216,7 @@ class RedisBroker:
         attempt = 0
         while True:
             self._status = "connecting"
-            clients = self._clients()
+            clients = self._endpoint.clients()
             cause = "internal"
             try:
                 await self._session(clients, sink)
@@ -345,12 +288,10 @@ class RedisBroker:
 
     async def _session(self, clients: Clients, sink: trio.MemorySendChannel[Item]) -> NoReturn:
         """One subscription, from connect to failure. Always raises."""
-        channels = self.channels
         try:
             await self._subscribed_session(clients, sink)
         finally:
-            if channels is not None:  # what this link carried waits for the next
-                channels.lost(self._link)
+            self._role.ended()
 
     async def _subscribed_session(
         self, clients: Clients, sink: trio.MemorySendChannel[Item]
@@ -363,25 +304,19 @@ class RedisBroker:
         progress = Progress()
         subscribed = trio.Event()
         probe = self.probe_channel
-        pattern = self._pattern.encode()
-        channels = self.channels
-        link = self._link
+        role = self._role
+        mark = self._subscribed
 
         def on_control(kind: str, channel: bytes) -> None:
             if channel == probe:
                 if kind == "subscribe":
-                    if channels is not None:
-                        self._session_subscribed()
+                    role.probe_subscribed(mark)
                     subscribed.set()
-            elif channels is not None:
-                channels.confirmed(kind, channel, link)
-            elif kind == "psubscribe" and channel == pattern:
-                self._pattern_subscribed()
+            else:
+                role.confirmed(kind, channel, mark)
 
         with trio.fail_after(self._timeout):
-            await trio_asyncio.aio_as_trio(subscribe)(
-                pubsub, None if channels is not None else self._pattern, probe
-            )
+            await trio_asyncio.aio_as_trio(subscribe)(pubsub, role.pattern, probe)
         self._server = address(pubsub)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, pubsub, sink, progress, tracker.seen, on_control)
@@ -389,19 +324,11 @@ class RedisBroker:
             # connection, so its confirmation proves both are in place.
             with trio.fail_after(self._timeout):
                 await subscribed.wait()
-            if isinstance(self._target, ClusterTarget):
-                await self._learn_nodes(client)
+            await self._endpoint.learn(client)
             await self._check_limits(client)
-            if channels is not None:
-                nursery.start_soon(
-                    partial(
-                        channels.send_commands,
-                        partial(trio_asyncio.aio_as_trio(send_batch), pubsub),
-                        where=link,
-                        accept=self._accept,
-                        send_timeout=self._timeout,
-                    )
-                )
+            role.start(
+                nursery, partial(trio_asyncio.aio_as_trio(send_batch), pubsub), self._timeout
+            )
             publish = partial(trio_asyncio.aio_as_trio(client.publish), probe)
             await watch_probes(
                 publish,
@@ -411,17 +338,6 @@ class RedisBroker:
                 progress=progress,
             )
         raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _learn_nodes(self, client: aioredis.Redis) -> None:
-        """Remember every node of the cluster (the seeds may be gone when
-        this session ends): the current one first, the next attempt goes to
-        another."""
-        current = self._node
-        assert current is not None
-        with trio.fail_after(self._timeout):
-            slots = await fetch_slots(client, current)
-        self._nodes = list(dict.fromkeys([current, *slots.nodes, *self._nodes]))
-        self._next_node = 1
 
     async def _pump(
         self,
@@ -445,18 +361,12 @@ class RedisBroker:
         )
         raise _SubscriptionEnded("subscription ended")
 
-    def _pattern_subscribed(self) -> None:
-        """Redis confirmed the users' pattern: messages flow from here on."""
+    def _subscribed(self) -> float | None:
+        """The role's ``mark``: messages flow from here on. Returns how long
+        the hub was deaf, when an earlier subscription was lost."""
         now = self._subscribed_at = trio.current_time()
         lost, self._lost_at = self._lost_at, None
-        if lost is not None:
-            self._on_resync(RESYNC_REASON, now - lost)
-
-    def _session_subscribed(self) -> None:
-        """User mode: the session's connection is subscribed (its probe
-        channel). Each user's gap is told when their channel is back."""
-        self._subscribed_at = trio.current_time()
-        self._lost_at = None
+        return None if lost is None else now - lost
 
     def _probe_answered(self, rtt: float) -> None:
         self._probe_rtt = rtt
@@ -471,8 +381,8 @@ class RedisBroker:
             extra=fields(
                 url=self._where,
                 server=self._server,
-                pattern=self._pattern if self.channels is None else None,
-                mode="pattern" if self.channels is None else "user",
+                pattern=self._role.pattern,
+                mode=self._role.mode,
                 probe_rtt_ms=round(rtt * 1e3, 3),
             ),
         )

@@ -2,7 +2,9 @@
 
 - :func:`client_options` is what every client of the hub is made with;
   :func:`clients_for` makes a session's clients for a URL or a Sentinel-found
-  master.
+  master; an :class:`Endpoint` says which node the next session talks to
+  (:func:`endpoint_for`: the target's one node, or each node of a cluster in
+  turn).
 - :class:`PublishClient` is the long-lived publishing client, every call
   under ``timeout``, replaced after a failure.
 - The ``async`` helpers at the bottom run on the asyncio side (callers wrap
@@ -13,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -90,6 +92,69 @@ async def fetch_slots(client: aioredis.Redis, asked: Address) -> SlotMap:
     """``CLUSTER SLOTS`` through ``client`` (trio side; the caller bounds it)."""
     reply = await trio_asyncio.aio_as_trio(client.execute_command)("CLUSTER SLOTS")
     return SlotMap.parse(reply, asked)
+
+
+class Endpoint(Protocol):
+    """Which node a subscription session talks to."""
+
+    def clients(self) -> Clients:
+        """New, unconnected clients for the next session (no I/O)."""
+
+    async def learn(self, client: aioredis.Redis) -> None:
+        """The session through ``client`` is subscribed: learn what the
+        next session may need (bounded by the endpoint's timeout)."""
+
+
+class NodeEndpoint:
+    """A URL's node, or the master Sentinel names at each session."""
+
+    def __init__(self, target: str | SentinelTarget, timeout: float) -> None:
+        self._target = target
+        self._timeout = timeout
+
+    def clients(self) -> Clients:
+        return clients_for(self._target, self._timeout)
+
+    async def learn(self, client: aioredis.Redis) -> None:
+        """Nothing to learn: the next session asks the URL or Sentinel again."""
+
+
+class ClusterEndpoint:
+    """Any node of a cluster (a plain ``PUBLISH`` is relayed to every node):
+    each new session tries the next node known; a subscribed session learns
+    the others (``CLUSTER SLOTS``), so the seeds may be gone later."""
+
+    def __init__(self, target: ClusterTarget, timeout: float) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._nodes: list[Address] = list(target.nodes)
+        self._next_node = 0
+        self._node: Address | None = None
+
+    def clients(self) -> Clients:
+        host, port = self._node = self._nodes[self._next_node % len(self._nodes)]
+        self._next_node += 1
+        client = aioredis.Redis(
+            host=host, port=port, password=self._target.password, **client_options(self._timeout)
+        )
+        return Clients(client, None)
+
+    async def learn(self, client: aioredis.Redis) -> None:
+        """Remember every node of the cluster: the current one first, the
+        next attempt goes to another."""
+        current = self._node
+        assert current is not None
+        with trio.fail_after(self._timeout):
+            slots = await fetch_slots(client, current)
+        self._nodes = list(dict.fromkeys([current, *slots.nodes, *self._nodes]))
+        self._next_node = 1
+
+
+def endpoint_for(target: Target, timeout: float) -> Endpoint:
+    """The :class:`Endpoint` of ``target``."""
+    if isinstance(target, ClusterTarget):
+        return ClusterEndpoint(target, timeout)
+    return NodeEndpoint(target, timeout)
 
 
 class PublishClient:

@@ -32,6 +32,7 @@ from smapws._config import ConfigError, load
 from smapws._io.brokers.redis import (
     BACKOFF_BASE,
     PROBE_CHANNEL_PREFIX,
+    PatternSubscription,
     ProbeLost,
     ProbeTracker,
     Progress,
@@ -305,11 +306,36 @@ def test_sentinel_settings_win_and_are_validated() -> None:
     assert (defaults.reconnect_max, defaults.probe_interval) == (1.0, 5.0)
 
 
+async def test_a_failed_publish_keeps_no_cause_that_could_quote_the_password() -> None:
+    """A publish that fails raises BrokerError (a SmapwsError, as ProbeLost
+    is) naming what failed, and drops the redis-py error that caused it:
+    Redis's error replies can echo a refused command's arguments, AUTH's
+    password among them, and nothing a log prints of it may hold that."""
+    import traceback
+
+    import trio_asyncio
+
+    from smapws._errors import SmapwsError
+    from smapws._io.brokers import BrokerError
+    from smapws._io.brokers.redis import PublishClient
+
+    client = PublishClient(f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0", timeout=2)
+    async with trio_asyncio.open_loop():
+        with pytest.raises(BrokerError, match=r"^Redis publish failed: ConnectionError$") as info:
+            await client.publish(b"user_noti:u1", b"{}")
+        await client.aclose()
+    assert isinstance(info.value, SmapwsError) and issubclass(ProbeLost, SmapwsError)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "s3cret" not in "".join(traceback.format_exception(info.value))
+
+
 async def test_subscriber_info_never_shows_a_password() -> None:
-    by_url = RedisBroker("redis://:s3cret-pw@redis:6379/0", "p*", timeout=1, reconnect_max=1)
+    by_url = RedisBroker(
+        "redis://:s3cret-pw@redis:6379/0", PatternSubscription("p*"), timeout=1, reconnect_max=1
+    )
     assert by_url.info()["url"] == "redis://:***@redis:6379/0"
     target = SentinelTarget((("10.0.0.1", 26379),), "m", password="s3cret-pw")
-    by_sentinel = RedisBroker(target, "p*", timeout=1, reconnect_max=1)
+    by_sentinel = RedisBroker(target, PatternSubscription("p*"), timeout=1, reconnect_max=1)
     assert by_sentinel.info()["url"] == "sentinel://10.0.0.1:26379/m"
     assert "s3cret" not in repr(target) + repr(by_sentinel.info())
 

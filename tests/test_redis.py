@@ -187,10 +187,11 @@ async def test_a_pipelined_burst_arrives_whole_and_in_order_through_the_fast_rea
     callbacks."""
     import trio_asyncio
 
-    from smapws._io.brokers.redis import Progress, RedisBroker, _fast_reader, _pump, _subscribe
+    from smapws._io.brokers.redis import Progress, clients_for
+    from smapws._io.brokers.redis.client import subscribe
+    from smapws._io.brokers.redis.pump import fast_reader, pump
 
-    broker = RedisBroker(redis_server.url, "user_noti:*", timeout=5, reconnect_max=1)
-    clients = broker._clients()
+    clients = clients_for(redis_server.url, 5)
     send, receive = trio.open_memory_channel[tuple[bytes, bytes]](5000)
     controls: list[tuple[str, bytes]] = []
     probes: list[bytes] = []
@@ -217,11 +218,11 @@ async def test_a_pipelined_burst_arrives_whole_and_in_order_through_the_fast_rea
         pubsub.get_message = counting_get_message  # type: ignore[method-assign]
         try:
             with trio.fail_after(10):
-                await trio_asyncio.aio_as_trio(_subscribe)(pubsub, "user_noti:*", b"probe:x")
-                assert _fast_reader(pubsub) is not None
+                await trio_asyncio.aio_as_trio(subscribe)(pubsub, "user_noti:*", b"probe:x")
+                assert fast_reader(pubsub) is not None
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(
-                        trio_asyncio.aio_as_trio(_pump),
+                        trio_asyncio.aio_as_trio(pump),
                         pubsub,
                         send,
                         lambda: pytest.fail("dropped"),

@@ -39,10 +39,13 @@ from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.brokers.redis import (
     RESYNC_REASON,
     ClusterTarget,
+    PatternSubscription,
     PublishClient,
     RedisBroker,
+    Role,
     SentinelTarget,
     Target,
+    UserSubscriptions,
 )
 from smapws._io.fleetlog import FleetLog
 from smapws._log import RateLimitedLog, fields, logger
@@ -248,14 +251,15 @@ def make_broker(
     if isinstance(target, ClusterTarget) and config.sharded_pubsub:
         assert channels is not None  # load() checks the pair
         return ShardedBroker(target, channels=channels, **common, **reading)
-    return RedisBroker(
-        target,
-        config.channel_prefix + "*",
-        on_resync=lambda reason, down_s: on_resync(reason, down_s, None),
-        channels=channels,
-        **common,
-        **reading,
-    )
+    role: Role
+    if channels is None:
+        role = PatternSubscription(
+            config.channel_prefix + "*",
+            on_resync=lambda reason, down_s: on_resync(reason, down_s, None),
+        )
+    else:
+        role = UserSubscriptions(channels)
+    return RedisBroker(target, role, **common, **reading)
 
 
 @contextlib.asynccontextmanager

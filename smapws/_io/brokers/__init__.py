@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 from trio_util import AsyncValue
 
+from smapws._errors import SmapwsError
+
 if TYPE_CHECKING:
     from smapws._io.brokers.channels import UserChannels
 
@@ -50,7 +52,7 @@ class QueueBytes:
         self.used -= n
 
 
-class BrokerError(Exception):
+class BrokerError(SmapwsError):
     """Publishing failed (broker unreachable or too slow). The message never
     contains credentials."""
 

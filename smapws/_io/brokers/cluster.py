@@ -2,8 +2,9 @@
 
 A sharded channel lives on the master that owns its hash slot (``SPUBLISH``
 reaches only that shard), so a hub in user mode keeps one *link* per master
-(a :class:`~smapws._io.brokers.redis.RedisBroker` session: probe, read
-loop, (un)subscribe commands) and each link ``SSUBSCRIBE``\\ s the channels
+(a :class:`~smapws._io.brokers.redis.RedisBroker` in the
+:class:`~smapws._io.brokers.redis.ShardedLink` role: probe, read loop,
+(un)subscribe commands) and each link ``SSUBSCRIBE``\\ s the channels
 of the slots its master owns, one command per slot (Redis refuses
 ``SSUBSCRIBE`` across slots), all sent in one go::
 
@@ -48,11 +49,12 @@ from smapws._core.cluster import SLOTS, Address, SlotMap, TopologyError
 from smapws._io.brokers import Item
 from smapws._io.brokers.channels import UserChannels
 from smapws._io.brokers.redis import (
-    _LINK_ERRORS,
+    LINK_ERRORS,
+    Clients,
     ClusterTarget,
     PublishClient,
     RedisBroker,
-    _Clients,
+    ShardedLink,
     backoff_delay,
     client_options,
     fetch_slots,
@@ -235,7 +237,7 @@ class ShardedBroker:
                 try:
                     slots = await self._discover()
                 except Exception as exc:
-                    if isinstance(exc, (*_LINK_ERRORS, TopologyError)):
+                    if isinstance(exc, (*LINK_ERRORS, TopologyError)):
                         self._last_error = f"{type(exc).__name__}: {self._safe_error(exc)}"
                     else:
                         self._last_error = f"internal error: {type(exc).__name__}"
@@ -273,12 +275,12 @@ class ShardedBroker:
             try:
                 with trio.fail_after(per_node * 2):
                     slots = await fetch_slots(client, (host, port))
-            except (*_LINK_ERRORS, TopologyError) as exc:
+            except (*LINK_ERRORS, TopologyError) as exc:
                 error = exc
                 continue
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
-                    await _Clients(client, None).aclose()
+                    await Clients(client, None).aclose()
             if slots.covered == 0:
                 error = TopologyError(f"{host}:{port} knows no slot owner")
                 continue
@@ -334,7 +336,7 @@ class ShardedBroker:
 
         broker = RedisBroker(
             f"redis://{auth}{host}:{port}/0",
-            "",
+            ShardedLink(self.channels, address=address, accept=partial(self._accepts, address)),
             timeout=self._timeout,
             reconnect_max=self._reconnect_max,
             probe_interval=self._probe_interval,
@@ -342,9 +344,6 @@ class ShardedBroker:
             on_drop=self._on_drop,
             on_error=self._on_error,
             node_id=f"{self.node_id}.{self._serial}",
-            channels=self.channels,
-            link=address,
-            accept=partial(self._accepts, address),
             **self._link_options,
         )
         scope = trio.CancelScope()

@@ -48,6 +48,6 @@ class MemoryBroker:
             raise BrokerError("in-process broker is not running")
         try:
             self._sink.send_nowait((channel, data))
-        except trio.WouldBlock:
-            raise BrokerError("router queue full") from None
+        except trio.WouldBlock as exc:
+            raise BrokerError("router queue full") from exc
         return 1

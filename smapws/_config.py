@@ -21,18 +21,19 @@ from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
 from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig
+from smapws._errors import SmapwsError
 from smapws_publisher._messages import redact_url as redact_url
 
 
-class ConfigError(ValueError):
+class ConfigError(SmapwsError, ValueError):
     """A setting is missing or invalid; the message names the variable."""
 
 
 def _number(v: str, kind: type[int] | type[float], expected: str) -> float:
     try:
         return kind(v.strip())
-    except ValueError:
-        raise ValueError(expected) from None
+    except ValueError as exc:
+        raise ValueError(expected) from exc
 
 
 def _port(v: str) -> int:
@@ -135,8 +136,8 @@ def _host_ports(v: str, default_port: int = SENTINEL_DEFAULT_PORT) -> tuple[tupl
             raise ValueError("expected host:port[,host:port...]")
         try:
             n = _port(port)
-        except ValueError:
-            raise ValueError("expected host:port[,host:port...]") from None
+        except ValueError as exc:
+            raise ValueError("expected host:port[,host:port...]") from exc
         out.append((host, n))
     return tuple(out)
 
@@ -710,7 +711,9 @@ def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, A
         except ValueError as exc:
             shown = "(hidden)" if opt.secret else repr(raw)
             reason = str(exc) if "expected" in str(exc) else "invalid value"
-            raise ConfigError(f"{source}: {reason}, got {shown}") from None
+            # A parser's error may quote the raw value (int() does): shown for a
+            # plain setting, as the message shows it, and cut off for a secret.
+            raise ConfigError(f"{source}: {reason}, got {shown}") from (None if opt.secret else exc)
     return values
 
 
@@ -761,7 +764,7 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
         try:
             key = Path(path).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from exc
         if b"PRIVATE KEY" in key:
             raise ConfigError("JWT_PUBLIC_KEY_FILE: holds a private key; give the public key")
     return AuthConfig(

@@ -115,8 +115,8 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
         return Resume(since)
     try:
         age = float(raw_age)
-    except ValueError:
-        raise ValueError("since_age: expected seconds") from None
+    except ValueError as exc:
+        raise ValueError("since_age: expected seconds") from exc
     if not math.isfinite(age) or not 0 <= age <= MAX_SINCE_AGE:
         raise ValueError("since_age: expected seconds")
     return Resume(since, age)

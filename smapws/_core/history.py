@@ -64,6 +64,9 @@ MAX_SINCE_AGE: Final = 7 * 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class HistoryLimits:
+    """The replay window's bounds. The defaults are the ``SMAPWS_HISTORY_*``
+    settings' (:mod:`smapws._config` reads them from here)."""
+
     ttl: float = 300.0
     per_user: int = 100
     max_bytes: int = 32 * 1024 * 1024

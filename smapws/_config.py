@@ -10,6 +10,7 @@ naming the variable. Secrets never appear in ``repr(config)`` or in errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import math
 import os
@@ -21,18 +22,23 @@ from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
 from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig
+from smapws._core.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_MESSAGE_BYTES
+from smapws._core.history import HistoryLimits
+from smapws._core.outbox import OutboxLimits
+from smapws._core.snapshot import SnapshotLimits
+from smapws._errors import SmapwsError
 from smapws_publisher._messages import redact_url as redact_url
 
 
-class ConfigError(ValueError):
+class ConfigError(SmapwsError, ValueError):
     """A setting is missing or invalid; the message names the variable."""
 
 
 def _number(v: str, kind: type[int] | type[float], expected: str) -> float:
     try:
         return kind(v.strip())
-    except ValueError:
-        raise ValueError(expected) from None
+    except ValueError as exc:
+        raise ValueError(expected) from exc
 
 
 def _port(v: str) -> int:
@@ -135,8 +141,8 @@ def _host_ports(v: str, default_port: int = SENTINEL_DEFAULT_PORT) -> tuple[tupl
             raise ValueError("expected host:port[,host:port...]")
         try:
             n = _port(port)
-        except ValueError:
-            raise ValueError("expected host:port[,host:port...]") from None
+        except ValueError as exc:
+            raise ValueError("expected host:port[,host:port...]") from exc
         out.append((host, n))
     return tuple(out)
 
@@ -204,7 +210,17 @@ class _Option:
         return "--" + self.field.replace("_", "-")
 
 
+def _core_default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of the ``_core`` dataclass ``cls``: the
+    settings that bound a ``_core`` object take their default from it, so that
+    each default is written once (the object is then built from :class:`Config`)."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 #: The settings, in the order of docs/reference/configuration.rst. ``default=None`` means unset.
+#: Each default is written here (or, for a bound of a ``_core`` object, there,
+#: read with :func:`_core_default`) and nowhere else: :class:`Config` reads
+#: its defaults from this table.
 OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
     _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
@@ -287,10 +303,30 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option("jwt_secret", "JWT_SECRET", _str, None, "HMAC key for HS* tokens", True),
     _Option("jwt_public_key_file", "JWT_PUBLIC_KEY_FILE", _str, None, "PEM key for RS/ES/PS"),
     _Option("jwt_algorithms", "JWT_ALGORITHMS", _csv, ("HS256",), "allowed JWT algorithms"),
-    _Option("jwt_issuer", "JWT_ISSUER", _str, None, "required iss claim"),
-    _Option("jwt_audience", "JWT_AUDIENCE", _str, None, "required aud claim"),
-    _Option("jwt_user_claim", "JWT_USER_CLAIM", _str, "sub", "claim holding the user id"),
-    _Option("jwt_leeway", "SMAPWS_JWT_LEEWAY", _non_negative_float, 0.0, "clock skew allowed (s)"),
+    _Option(
+        "jwt_issuer", "JWT_ISSUER", _str, _core_default(AuthConfig, "issuer"), "required iss claim"
+    ),
+    _Option(
+        "jwt_audience",
+        "JWT_AUDIENCE",
+        _str,
+        _core_default(AuthConfig, "audience"),
+        "required aud claim",
+    ),
+    _Option(
+        "jwt_user_claim",
+        "JWT_USER_CLAIM",
+        _str,
+        _core_default(AuthConfig, "user_claim"),
+        "claim holding the user id",
+    ),
+    _Option(
+        "jwt_leeway",
+        "SMAPWS_JWT_LEEWAY",
+        _non_negative_float,
+        _core_default(AuthConfig, "leeway"),
+        "clock skew allowed (s)",
+    ),
     _Option(
         "close_on_token_expiry",
         "SMAPWS_CLOSE_ON_TOKEN_EXPIRY",
@@ -369,14 +405,14 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "max_message_bytes",
         "SMAPWS_MAX_MESSAGE_BYTES",
         _positive_int,
-        65536,
+        DEFAULT_MAX_MESSAGE_BYTES,
         "largest broker message delivered",
     ),
     _Option(
         "max_json_depth",
         "SMAPWS_MAX_JSON_DEPTH",
         _positive_int,
-        32,
+        DEFAULT_MAX_JSON_DEPTH,
         "deepest nesting of arrays/objects in a broker message or publish body",
     ),
     _Option(
@@ -398,21 +434,21 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "send_queue_high_water",
         "SMAPWS_SEND_QUEUE_HIGH_WATER",
         _positive_int,
-        32,
+        _core_default(OutboxLimits, "high_water"),
         "queued messages beyond which progress is conflated",
     ),
     _Option(
         "send_queue_messages",
         "SMAPWS_SEND_QUEUE_MESSAGES",
         _positive_int,
-        256,
+        _core_default(OutboxLimits, "max_messages"),
         "per-connection send queue bound (messages)",
     ),
     _Option(
         "send_queue_bytes",
         "SMAPWS_SEND_QUEUE_BYTES",
         _positive_int,
-        1024 * 1024,
+        _core_default(OutboxLimits, "max_bytes"),
         "per-connection send queue bound (bytes)",
     ),
     _Option(
@@ -427,63 +463,63 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "snapshot_ttl",
         "SMAPWS_SNAPSHOT_TTL",
         _non_negative_float,
-        600.0,
+        _core_default(SnapshotLimits, "ttl"),
         "seconds a project's latest progress is kept for new tabs (0: off)",
     ),
     _Option(
         "snapshot_completed_ttl",
         "SMAPWS_SNAPSHOT_COMPLETED_TTL",
         _non_negative_float,
-        30.0,
+        _core_default(SnapshotLimits, "completed_ttl"),
         "seconds a completion is kept for new tabs",
     ),
     _Option(
         "snapshot_per_user",
         "SMAPWS_SNAPSHOT_PER_USER",
         _positive_int,
-        32,
+        _core_default(SnapshotLimits, "per_user"),
         "projects kept per user for new tabs",
     ),
     _Option(
         "snapshot_max_entries",
         "SMAPWS_SNAPSHOT_MAX_ENTRIES",
         _non_negative_int,
-        20000,
+        _core_default(SnapshotLimits, "max_entries"),
         "projects kept in all for new tabs (0: off)",
     ),
     _Option(
         "snapshot_per_user_bytes",
         "SMAPWS_SNAPSHOT_PER_USER_BYTES",
         _positive_int,
-        512 * 1024,
+        _core_default(SnapshotLimits, "per_user_bytes"),
         "bytes of current state kept per user for new tabs",
     ),
     _Option(
         "snapshot_max_bytes",
         "SMAPWS_SNAPSHOT_MAX_BYTES",
         _positive_int,
-        32 * 1024 * 1024,
+        _core_default(SnapshotLimits, "max_bytes"),
         "bytes of current state kept in all, least recently updated forgotten first",
     ),
     _Option(
         "history_ttl",
         "SMAPWS_HISTORY_TTL",
         _non_negative_float,
-        300.0,
+        _core_default(HistoryLimits, "ttl"),
         "seconds each message is kept for ?since= recovery (0: off)",
     ),
     _Option(
         "history_per_user",
         "SMAPWS_HISTORY_PER_USER",
         _non_negative_int,
-        100,
+        _core_default(HistoryLimits, "per_user"),
         "messages kept per user for ?since= recovery (0: off)",
     ),
     _Option(
         "history_max_bytes",
         "SMAPWS_HISTORY_MAX_BYTES",
         _non_negative_int,
-        32 * 1024 * 1024,
+        _core_default(HistoryLimits, "max_bytes"),
         "bytes kept in all for ?since= recovery, oldest forgotten first (0: off)",
     ),
     _Option(
@@ -498,7 +534,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "history_per_user_bytes",
         "SMAPWS_HISTORY_PER_USER_BYTES",
         _positive_int,
-        1024 * 1024,
+        _core_default(HistoryLimits, "per_user_bytes"),
         "bytes kept per user for ?since= recovery, oldest forgotten first",
     ),
     _Option(
@@ -566,68 +602,83 @@ OPTIONS: Final[tuple[_Option, ...]] = (
 )
 
 
+def _setting(name: str) -> Any:
+    """A :class:`Config` field whose default is the one :data:`OPTIONS` gives
+    ``name``, kept out of ``repr`` when the setting is a secret."""
+    opt = _OPTION_OF[name]
+    return field(default=opt.default, repr=not opt.secret)
+
+
+_OPTION_OF: Final = {opt.field: opt for opt in OPTIONS}
+
+
 @dataclass(frozen=True)
 class Config:
-    """The validated settings. Secrets are excluded from ``repr``."""
+    """The validated settings. Secrets are excluded from ``repr``.
 
-    host: str = "0.0.0.0"
-    port: int = 8081
-    internal_port: int | None = None
-    internal_host: str | None = None
-    workers: int = 1
-    redis_url: str | None = field(default=None, repr=False)
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
-    redis_sentinel_master: str | None = None
-    redis_password: str | None = field(default=None, repr=False)
-    redis_db: int = 0
-    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
-    channel_prefix: str = "user_noti:"
-    subscribe_mode: str = "pattern"
-    subscribe_linger: float = 5.0
-    sharded_pubsub: bool = False
+    Each field but ``auth`` (built from the ``JWT_*`` settings) is the
+    setting of the same name in :data:`OPTIONS`, which gives its default;
+    ``REDIS_HOST``/``REDIS_PORT`` are folded into ``redis_url``.
+    """
+
+    host: str = _setting("host")
+    port: int = _setting("port")
+    internal_port: int | None = _setting("internal_port")
+    internal_host: str | None = _setting("internal_host")
+    workers: int = _setting("workers")
+    redis_url: str | None = _setting("redis_url")
+    redis_sentinels: tuple[tuple[str, int], ...] = _setting("redis_sentinels")
+    redis_sentinel_master: str | None = _setting("redis_sentinel_master")
+    redis_password: str | None = _setting("redis_password")
+    redis_db: int = _setting("redis_db")
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = _setting("redis_cluster_nodes")
+    channel_prefix: str = _setting("channel_prefix")
+    subscribe_mode: str = _setting("subscribe_mode")
+    subscribe_linger: float = _setting("subscribe_linger")
+    sharded_pubsub: bool = _setting("sharded_pubsub")
     auth: AuthConfig | None = None
-    close_on_token_expiry: bool = True
-    allowed_origins: tuple[str, ...] = ()
-    ping_interval: float = 54.0
-    pong_wait: float = 60.0
-    write_wait: float = 10.0
-    handshake_timeout: float = 10.0
-    drain_timeout: float = 30.0
-    api_key: str | None = field(default=None, repr=False)
-    max_connections: int = 10000
-    max_connections_per_user: int = 64
-    max_pending_requests: int = 1024
-    max_accept_rate: float = 1000.0
-    max_accept_rate_per_user: float = 10.0
-    max_pending_per_address: int = 128
-    max_message_bytes: int = 65536
-    max_json_depth: int = 32
-    max_client_message_bytes: int = 4096
-    max_client_frame_rate: float = 20.0
-    send_queue_high_water: int = 32
-    send_queue_messages: int = 256
-    send_queue_bytes: int = 1024 * 1024
-    send_queue_total_bytes: int = 32 * 1024 * 1024
-    snapshot_ttl: float = 600.0
-    snapshot_completed_ttl: float = 30.0
-    snapshot_per_user: int = 32
-    snapshot_max_entries: int = 20000
-    snapshot_per_user_bytes: int = 512 * 1024
-    snapshot_max_bytes: int = 32 * 1024 * 1024
-    history_ttl: float = 300.0
-    history_per_user: int = 100
-    history_max_bytes: int = 32 * 1024 * 1024
-    fleet_history: bool = True
-    history_per_user_bytes: int = 1024 * 1024
-    resume_max_bytes: int = 256 * 1024
-    demo: bool = False
-    ingest_queue: int = 65536
-    ingest_queue_bytes: int = 16 * 1024 * 1024
-    redis_timeout: float = 5.0
-    reconnect_max: float = 1.0
-    probe_interval: float = 5.0
-    log_level: str = "info"
-    log_format: str = "text"
+    close_on_token_expiry: bool = _setting("close_on_token_expiry")
+    allowed_origins: tuple[str, ...] = _setting("allowed_origins")
+    ping_interval: float = _setting("ping_interval")
+    pong_wait: float = _setting("pong_wait")
+    write_wait: float = _setting("write_wait")
+    handshake_timeout: float = _setting("handshake_timeout")
+    drain_timeout: float = _setting("drain_timeout")
+    api_key: str | None = _setting("api_key")
+    max_connections: int = _setting("max_connections")
+    max_connections_per_user: int = _setting("max_connections_per_user")
+    max_pending_requests: int = _setting("max_pending_requests")
+    max_accept_rate: float = _setting("max_accept_rate")
+    max_accept_rate_per_user: float = _setting("max_accept_rate_per_user")
+    max_pending_per_address: int = _setting("max_pending_per_address")
+    max_message_bytes: int = _setting("max_message_bytes")
+    max_json_depth: int = _setting("max_json_depth")
+    max_client_message_bytes: int = _setting("max_client_message_bytes")
+    max_client_frame_rate: float = _setting("max_client_frame_rate")
+    send_queue_high_water: int = _setting("send_queue_high_water")
+    send_queue_messages: int = _setting("send_queue_messages")
+    send_queue_bytes: int = _setting("send_queue_bytes")
+    send_queue_total_bytes: int = _setting("send_queue_total_bytes")
+    snapshot_ttl: float = _setting("snapshot_ttl")
+    snapshot_completed_ttl: float = _setting("snapshot_completed_ttl")
+    snapshot_per_user: int = _setting("snapshot_per_user")
+    snapshot_max_entries: int = _setting("snapshot_max_entries")
+    snapshot_per_user_bytes: int = _setting("snapshot_per_user_bytes")
+    snapshot_max_bytes: int = _setting("snapshot_max_bytes")
+    history_ttl: float = _setting("history_ttl")
+    history_per_user: int = _setting("history_per_user")
+    history_max_bytes: int = _setting("history_max_bytes")
+    fleet_history: bool = _setting("fleet_history")
+    history_per_user_bytes: int = _setting("history_per_user_bytes")
+    resume_max_bytes: int = _setting("resume_max_bytes")
+    demo: bool = _setting("demo")
+    ingest_queue: int = _setting("ingest_queue")
+    ingest_queue_bytes: int = _setting("ingest_queue_bytes")
+    redis_timeout: float = _setting("redis_timeout")
+    reconnect_max: float = _setting("reconnect_max")
+    probe_interval: float = _setting("probe_interval")
+    log_level: str = _setting("log_level")
+    log_format: str = _setting("log_format")
 
     @property
     def internal_address(self) -> tuple[str, int] | None:
@@ -719,7 +770,9 @@ def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, A
         except ValueError as exc:
             shown = "(hidden)" if opt.secret else repr(raw)
             reason = str(exc) if "expected" in str(exc) else "invalid value"
-            raise ConfigError(f"{source}: {reason}, got {shown}") from None
+            # A parser's error may quote the raw value (int() does): shown for a
+            # plain setting, as the message shows it, and cut off for a secret.
+            raise ConfigError(f"{source}: {reason}, got {shown}") from (None if opt.secret else exc)
     return values
 
 
@@ -770,7 +823,7 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
         try:
             key = Path(path).read_bytes()
         except OSError as exc:
-            raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+            raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from exc
         if b"PRIVATE KEY" in key:
             raise ConfigError("JWT_PUBLIC_KEY_FILE: holds a private key; give the public key")
     return AuthConfig(
@@ -778,7 +831,7 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
         key=key,
         issuer=v["jwt_issuer"],
         audience=v["jwt_audience"],
-        user_claim=v["jwt_user_claim"] or "sub",
+        user_claim=v["jwt_user_claim"],
         leeway=v["jwt_leeway"],
     )
 

@@ -283,3 +283,82 @@ def test_unknown_variables_name_the_closest_setting() -> None:
         "SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
         "SMAPWS_REDIS_URL is not a setting and is ignored (did you mean REDIS_URL?)",
     ]
+
+
+#: Settings that are not a Config field of their own: folded into
+#: ``redis_url`` (REDIS_HOST, REDIS_PORT) or into ``auth`` (the JWT_* ones).
+FOLDED = frozenset(
+    {
+        "redis_host",
+        "redis_port",
+        "jwt_secret",
+        "jwt_public_key_file",
+        "jwt_algorithms",
+        "jwt_issuer",
+        "jwt_audience",
+        "jwt_user_claim",
+        "jwt_leeway",
+    }
+)
+
+
+def test_config_takes_each_default_from_options() -> None:
+    import ast
+    import dataclasses
+    import inspect
+
+    from smapws import _config
+    from smapws._config import OPTIONS, Config
+
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    options = {opt.field: opt for opt in OPTIONS}
+    assert len(options) == len(OPTIONS)  # one entry per field name
+    assert options.keys() - fields.keys() == FOLDED
+    assert fields.keys() - options.keys() == {"auth"}
+    blank = Config()
+    for name in fields.keys() - {"auth"}:
+        opt = options[name]
+        assert getattr(blank, name) == opt.default, name
+        assert fields[name].repr is not opt.secret, name
+    # Written once: every field's default in the class body is
+    # ``_setting("<its name>")``, no literal beside it.
+    tree = ast.parse(inspect.getsource(Config))
+    body = tree.body[0]
+    assert isinstance(body, ast.ClassDef)
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            name = node.target.id
+            if name == "auth":
+                continue
+            value = node.value
+            assert isinstance(value, ast.Call), name
+            assert ast.unparse(value) == f"_setting({name!r})", name
+    assert _config._OPTION_OF["port"].default == 8081  # the contract's default port
+
+
+def test_core_limits_defaults_are_the_settings_defaults() -> None:
+    """The ``_core`` bounds have defaults of their own (tests and benches
+    build them bare): they are the settings' defaults, the same values."""
+    from smapws._config import Config
+    from smapws._core.auth import AuthConfig
+    from smapws._core.history import HistoryLimits
+    from smapws._core.outbox import OutboxLimits
+    from smapws._core.snapshot import SnapshotLimits
+
+    c = Config()
+    assert OutboxLimits() == OutboxLimits(
+        c.send_queue_high_water, c.send_queue_messages, c.send_queue_bytes
+    )
+    assert HistoryLimits() == HistoryLimits(
+        c.history_ttl, c.history_per_user, c.history_max_bytes, c.history_per_user_bytes
+    )
+    assert SnapshotLimits() == SnapshotLimits(
+        c.snapshot_ttl,
+        c.snapshot_completed_ttl,
+        c.snapshot_per_user,
+        c.snapshot_max_entries,
+        c.snapshot_per_user_bytes,
+        c.snapshot_max_bytes,
+    )
+    auth = load({"JWT_SECRET": "k" * 32}).auth
+    assert auth == AuthConfig(algorithms=("HS256",), key="k" * 32)

@@ -16,6 +16,7 @@ from typing import Any, Final
 
 import jwt
 
+from smapws._errors import SmapwsError
 from smapws_publisher._validate import MAX_USER_ID_LENGTH as MAX_USER_ID_LENGTH
 from smapws_publisher._validate import valid_user_id as valid_user_id
 
@@ -27,7 +28,7 @@ PUBLIC_KEY_ALGORITHMS: Final = frozenset(
 )
 
 
-class AuthError(Exception):
+class AuthError(SmapwsError):
     """A token was refused. ``reason`` is a short fixed word (a metric label):
     ``missing_token``, ``malformed``, ``bad_signature``, ``bad_algorithm``,
     ``expired``, ``not_yet_valid``, ``bad_issuer``, ``bad_audience``,
@@ -85,6 +86,10 @@ def verify(token: str, config: AuthConfig, *, now: float) -> Claims:
         "verify_sub": False,
         "verify_iss": config.issuer is not None,
     }
+    # The causes are not chained (``from None``): PyJWT's messages may quote
+    # the token's decoded header or payload ("Invalid header string: ..."),
+    # and its traceback's frames hold the token and the key. The reason is
+    # all a log or a metric needs.
     try:
         claims = jwt.decode(
             token,
@@ -137,8 +142,8 @@ def _numeric_date(value: object) -> float:
         raise AuthError("malformed")
     try:
         seconds = float(value)
-    except OverflowError:
-        raise AuthError("malformed") from None
+    except OverflowError as exc:  # "int too large to convert to float": no claim in it
+        raise AuthError("malformed") from exc
     if not math.isfinite(seconds):
         raise AuthError("malformed")
     return seconds

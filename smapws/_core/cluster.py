@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Final
 
+from smapws._errors import SmapwsError
+
 #: Hash slots of a Redis Cluster.
 SLOTS: Final = 16384
 
 Address = tuple[str, int]
 
 
-class TopologyError(ValueError):
+class TopologyError(SmapwsError, ValueError):
     """A ``CLUSTER SLOTS`` reply that cannot be read."""
 
 

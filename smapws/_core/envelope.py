@@ -183,8 +183,8 @@ def user_from_channel(channel: bytes, prefix: bytes) -> str:
         raise InvalidMessage("bad_channel")
     try:
         user = channel[len(prefix) :].decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidMessage("bad_channel") from None
+    except UnicodeDecodeError as exc:  # quotes a byte of the channel name, no secret
+        raise InvalidMessage("bad_channel") from exc
     if not valid_user_id(user):
         raise InvalidMessage("bad_channel")
     return user

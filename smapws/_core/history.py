@@ -64,6 +64,9 @@ MAX_SINCE_AGE: Final = 7 * 24 * 3600.0
 
 @dataclass(frozen=True, slots=True)
 class HistoryLimits:
+    """The replay window's bounds. The defaults are the ``SMAPWS_HISTORY_*``
+    settings' (:mod:`smapws._config` reads them from here)."""
+
     ttl: float = 300.0
     per_user: int = 100
     max_bytes: int = 32 * 1024 * 1024
@@ -115,8 +118,8 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
         return Resume(since)
     try:
         age = float(raw_age)
-    except ValueError:
-        raise ValueError("since_age: expected seconds") from None
+    except ValueError as exc:
+        raise ValueError("since_age: expected seconds") from exc
     if not math.isfinite(age) or not 0 <= age <= MAX_SINCE_AGE:
         raise ValueError("since_age: expected seconds")
     return Resume(since, age)

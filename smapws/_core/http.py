@@ -14,6 +14,8 @@ from http import HTTPStatus
 from typing import Final
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
+from smapws._errors import SmapwsError
+
 #: Longest request head accepted. Browsers send ~1-2 KiB for an upgrade; a
 #: large cookie jar can reach several KiB. Beyond this: 431.
 MAX_HEAD_BYTES: Final = 16 * 1024
@@ -24,7 +26,7 @@ _TOKEN_CHARS: Final = frozenset(
 )
 
 
-class HttpError(Exception):
+class HttpError(SmapwsError):
     """A request the front door answers with ``status`` and closes."""
 
     def __init__(self, status: int, detail: str = "") -> None:
@@ -72,6 +74,7 @@ def parse_head(data: bytes) -> RequestHead:
     try:
         text = data.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes anything
+        # Not chained: the cause's ``object`` is the whole head, cookies included.
         raise HttpError(400, "undecodable head") from None
     lines = text.split("\r\n")
     # A head ends with an empty line; drop it (and the empty string after it).

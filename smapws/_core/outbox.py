@@ -93,7 +93,9 @@ class QueueBudget:
 
 @dataclass(frozen=True, slots=True)
 class OutboxLimits:
-    """Shared by all outboxes of a hub (one object, not one per connection)."""
+    """Shared by all outboxes of a hub (one object, not one per connection).
+    The defaults are the ``SMAPWS_SEND_QUEUE_*`` settings' (:mod:`smapws._config`
+    reads them from here)."""
 
     high_water: int = DEFAULT_HIGH_WATER
     max_messages: int = DEFAULT_MAX_MESSAGES

@@ -48,6 +48,9 @@ USER_OVERHEAD: Final = 300
 
 @dataclass(frozen=True, slots=True)
 class SnapshotLimits:
+    """The current state's bounds. The defaults are the ``SMAPWS_SNAPSHOT_*``
+    settings' (:mod:`smapws._config` reads them from here)."""
+
     ttl: float = 600.0
     completed_ttl: float = 30.0
     per_user: int = 32

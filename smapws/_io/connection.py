@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from smapws._core.closecodes import CloseCode
 from smapws._core.envelope import Envelope
 from smapws._core.history import Resume
 from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, Push
@@ -38,13 +39,13 @@ from smapws._log import fields, logger
 if TYPE_CHECKING:
     from smapws._io.app import App
 
-# Close codes (RFC 6455 §7.4.1), the contract in docs/reference/close-codes.rst.
-NORMAL: Final = 1000
-GOING_AWAY: Final = 1001
-POLICY: Final = 1008
-TOO_BIG: Final = 1009
-INTERNAL: Final = 1011
-TRY_AGAIN_LATER: Final = 1013
+# Close codes: aliases of the one enum (smapws._core.closecodes).
+NORMAL: Final = CloseCode.NORMAL
+GOING_AWAY: Final = CloseCode.GOING_AWAY
+POLICY: Final = CloseCode.POLICY
+TOO_BIG: Final = CloseCode.TOO_BIG
+INTERNAL: Final = CloseCode.INTERNAL
+TRY_AGAIN_LATER: Final = CloseCode.TRY_AGAIN_LATER
 
 #: ``close_code`` when the peer (or the library) ended the connection: the
 #: writer has no close frame to send.

@@ -24,8 +24,16 @@ from typing import Final
 import trio
 
 from smapws._core.auth import MAC_ALGORITHMS, AuthError, mint_for
-from smapws._core.envelope import encode_message
 from smapws._core.http import RequestHead, parse_cookies, response
+from smapws._core.publish import (
+    FINAL_STATUSES,
+    alert_payload,
+    encode,
+    notification_payload,
+)
+from smapws._core.publish import (
+    progress_message as seed_progress,
+)
 from smapws._io import assets
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
@@ -118,20 +126,13 @@ class _User:
 
 
 def progress_message(p: _Project) -> bytes:
-    """The seed's Project-service message for ``p``'s current state."""
-    percent = p.done / p.total * 100 if p.total > 0 else 0.0
-    mtype = "project_completed" if p.status in ("DONE", "FAILED") else "project_progress"
-    return encode_message(
-        mtype,
-        {
-            "project_id": p.project_id,
-            "status": p.status,
-            "total": p.total,
-            "done": p.done,
-            "errors": p.errors,
-            "progress_percent": round(percent, 2),
-        },
+    """The seed's Project-service message for ``p``'s current state, built
+    by the publishers' own rule (:func:`smapws._core.publish.progress_message`),
+    so the demo cannot drift from what a real service publishes."""
+    mtype, payload = seed_progress(
+        project_id=p.project_id, status=p.status, total=p.total, done=p.done, errors=p.errors
     )
+    return encode(mtype, payload)
 
 
 def _step(p: _Project, rng: random.Random) -> list[bytes]:
@@ -152,24 +153,20 @@ def _step(p: _Project, rng: random.Random) -> list[bytes]:
     out.append(progress_message(p))
     if p.status == "DONE":
         out.append(
-            encode_message(
+            encode(
                 "notification",
-                {
-                    "title": "Project finished",
-                    "message": f"{p.project_id}: {p.done} items, {p.errors} errors",
-                    "level": "info",
-                },
+                notification_payload(
+                    "Project finished", f"{p.project_id}: {p.done} items, {p.errors} errors", "info"
+                ),
             )
         )
     elif p.status == "FAILED":
         out.append(
-            encode_message(
+            encode(
                 "alert",
-                {
-                    "title": "Project failed",
-                    "message": f"{p.project_id} stopped at {p.done}/{p.total}",
-                    "severity": "error",
-                },
+                alert_payload(
+                    "Project failed", f"{p.project_id} stopped at {p.done}/{p.total}", "error"
+                ),
             )
         )
     return out
@@ -213,14 +210,14 @@ async def _tick(app: App, users: dict[str, _User], rng: random.Random) -> None:
     for user_id, state in users.items():
         channel = prefix + user_id.encode()
         if state.count == 0:
-            welcome = {
-                "title": "Welcome",
-                "message": f"the simulated Project service keeps {RUNNING} projects running "
+            welcome = notification_payload(
+                "Welcome",
+                f"the simulated Project service keeps {RUNNING} projects running "
                 "for you, a new one in place of each that finishes",
-                "level": "info",
-            }
-            await app.broker.publish(channel, encode_message("notification", welcome))
-        state.projects = [p for p in state.projects if p.status not in ("DONE", "FAILED")]
+                "info",
+            )
+            await app.broker.publish(channel, encode("notification", welcome))
+        state.projects = [p for p in state.projects if p.status not in FINAL_STATUSES]
         while len(state.projects) < RUNNING:
             state.count += 1
             state.projects.append(

@@ -108,7 +108,7 @@ class FleetLog:
         ttl: float,
         per_user: int,
         metrics: Metrics,
-        max_bytes: int = 32 * 1024 * 1024,
+        max_bytes: int,
         queue: int = 65536,
     ) -> None:
         self._client = client

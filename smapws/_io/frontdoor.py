@@ -452,12 +452,12 @@ async def _publish_inner(
             bytes(data[:length]), max_bytes=cfg.max_message_bytes, max_depth=cfg.max_json_depth
         )
     except InvalidMessage as exc:
-        raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from None
+        raise _Refused(400 if exc.reason != "too_large" else 413, exc.reason) from exc
     channel = app.prefix + user_id.encode()
     try:
         hubs = await app.broker.publish(channel, message)
-    except BrokerError:
-        raise _Refused(503, "broker_unavailable") from None
+    except BrokerError as exc:
+        raise _Refused(503, "broker_unavailable") from exc
     # What Redis counts is subscribers, that is hubs (1 for a user with no
     # tab, 2 with two workers), not tabs; "receivers" is the old name.
     return 202, {"status": "accepted", "hubs": hubs, "receivers": hubs}

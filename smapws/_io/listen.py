@@ -28,9 +28,11 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from smapws._core.closecodes import CloseCode
+
 #: Close codes after which ``listen`` exits 0: a normal close, or the hub
 #: going away (a drain).
-NORMAL_CLOSES: Final = (1000, 1001)
+NORMAL_CLOSES: Final = (CloseCode.NORMAL, CloseCode.GOING_AWAY)
 
 #: Largest frame accepted (trio-websocket's default is 1 MiB; a hub's frames
 #: are bounded by SMAPWS_MAX_MESSAGE_BYTES, 64 KiB by default, and nothing a

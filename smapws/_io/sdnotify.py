@@ -49,6 +49,7 @@ import trio
 from trio_util import AsyncValue
 
 from smapws._core.group import GroupView
+from smapws._errors import SmapwsError
 from smapws._log import fields, logger
 
 #: A status that differs only in its counts is re-sent at most this often:
@@ -58,7 +59,7 @@ STATUS_REFRESH_S: Final = 5.0
 MAX_STATUS_CHARS: Final = 200
 
 
-class NotifyAddressError(ValueError):
+class NotifyAddressError(SmapwsError, ValueError):
     """``$NOTIFY_SOCKET`` holds an address this module cannot send to."""
 
 

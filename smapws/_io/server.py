@@ -30,6 +30,7 @@ import trio
 from redis.crc import key_slot
 
 from smapws._config import Config
+from smapws._errors import SmapwsError
 from smapws._io import frontdoor, sdnotify
 from smapws._io.app import App
 from smapws._io.brokers import Broker, Item, QueueBytes
@@ -74,7 +75,7 @@ ACCEPT_PAUSE: Final = 0.1
 ACCEPT_ERROR_LOG_INTERVAL: Final = 10.0
 
 
-class ListenError(Exception):
+class ListenError(SmapwsError):
     """The hub cannot listen: the message names the address and the reason,
     in one line."""
 
@@ -410,7 +411,7 @@ async def _open_listeners(host: str, port: int) -> list[trio.SocketListener]:
         return await trio.open_tcp_listeners(port, host=host, backlog=BACKLOG)
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise ListenError(f"cannot listen on {host}:{port}: {reason}") from exc
 
 
 async def _accept_loop(

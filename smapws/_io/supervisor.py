@@ -59,6 +59,7 @@ from trio_util import AsyncBool, AsyncValue
 from smapws import _log
 from smapws._config import Config
 from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
+from smapws._errors import SmapwsError
 from smapws._io import sdnotify
 from smapws._io.app import App
 from smapws._io.server import (
@@ -137,7 +138,7 @@ def heartbeat_period(ping_s: float | None) -> float:
 # -- the control channel ---------------------------------------------------------------------
 
 
-class ChannelError(Exception):
+class ChannelError(SmapwsError):
     """A control message that is not one (too large, or not unpicklable)."""
 
 
@@ -177,6 +178,8 @@ class Channel:
         try:
             message: object = pickle.loads(data)
         except Exception as exc:
+            # Not chained: the first message carries the Config (JWT_SECRET, the
+            # API key) and an unpickling error may quote the payload's bytes.
             raise ChannelError(f"unreadable control message: {type(exc).__name__}") from None
         return message
 

@@ -146,11 +146,16 @@ def _client_main(
                 while True:
                     if churn["on"] and deadline == float("inf"):
                         deadline = trio.current_time() + random.expovariate(1 / lifetime_s)
+                    # Only the read may be cut short (by the lifetime, or each
+                    # second to look at the churn switch): frames read are
+                    # always handled in full, or they would count as gaps.
+                    chunk = None
                     with trio.move_on_at(min(deadline, trio.current_time() + 1)):
                         chunk = await stream.receive_some(65536)
-                        if not chunk:
-                            closed_by_server = True
-                            break
+                    if chunk == b"":
+                        closed_by_server = True
+                        break
+                    if chunk:
                         frames, buf = parse_frames(buf + chunk)
                         for _fin, op, payload in frames:
                             if op == OP_TEXT:

@@ -4,6 +4,7 @@ breaks, against a real hub, a real redis-server and real sockets."""
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import pytest
 import redis
@@ -77,3 +78,41 @@ async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
                 got += 1
     assert metric(hub, "websocket_broker_messages_dropped_total") == 0
     assert got == 20
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a resume whose since this hub does not hold reads the user's whole fleet log "
+    "(SMAPWS_HISTORY_PER_USER = 100 entries, unbounded in bytes: 6.5 MB for 100 x 60 KB), "
+    "16 at once, in no memory budget: one user's burst of 60 upgrades with a forged "
+    "since took a hub from 134 to 280 MiB RSS, past the 256 MiB pod limit",
+)
+async def test_resumes_with_an_unknown_id_stay_in_a_memory_budget(
+    nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    hub: Server = await nursery.start(serve, make_config(REDIS_URL=redis_server.url))
+    await wait_ready(hub)
+    user = "resumer"
+    pad = "x" * 60_000  # legal: under SMAPWS_MAX_MESSAGE_BYTES
+    with redis.Redis(port=redis_server.port) as r:
+        for i in range(100):
+            message = {"type": "n", "payload": {"i": i, "pad": pad}}
+            r.publish(f"user_noti:{user}", json.dumps(message))
+        with trio.fail_after(10):
+            while r.llen(f"{{user_noti:{user}}}:smapws:log") < 100:
+                await trio.sleep(0.05)
+
+    async def resume() -> None:
+        # An id the log does not hold: nothing to replay, yet the log is read.
+        async with connect(hub, user, query="?since=0123456789abcdef") as ws:
+            await ws.recv()
+
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as tabs:
+            for _ in range(48):  # within the user's burst of upgrades
+                tabs.start_soon(resume)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"

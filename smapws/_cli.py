@@ -193,6 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(config, demo_banner=True, public=public)
     if command == "token":
         return _token(config, args.user, args.ttl)
+    if config.demo:
+        # The demo's login hands anyone a token: under ``serve`` it would sign
+        # with JWT_SECRET and listen on SMAPWS_HOST (0.0.0.0 in the image).
+        print(
+            "smapws: configuration error: SMAPWS_DEMO (--demo): the demo runs only as "
+            "smapws demo, which signs with a secret of its own and listens on loopback",
+            file=sys.stderr,
+        )
+        return 2
     return _serve(config)
 
 

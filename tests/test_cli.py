@@ -306,6 +306,23 @@ def test_the_demo_listens_on_loopback_and_signs_with_its_own_secret(public: bool
         proc.stderr.close()
 
 
+@pytest.mark.parametrize("flag", [False, True])
+def test_serve_refuses_demo_mode(flag: bool) -> None:
+    """Review 16: ``SMAPWS_DEMO=true smapws serve`` (or ``--demo``) in the image
+    listened on 0.0.0.0 and its login handed anyone a token signed with the
+    production JWT_SECRET: what ``smapws demo`` was made unable to do. Only
+    ``smapws demo`` turns the demo on from the command line."""
+    env = {"SMAPWS_HOST": "0.0.0.0", "JWT_SECRET": SECRET, "SMAPWS_PORT": str(free_port())}
+    if not flag:
+        env["SMAPWS_DEMO"] = "true"
+    ran = smapws("serve", *(["--demo", "true"] if flag else []), **env)
+    assert ran.returncode == 2, ran.stderr
+    assert ran.stderr.splitlines()[-1] == (
+        "smapws: configuration error: SMAPWS_DEMO (--demo): the demo runs only as "
+        "smapws demo, which signs with a secret of its own and listens on loopback"
+    )
+
+
 def test_the_demo_refuses_a_public_host_without_public() -> None:
     ran = smapws("demo", "--host", "0.0.0.0", SMAPWS_PORT=str(free_port()))
     assert ran.returncode == 2

@@ -1,0 +1,118 @@
+"""Review of issue 16's fixes (a fresh-context attack on main): what still
+breaks, against a real hub, a real redis-server and real sockets."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import pytest
+import redis
+import trio
+import trio.testing
+
+from smapws import Server, serve
+
+from .conftest import RedisServer, connect, make_config, metric, wait_connections, wait_ready
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Chains (smapws/_core/fleet.py) keeps one link per user id ever published "
+    "to, swept only after SMAPWS_HISTORY_TTL (300 s) of silence and counted in no byte "
+    "bound: 74,506 distinct 256-character ids took a hub's RSS from 53 to 137 MiB with "
+    "the replay window at its 32 MiB bound",
+)
+async def test_a_flood_to_distinct_user_ids_keeps_the_chain_table_bounded(
+    nursery: trio.Nursery,
+) -> None:
+    # A window of 256 KiB holds a few hundred users' messages; the chains of
+    # the others are no use to any resume (their ids are gone from the window).
+    hub: Server = await nursery.start(serve, make_config(SMAPWS_HISTORY_MAX_BYTES=256 * 1024))
+    data = json.dumps({"type": "notification", "payload": {}}).encode()
+    for i in range(20_000):
+        user = f"{i:08d}" * 32  # 256 characters, the longest id a token may carry
+        await hub.app.broker.publish(b"user_noti:" + user.encode(), data)
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.app.history is not None
+    held = len(hub.app.history)
+    assert metric(hub, "websocket_history_bytes") <= 256 * 1024
+    # What the chains hold is bounded like the window they serve.
+    assert len(hub.app.chains) <= max(4 * held, 1000), (len(hub.app.chains), held)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="with the fleet log, the router asks Redis for the log of every user whose "
+    "chain it does not know, one round trip per batch of 65 messages: a fan-out to many "
+    "users routes ~7,500 messages/s and the shared router queue overflows, dropping "
+    "every user's messages alike (200,000 pipelined: 125,494 dropped)",
+)
+async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
+    nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    hub: Server = await nursery.start(
+        serve, make_config(REDIS_URL=redis_server.url, SMAPWS_INGEST_QUEUE=2000)
+    )
+    await wait_ready(hub)
+    async with connect(hub, "bystander") as ws:
+        await wait_connections(hub, 1)
+
+        def flood() -> None:
+            # A backend announcing something to every user, pipelined, with
+            # the bystander's own notifications in between.
+            with redis.Redis(port=redis_server.port) as r:
+                p = r.pipeline(transaction=False)
+                for i in range(20_000):
+                    p.publish(f"user_noti:fan-{i}", '{"type":"notification","payload":{}}')
+                    if i % 1000 == 999:
+                        p.publish("user_noti:bystander", json.dumps({"type": "n", "payload": i}))
+                        p.execute()
+                p.execute()
+
+        await trio.to_thread.run_sync(flood)
+        got = 0
+        with trio.move_on_after(5):
+            while got < 20:
+                json.loads(await ws.recv())
+                got += 1
+    assert metric(hub, "websocket_broker_messages_dropped_total") == 0
+    assert got == 20
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a resume whose since this hub does not hold reads the user's whole fleet log "
+    "(SMAPWS_HISTORY_PER_USER = 100 entries, unbounded in bytes: 6.5 MB for 100 x 60 KB), "
+    "16 at once, in no memory budget: one user's burst of 60 upgrades with a forged "
+    "since took a hub from 134 to 280 MiB RSS, past the 256 MiB pod limit",
+)
+async def test_resumes_with_an_unknown_id_stay_in_a_memory_budget(
+    nursery: trio.Nursery, redis_server: RedisServer
+) -> None:
+    hub: Server = await nursery.start(serve, make_config(REDIS_URL=redis_server.url))
+    await wait_ready(hub)
+    user = "resumer"
+    pad = "x" * 60_000  # legal: under SMAPWS_MAX_MESSAGE_BYTES
+    with redis.Redis(port=redis_server.port) as r:
+        for i in range(100):
+            message = {"type": "n", "payload": {"i": i, "pad": pad}}
+            r.publish(f"user_noti:{user}", json.dumps(message))
+        with trio.fail_after(10):
+            while r.llen(f"{{user_noti:{user}}}:smapws:log") < 100:
+                await trio.sleep(0.05)
+
+    async def resume() -> None:
+        # An id the log does not hold: nothing to replay, yet the log is read.
+        async with connect(hub, user, query="?since=0123456789abcdef") as ws:
+            await ws.recv()
+
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as tabs:
+            for _ in range(48):  # within the user's burst of upgrades
+                tabs.start_soon(resume)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"

@@ -263,3 +263,16 @@ def test_any_bytes_in_the_log_decode_or_raise_value_error(data: bytes) -> None:
         return
     assert len(entry.mid) == 16 and len(entry.prev) == 16 and entry.wall_ms >= 0
     assert encode_entry(*entry) == data
+
+
+def test_trim_forgets_the_oldest_links_nobody_holds() -> None:
+    chains = Chains(None, floor_wall=0.0)
+    for i in range(10):
+        chains.advance(f"u{i}", "a" * 16, float(i))
+    held = {"u0", "u1", "u5"}
+    assert chains.trim(lambda u: u in held, 4) == 6
+    assert len(chains) == 4
+    # The held ones stay however old; of the rest, the newest.
+    assert {u for u in (f"u{i}" for i in range(10)) if chains.last(u) != GENESIS} == held | {"u9"}
+    assert chains.trim(lambda u: True, 1) == 0  # nothing it may forget
+    assert chains.trim(lambda u: False, 10) == 0  # under the limit

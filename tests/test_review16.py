@@ -16,13 +16,6 @@ from smapws import Server, serve
 from .conftest import RedisServer, connect, make_config, metric, wait_connections, wait_ready
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Chains (smapws/_core/fleet.py) keeps one link per user id ever published "
-    "to, swept only after SMAPWS_HISTORY_TTL (300 s) of silence and counted in no byte "
-    "bound: 74,506 distinct 256-character ids took a hub's RSS from 53 to 137 MiB with "
-    "the replay window at its 32 MiB bound",
-)
 async def test_a_flood_to_distinct_user_ids_keeps_the_chain_table_bounded(
     nursery: trio.Nursery,
 ) -> None:
@@ -80,13 +73,6 @@ async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
     assert got == 20
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a resume whose since this hub does not hold reads the user's whole fleet log "
-    "(SMAPWS_HISTORY_PER_USER = 100 entries, unbounded in bytes: 6.5 MB for 100 x 60 KB), "
-    "16 at once, in no memory budget: one user's burst of 60 upgrades with a forged "
-    "since took a hub from 134 to 280 MiB RSS, past the 256 MiB pod limit",
-)
 async def test_resumes_with_an_unknown_id_stay_in_a_memory_budget(
     nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:

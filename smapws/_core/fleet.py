@@ -30,7 +30,7 @@ from __future__ import annotations
 import binascii
 import functools
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Final, NamedTuple
@@ -285,6 +285,26 @@ class Chains:
             del self._links[u]
         if len(self._floors) > len(self._links):
             self._floors = {u: f for u, f in self._floors.items() if u in self._links}
+
+    def trim(self, keep: Callable[[str], bool], limit: int) -> int:
+        """Forget the oldest links (first seen first) of users ``keep``
+        refuses until at most ``limit`` remain, or none is left to forget:
+        bounded memory when messages go to many user ids nobody holds (a
+        forgotten user's next message asks the log, or starts at
+        :data:`GENESIS` without one). Returns how many were forgotten."""
+        excess = len(self._links) - limit
+        if excess <= 0:
+            return 0
+        drop = []
+        for user in self._links:
+            if not keep(user):
+                drop.append(user)
+                if len(drop) == excess:
+                    break
+        for user in drop:
+            del self._links[user]
+            self._floors.pop(user, None)
+        return len(drop)
 
     def __len__(self) -> int:
         return len(self._links)

@@ -88,6 +88,10 @@ CONSULT_BACKOFF = 5.0
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
 ROUTER_BATCH = 64
+#: Links the chain table keeps whatever the window holds (see
+#: App._trim_chains): a few hundred bytes each.
+CHAINS_FLOOR: Final = 500
+
 #: Seconds between two resyncs for messages dropped before the router: its
 #: queue is full when that happens, and one resync covers every drop before
 #: it (a frontend refetches once, not once per dropped message).
@@ -190,6 +194,7 @@ class App:
         #: The log's last entries for users whose chain this hub asks for,
         #: filled by the router before it routes a batch.
         self._consulted: dict[str, list[Header]] = {}
+        self._chain_trim_at = 2 * CHAINS_FLOOR
         self._consult_after = 0.0
         self.prefix = config.channel_prefix.encode()
         self._draining = AsyncBool(False)
@@ -626,6 +631,8 @@ class App:
                 mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
                 written = any(h.mid == mid for h in recent)
         chains.advance(user, mid, now)
+        if len(chains) > self._chain_trim_at:
+            self._trim_chains()
         env = with_id(env, mid)
         if self.history is not None:
             self.history.record(user, mid, prev, env, now)
@@ -633,6 +640,25 @@ class App:
             entry = encode_entry(mid, prev, int(wall * 1000), data)
             self.fleet.append_nowait(channel, mid, prev, entry)
         return env
+
+    def _trim_chains(self) -> None:
+        """Keep the chain table in proportion to what uses it: the users the
+        replay window or a connection holds (a flood to distinct user ids
+        took 74,506 links, 84 MiB, with the window at its bound). Trimmed to
+        that many (at least :data:`CHAINS_FLOOR`) when it reaches twice
+        as many, so the walk is paid once per that many new users."""
+        history = self.history
+        hub = self.hub
+        held = hub.active_users + (0 if history is None else history.users())
+        limit = max(CHAINS_FLOOR, held)
+
+        def keep(user: str) -> bool:
+            return bool(hub.connections(user)) or (
+                history is not None and history.user_bytes(user) > 0
+            )
+
+        self.chains.trim(keep, limit)
+        self._chain_trim_at = 2 * max(limit, len(self.chains))
 
     def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:
         """Offer ``env`` to each of ``conns`` and count what happened; return

@@ -89,11 +89,24 @@ APPEND_BATCH: Final = 512
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
 #: drain wait their turn instead of holding a thousand lists in memory.
-CONCURRENT_READS: Final = 16
+#: Each may hold SMAPWS_HISTORY_PER_USER messages of SMAPWS_MAX_MESSAGE_BYTES
+#: (6.5 MB for 100 x 60 KB progress), so 4: about 26 MB at worst, and tabs of
+#: one user resuming together share one read (see FleetLog.read).
+CONCURRENT_READS: Final = 4
 #: Seconds between two log lines about the same failing operation.
 _LOG_EVERY: Final = 10.0
 
 _APPEND_RESULTS: Final = {0: "duplicate", 1: "written", 2: "off_chain"}
+
+
+class _SharedRead:
+    """One read of a log, awaited by every resume of its user meanwhile."""
+
+    __slots__ = ("done", "entries")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.entries: list[LogEntry] | None = None
 
 
 class FleetLog:
@@ -122,6 +135,10 @@ class FleetLog:
         self._metrics = metrics
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
         self._readers = trio.CapacityLimiter(CONCURRENT_READS)
+        #: Reads in flight, by channel: a second resume of the same user
+        #: waits for the first one's answer instead of reading it again
+        #: (one user's burst of tabs held one copy of its log each).
+        self._reading: dict[bytes, _SharedRead] = {}
         self._log = RateLimitedLog(_LOG_EVERY)
 
     def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
@@ -210,6 +227,19 @@ class FleetLog:
         the log is not one this hub can read. Bounded: a longer list (a hub
         with a larger ``SMAPWS_HISTORY_PER_USER``, a foreign writer) is
         never read whole, let alone decoded on the event loop."""
+        shared = self._reading.get(channel)
+        if shared is not None:  # another tab of this user is reading it: share
+            await shared.done.wait()
+            return shared.entries
+        shared = self._reading[channel] = _SharedRead()
+        try:
+            shared.entries = await self._read(channel)
+        finally:
+            del self._reading[channel]
+            shared.done.set()
+        return shared.entries
+
+    async def _read(self, channel: bytes) -> list[LogEntry] | None:
         key = log_key(channel)
         async with self._readers:
             replies = await self._commands("read", [("LRANGE", key, -self._per_user, -1)])

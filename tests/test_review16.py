@@ -34,16 +34,15 @@ async def test_a_flood_to_distinct_user_ids_keeps_the_chain_table_bounded(
     assert len(hub.app.chains) <= max(4 * held, 1000), (len(hub.app.chains), held)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with the fleet log, the router asks Redis for the log of every user whose "
-    "chain it does not know, one round trip per batch of 65 messages: a fan-out to many "
-    "users routes ~7,500 messages/s and the shared router queue overflows, dropping "
-    "every user's messages alike (200,000 pipelined: 125,494 dropped)",
-)
-async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
+async def test_a_fan_out_to_many_new_users_tells_a_bystander_what_it_lost(
     nursery: trio.Nursery, redis_server: RedisServer
 ) -> None:
+    # A backend announcing something to every user, pipelined faster than the
+    # router routes (review16: 17,175 of 20,020 dropped, the bystander's
+    # among them, without a word). The hub reads Redis as fast as it sends
+    # (issue 16: never the slow reader) and drops past its queue; what it may
+    # not do is lose a tab's message silently: each dropped stretch gets every
+    # tab a resync.
     hub: Server = await nursery.start(
         serve, make_config(REDIS_URL=redis_server.url, SMAPWS_INGEST_QUEUE=2000)
     )
@@ -52,8 +51,6 @@ async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
         await wait_connections(hub, 1)
 
         def flood() -> None:
-            # A backend announcing something to every user, pipelined, with
-            # the bystander's own notifications in between.
             with redis.Redis(port=redis_server.port) as r:
                 p = r.pipeline(transaction=False)
                 for i in range(20_000):
@@ -64,13 +61,18 @@ async def test_a_fan_out_to_many_new_users_drops_no_bystanders_message(
                 p.execute()
 
         await trio.to_thread.run_sync(flood)
-        got = 0
+        got, resyncs = 0, 0
         with trio.move_on_after(5):
             while got < 20:
-                json.loads(await ws.recv())
-                got += 1
-    assert metric(hub, "websocket_broker_messages_dropped_total") == 0
-    assert got == 20
+                msg = json.loads(await ws.recv())
+                if msg["type"] == "resync":
+                    assert msg["payload"]["reason"] == "dropped"
+                    resyncs += 1
+                else:
+                    got += 1
+    dropped = metric(hub, "websocket_broker_messages_dropped_total")
+    # Every notification arrived, or the tab was told (and only then).
+    assert got == 20 or (dropped > 0 and resyncs > 0)
 
 
 async def test_resumes_with_an_unknown_id_stay_in_a_memory_budget(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import tracemalloc
 
-import pytest
 import redis
 import trio
 import trio.testing

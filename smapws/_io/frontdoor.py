@@ -354,11 +354,27 @@ async def _websocket(
     """Complete the upgrade and serve the connection until it ends. This task
     becomes the connection's writer. The WebSocket is appended to
     ``upgraded`` once the 101 is sent (for the barrier in :func:`handle`)."""
-    cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
     expiry = now + (upgrade.expires_at - time.time())
     app.upgrade_started(upgrade.user_id)
+    try:
+        await _serve_websocket(app, stream, upgrade, upgraded, now, expiry)
+    finally:
+        # The reader task has returned: nothing reports to the listener any more.
+        for upgraded_ws in upgraded:
+            upgraded_ws.detach()
+
+
+async def _serve_websocket(
+    app: App,
+    stream: trio.abc.Stream,
+    upgrade: _Upgrade,
+    upgraded: list[ServerWebSocket],
+    now: float,
+    expiry: float,
+) -> None:
+    cfg = app.config
     async with trio.open_nursery() as nursery:
         ws = None
         try:

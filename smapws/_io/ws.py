@@ -418,6 +418,14 @@ class ServerWebSocket:
         if reason is not None:
             listener.on_closed(_code(reason))
 
+    def detach(self) -> None:
+        """Forget the listener, once the reader task has returned: the
+        listener holds this WebSocket, and the cycle would leave the whole
+        connection (buffers, parser, socket objects) to the cyclic garbage
+        collector, which the hub's tuning runs rarely (tests/test_gc_cycles.py)."""
+        self._ws.listener = None
+        self._ws._on_message = None
+
     def receive(self, listener: MessageListener) -> None:
         """Like :meth:`listen`, but assemble each client message (within
         ``max_message_size``) and hand it whole to ``listener.on_message``,

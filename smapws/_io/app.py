@@ -29,7 +29,6 @@ from smapws._core.envelope import (
     encode_message,
     parse,
     user_from_channel,
-    with_id,
 )
 from smapws._core.fleet import (
     Chains,
@@ -585,18 +584,20 @@ class App:
         m.broker_received.inc()
         try:
             user = user_from_channel(channel, self.prefix)
+            mid, prev, recent = self._place(user, channel, data, now)
             env = parse(
                 data,
                 wall_time=wall_time,
                 received_at=now,
                 max_bytes=self.config.max_message_bytes,
                 max_depth=self.config.max_json_depth,
+                message_id=mid,
             )
         except InvalidMessage as exc:
             m.broker_invalid.labels(exc.reason).inc()
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
-        env = self._identify(user, channel, data, env, wall_time, now)
+        self._record(user, channel, data, env, mid, prev, recent, wall_time, now)
         if env.kind and self.snapshots is not None:
             self.snapshots.observe(user, env, now)
         conns = self.hub.connections(user)
@@ -611,35 +612,53 @@ class App:
             )
         return queued
 
-    def _identify(
-        self, user: str, channel: bytes, data: bytes, env: Envelope, wall: float, now: float
-    ) -> Envelope:
-        """``env`` with its id (the same on every hub, see
-        :mod:`smapws._core.fleet`), recorded in the replay window and
-        appended to the fleet's log."""
+    def _place(
+        self, user: str, channel: bytes, data: bytes, now: float
+    ) -> tuple[str, str, list[Header] | None]:
+        """The id of ``data`` on ``channel`` (the same on every hub, see
+        :mod:`smapws._core.fleet`) and the id it follows, computed before
+        the message is framed; and what the fleet's log said of the user,
+        when it was asked. Changes nothing: :meth:`_record` does, once the
+        message is known to be valid."""
         chains = self.chains
         prev = chains.prev(user, now)
-        written = False  # already in the fleet's log
         if prev is not None:
-            mid = chain_id(channel, data, prev)
-        else:
-            recent = self._consulted.pop(user, None)
-            if recent is None:  # the log did not answer: carry on alone
-                prev = chains.last(user)
-                mid = chain_id(channel, data, prev)
-            else:
-                mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
-                written = any(h.mid == mid for h in recent)
+            return chain_id(channel, data, prev), prev, None
+        recent = self._consulted.get(user)
+        if recent is None:  # the log did not answer: carry on alone
+            prev = chains.last(user)
+            return chain_id(channel, data, prev), prev, None
+        mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
+        return mid, prev, recent
+
+    def _record(
+        self,
+        user: str,
+        channel: bytes,
+        data: bytes,
+        env: Envelope,
+        mid: str,
+        prev: str,
+        recent: list[Header] | None,
+        wall: float,
+        now: float,
+    ) -> None:
+        """Advance ``user``'s chain to ``env`` (id ``mid``, after ``prev``),
+        record it in the replay window and append it to the fleet's log
+        (unless ``recent``, the log's last entries, already hold it)."""
+        chains = self.chains
+        written = False
+        if recent is not None:
+            del self._consulted[user]
+            written = any(h.mid == mid for h in recent)
         chains.advance(user, mid, now)
         if len(chains) > self._chain_trim_at:
             self._trim_chains()
-        env = with_id(env, mid)
         if self.history is not None:
             self.history.record(user, mid, prev, env, now)
         if self.fleet is not None and not written:
             entry = encode_entry(mid, prev, int(wall * 1000), data)
             self.fleet.append_nowait(channel, mid, prev, entry)
-        return env
 
     def _trim_chains(self) -> None:
         """Keep the chain table in proportion to what uses it: the users the
@@ -820,15 +839,13 @@ class App:
         now = trio.current_time()
         try:
             envelopes = tuple(
-                with_id(
-                    parse(
-                        e.raw,
-                        wall_time=e.wall_ms / 1000,
-                        received_at=now,
-                        max_bytes=self.config.max_message_bytes,
-                        max_depth=self.config.max_json_depth,
-                    ),
-                    e.mid,
+                parse(
+                    e.raw,
+                    wall_time=e.wall_ms / 1000,
+                    received_at=now,
+                    max_bytes=self.config.max_message_bytes,
+                    max_depth=self.config.max_json_depth,
+                    message_id=e.mid,
                 )
                 for e in chain
             )

@@ -347,14 +347,14 @@ async def serve(
     on_app(app)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
     # Before any task: a port in use is one line (ListenError), not a group.
-    public, internal = listeners if listeners is not None else await _open_all(config)
+    public, internal = listeners if listeners is not None else await open_all_listeners(config)
     try:
         async with _bridge(config), trio.open_nursery() as root:
             server = Server(
                 app,
-                _bound_port(public),
+                bound_port(public),
                 root.cancel_scope,
-                internal_port=_bound_port(internal) if internal else None,
+                internal_port=bound_port(internal) if internal else None,
             )
             await root.start(broker.run, send)
             if app.fleet is not None:
@@ -387,10 +387,10 @@ async def serve(
                 if app.fleet is not None:
                     await app.fleet.aclose()
     finally:
-        _close(public + internal)  # however serve ends
+        close_listeners(public + internal)  # however serve ends
 
 
-async def _open_all(
+async def open_all_listeners(
     config: Config,
 ) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
     """The public listeners and the internal ones (none without
@@ -401,7 +401,7 @@ async def _open_all(
     try:
         return public, await _open_listeners(*config.internal_address)
     except BaseException:
-        _close(public)
+        close_listeners(public)
         raise
 
 
@@ -453,11 +453,12 @@ async def _accept_loop(
                 nursery.start_soon(handler, stream)
 
 
-def _bound_port(listeners: list[trio.SocketListener]) -> int:
+def bound_port(listeners: list[trio.SocketListener]) -> int:
+    """The port ``listeners`` (of one address) are bound to."""
     return int(listeners[0].socket.getsockname()[1])
 
 
-def _close(listeners: list[trio.SocketListener]) -> None:
+def close_listeners(listeners: list[trio.SocketListener]) -> None:
     """Close listening sockets (idempotent; ``serve_listeners`` may have)."""
     for listener in listeners:
         listener.socket.close()

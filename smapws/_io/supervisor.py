@@ -65,14 +65,15 @@ from smapws._io.app import App
 from smapws._io.server import (
     STOP_MARGIN_S,
     Server,
-    _bound_port,
-    _close,
-    _open_all,
+    bound_port,
+    close_listeners,
     log_listening,
+    open_all_listeners,
     serve,
     stop_budget,
 )
 from smapws._log import fields, logger
+from smapws._runtime import tune_gc
 from smapws.metrics import Family, cumulative, merge, render, snapshot
 
 #: How often a worker reports its counts when nothing else changed, and the
@@ -310,8 +311,8 @@ class Supervisor:
         self.config = config
         self.public = public
         self.internal = internal
-        self.port = _bound_port(public) if public else 0
-        self.internal_port = _bound_port(internal) if internal else None
+        self.port = bound_port(public) if public else 0
+        self.internal_port = bound_port(internal) if internal else None
         self.notifier = notifier or sdnotify.Notifier(None)
         #: ``watchdog_s`` is a lone hub's ping period (half of WatchdogSec=).
         self.ping_s = ping_period(watchdog_s)
@@ -691,7 +692,7 @@ async def run_group(config: Config) -> int:
     bind, supervise the workers until they have drained; the exit status
     (0 drained, 1 if workers had to be killed at the stop deadline). Raises
     :class:`~smapws._io.server.ListenError` if it cannot listen."""
-    public, internal = await _open_all(config)
+    public, internal = await open_all_listeners(config)
     try:
         notifier = sdnotify.Notifier.from_environ(os.environ)
         watchdog_s = sdnotify.watchdog_period(os.environ, os.getpid())
@@ -716,7 +717,7 @@ async def run_group(config: Config) -> int:
             # run() returned: every worker has exited after the drain.
             nursery.cancel_scope.cancel()
     finally:
-        _close(public + internal)
+        close_listeners(public + internal)
     return 1 if supervisor.killed else 0
 
 
@@ -742,9 +743,7 @@ async def _worker(sock: socket.socket) -> None:
         raise ChannelError(f"expected Hello first, got {type(hello).__name__}")
     config = hello.config
     _log.configure(config.log_level, config.log_format, context={"worker": hello.index})
-    from smapws._cli import _tune_gc
-
-    _tune_gc()
+    tune_gc()
     listeners = (_listeners(hello.public_fds), _listeners(hello.internal_fds))
     asked: dict[int, tuple[trio.Event, list[bytes]]] = {}
 

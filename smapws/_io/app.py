@@ -104,8 +104,23 @@ class HubState(NamedTuple):
         return self.broker == "connected" and not self.draining
 
 
+class Membership(NamedTuple):
+    """What a worker of a group (``SMAPWS_WORKERS`` > 1) gives its
+    :class:`App` at construction."""
+
+    #: The worker's place in the group (its reports carry it).
+    worker_index: int
+    #: The group as the supervisor first described it (see
+    #: :meth:`App.update_group` for the later descriptions).
+    view: GroupView
+    #: What ``/metrics`` answers: the group's registry, collected by the
+    #: supervisor (``None`` when it cannot be).
+    render_metrics: Callable[[], Awaitable[bytes | None]]
+
+
 class App:
-    """State shared by every task of one hub."""
+    """State shared by every task of one hub. ``member``: this hub is a
+    worker of a group (None: a lone hub)."""
 
     def __init__(
         self,
@@ -113,6 +128,7 @@ class App:
         broker: Broker,
         metrics: Metrics | None = None,
         fleet: FleetLog | None = None,
+        member: Membership | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -197,11 +213,11 @@ class App:
         #: In a worker of a group (``SMAPWS_WORKERS`` > 1): the group as the
         #: supervisor last described it, which ``/ready`` and ``/health``
         #: answer for; ``None`` in a lone hub.
-        self.group: GroupView | None = None
-        self.worker_index = 0
-        #: What ``/metrics`` answers: this hub's registry, or in a worker the
-        #: group's, collected by the supervisor (``None`` when it cannot be).
-        self.render_metrics: Callable[[], Awaitable[bytes | None]] = self._render_own_metrics
+        self._group: GroupView | None = None if member is None else member.view
+        self._worker_index = 0 if member is None else member.worker_index
+        self._render_metrics: Callable[[], Awaitable[bytes | None]] = (
+            self._render_own_metrics if member is None else member.render_metrics
+        )
         #: Per-user subscriptions (``SMAPWS_SUBSCRIBE_MODE=user``), or None.
         self.channels = broker.channels
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
@@ -686,6 +702,25 @@ class App:
                 next_sweep = now + SWEEP_INTERVAL
 
     # -- health ----------------------------------------------------------
+
+    @property
+    def group(self) -> GroupView | None:
+        """The group this worker belongs to, as last described (None: a lone hub)."""
+        return self._group
+
+    @property
+    def worker_index(self) -> int:
+        return self._worker_index
+
+    def update_group(self, view: GroupView) -> None:
+        """The supervisor describes the group anew."""
+        self._group = view
+
+    async def render_metrics(self) -> bytes | None:
+        """What ``/metrics`` answers: this hub's registry, or in a worker
+        the group's, collected by the supervisor (``None`` when it cannot
+        be)."""
+        return await self._render_metrics()
 
     def ready(self) -> bool:
         """What ``/ready`` answers: this hub is subscribed and not draining,

@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from smapws._config import Config
 from smapws._errors import SmapwsError
 from smapws._io import frontdoor, sdnotify
-from smapws._io.app import App
+from smapws._io.app import App, Membership
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
 from smapws._io.brokers.cluster import ShardedBroker
@@ -305,7 +305,7 @@ async def serve(
     notify_systemd: bool | None = None,
     metrics: Metrics | None = None,
     listeners: Listeners | None = None,
-    on_app: Callable[[App], object] = lambda app: None,
+    member: Membership | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the hub until drained (or cancelled).
@@ -318,8 +318,8 @@ async def serve(
     ``listeners``: serve these already-listening sockets (public, internal)
     instead of binding ``config.host:config.port`` (a worker of a group gets
     them from its supervisor); ``serve`` closes its copies when it returns.
-    ``on_app(app)`` is called once the :class:`App` exists, before any task
-    starts (a worker hooks its group view and metrics in there).
+    ``member``: this hub is a worker of a group (its index, the group's
+    view and ``/metrics``, see :class:`~smapws._io.app.Membership`).
 
     ``notify_systemd`` (default: the same as ``handle_signals``, i.e. when
     the hub owns the process) speaks systemd's notify protocol on
@@ -343,8 +343,7 @@ async def serve(
         queued=queued,
     )
     fleet = make_fleet_log(config, metrics)
-    app = App(config, broker, metrics, fleet)
-    on_app(app)
+    app = App(config, broker, metrics, fleet, member)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
     # Before any task: a port in use is one line (ListenError), not a group.
     public, internal = listeners if listeners is not None else await open_all_listeners(config)

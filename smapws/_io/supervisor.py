@@ -61,7 +61,7 @@ from smapws._config import Config
 from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
 from smapws._errors import SmapwsError
 from smapws._io import sdnotify
-from smapws._io.app import App
+from smapws._io.app import App, Membership
 from smapws._io.server import (
     STOP_MARGIN_S,
     Server,
@@ -753,10 +753,7 @@ async def _worker(sock: socket.socket) -> None:
     # the worker (a /metrics request, the reporter) waits on it without end.
     outbox, unsent = trio.open_memory_channel[object](OUTBOX)
 
-    def hook(app: App) -> None:
-        app.worker_index = hello.index
-        app.group = hello.view
-        app.render_metrics = partial(_ask_metrics, outbox, asked)
+    member = Membership(hello.index, hello.view, partial(_ask_metrics, outbox, asked))
 
     async with trio.open_nursery() as nursery:
 
@@ -766,7 +763,7 @@ async def _worker(sock: socket.socket) -> None:
                 handle_signals=True,
                 notify_systemd=False,
                 listeners=listeners,
-                on_app=hook,
+                member=member,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()  # drained: the control tasks end too
@@ -819,7 +816,7 @@ async def _obey(
     app = server.app
     while (message := await channel.receive()) is not None:
         if isinstance(message, View):
-            app.group = message.view
+            app.update_group(message.view)
         elif isinstance(message, Drain):
             server.drain()
         elif isinstance(message, Stop):

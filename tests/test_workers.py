@@ -120,7 +120,7 @@ async def test_any_worker_answers_health_and_ready_for_the_group() -> None:
     assert doc["subscriber"]["status"] == "connected"  # the answering worker's
     app.update_group(GroupView((None, report(1)), max_connections=10))
     assert app.ready() is True and app.health()["status"] == "ok"
-    app.draining = True
+    assert app.start_drain() and not app.start_drain()
     assert app.ready() is False and app.health()["draining"] is True
 
 

@@ -263,9 +263,14 @@ class App:
     def draining(self) -> bool:
         return bool(self._draining.value)
 
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self._draining.value = value
+    def start_drain(self) -> bool:
+        """From now on this hub is draining (``/ready`` 503, new upgrades
+        refused, ``websocket_draining`` 1); False when it already was."""
+        if self._draining.value:
+            return False
+        self._draining.value = True
+        self.metrics.draining.set(1)
+        return True
 
     # -- connections -----------------------------------------------------
 

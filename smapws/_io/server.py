@@ -116,10 +116,8 @@ class Server:
         drain window (see :meth:`_close_spread`). ``serve`` returns when the
         last one has gone or ``SMAPWS_DRAIN_TIMEOUT`` has passed. Idempotent."""
         app = self.app
-        if app.draining:
+        if not app.start_drain():
             return
-        app.draining = True
-        app.metrics.draining.set(1)
         n = app.hub.active_connections
         logger.info("draining", extra=fields(connections=n, timeout_s=app.config.drain_timeout))
         self.notifier.stopping(

@@ -28,7 +28,7 @@ def raw(mtype: str, **payload: Any) -> bytes:
 
 
 class Hub:
-    """What App._identify does with one History: the id, then the record."""
+    """What Router.route does with one History: the id, then the record."""
 
     def __init__(self, **limits: Any) -> None:
         self.history = History(HistoryLimits(**limits))

@@ -182,7 +182,7 @@ class WsConn:
 
     # -- input -------------------------------------------------------------
 
-    def receive_data(self, data: bytes, now: float) -> tuple[Event, ...] | list[Event]:
+    def receive_data(self, data: bytes | bytearray, now: float) -> tuple[Event, ...] | list[Event]:
         """Feed bytes read from the socket (``b""``: the peer closed the TCP
         connection). Returns what the client did; the answers (pongs, close
         frames) are in :meth:`data_to_send`."""
@@ -196,7 +196,7 @@ class WsConn:
             return _NOTHING
         proto = self._proto
         before = self.close
-        proto.receive_data(data)
+        proto.receive_data(data if isinstance(data, bytes) else bytes(data))
         events: list[Event] = []
         for event in proto.events():
             if isinstance(event, TextMessage | BytesMessage):

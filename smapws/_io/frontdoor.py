@@ -40,12 +40,12 @@ from smapws._core.http import (
     parse_head,
     response,
 )
+from smapws._core.wsconn import handshake_response, valid_key
 from smapws._errors import SmapwsError
 from smapws._io import assets, connection, demo
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
-from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
 from smapws._log import fields, logger
 
 _RECEIVE_BYTES: Final = 4096
@@ -171,7 +171,7 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     connection alone, answered 500 before the upgrade or closed with 1011
     after it, counted as ``websocket_internal_errors_total{where="connection"}``
     and logged once with its traceback. Only cancellation goes further."""
-    upgraded: list[ServerWebSocket] = []
+    upgraded: list[bool] = []
     address = _address(stream)
     try:
         if not app.pending_by_address.acquire(address):
@@ -349,49 +349,43 @@ def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
 
 
 async def _websocket(
-    app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[ServerWebSocket]
+    app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[bool]
 ) -> None:
-    """Complete the upgrade and serve the connection until it ends. This task
-    becomes the connection's writer. The WebSocket is appended to
-    ``upgraded`` once the 101 is sent (for the barrier in :func:`handle`)."""
+    """Complete the upgrade and serve the connection until it ends, in this
+    task (:mod:`smapws._io.connection`). ``upgraded`` gets an entry once the
+    101 is sent (for the barrier in :func:`handle`)."""
     cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
     expiry = now + (upgrade.expires_at - time.time())
     app.upgrade_started(upgrade.user_id)
-    async with trio.open_nursery() as nursery:
-        ws = None
-        try:
-            with trio.CancelScope(deadline=upgrade.deadline):
-                # User mode: the 101 waits for the user's subscription (at
-                # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
-                left = upgrade.deadline - now
-                await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
-                # A tab resuming with an id this hub does not hold: what the
-                # fleet's log has after it, read before the 101.
-                upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
-                ws = await ServerWebSocket.accept(
-                    nursery,
-                    stream,
-                    upgrade.key,
-                    upgrade.trailing,
-                    max_message_size=cfg.max_client_message_bytes,
-                    max_frame_rate=cfg.max_client_frame_rate,
-                )
-        except WsClosed:
-            pass
-        finally:
-            app.upgrade_finished(upgrade.user_id)
-        if ws is None:
-            _reject_log(app, "handshake_failed", 400, upgrade.remote)
-            nursery.cancel_scope.cancel()
-            return
-        upgraded.append(ws)
-        upgrade.trailing = b""
-        conn = connection.Connection(
-            app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
-        )
-        await connection.run(app, nursery, ws, conn, upgrade.resume)
+    accepted = False
+    try:
+        with trio.CancelScope(deadline=upgrade.deadline):
+            # User mode: the 101 waits for the user's subscription (at
+            # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
+            left = upgrade.deadline - now
+            await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
+            # A tab resuming with an id this hub does not hold: what the
+            # fleet's log has after it, read before the 101.
+            upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
+            # The head is not parsed a second time (by h11 inside wsproto):
+            # the front door's checks are the handshake.
+            await stream.send_all(handshake_response(upgrade.key))
+            accepted = True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        app.upgrade_finished(upgrade.user_id)
+    if not accepted:
+        _reject_log(app, "handshake_failed", 400, upgrade.remote)
+        return
+    upgraded.append(True)
+    trailing, upgrade.trailing = upgrade.trailing, b""
+    conn = connection.Connection(
+        app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
+    )
+    await connection.run(app, stream, conn, upgrade.resume, trailing)
 
 
 # -- publish API ---------------------------------------------------------------

@@ -161,6 +161,22 @@ def test_protocol_errors_are_answered_with_a_close_frame() -> None:
         assert only_close(p.flush())[0] == code
 
 
+def test_echoes_of_messages_before_a_bad_frame_go_out_before_the_close_frame() -> None:
+    # Autobahn 3.2-5.15's strict outcome: the message before the bad frame
+    # (read in the same chunk) is echoed, then the connection is failed.
+    p = pair(assemble=True)
+    bad_rsv = bytes((0x80 | 0x20 | 0x1, 0x80 | 2)) + b"\x00" * 4 + b"hi"
+    p.feed(p.client.send(TextMessage("first")) + bad_rsv)
+    assert p.reported[0] == wsconn.Message("first")
+    p.server.send_frame(b"\x81\x05first")
+    p.server.send_frame(b"\x81\x05later")  # only until the close frame is out
+    events = p.flush()
+    assert events[:2] == [TextMessage("first"), TextMessage("later")]
+    assert only_close(events[2:])[0] == 1002
+    p.server.send_frame(b"\x81\x05after")
+    assert p.flush() == []
+
+
 def test_the_peer_closing_is_answered_and_reported_once() -> None:
     p = pair()
     p.server.offer(envelope(1))  # queued: dropped, the peer reads no more

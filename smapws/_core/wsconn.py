@@ -129,6 +129,7 @@ class WsConn:
 
     __slots__ = (
         "_assemble",
+        "_failing",
         "_frames",
         "_inflight",
         "_limits",
@@ -172,6 +173,9 @@ class WsConn:
         self._assemble = assemble
         self._proto = Connection(ConnectionType.SERVER)
         self._out = b""
+        #: The close frame of a read that failed the connection (1002,
+        #: 1007, 1008, 1009): joins the output at the next data_to_send.
+        self._failing = b""
         self._sent_total = 0  # bytes of output the socket took, ever
         self._queued_total = 0  # bytes ever put in the output
         #: Envelopes in the output: (where their frame ends, the envelope).
@@ -289,7 +293,7 @@ class WsConn:
             # Not a close frame but a protocol error wsproto reports as one
             # (1002; 1007 for invalid UTF-8). RFC 6455 §7.1.7: send a close
             # frame with that code before closing the TCP connection.
-            self._append(proto.send(CloseConnection(event.code, event.reason or "")))
+            self._failing = proto.send(CloseConnection(event.code, event.reason or ""))
             if self.close is None:
                 self.close = Close(event.code, event.reason or "", False, "client_closed")
         # Else our close frame was answered (CLOSED), or the peer broke the
@@ -300,7 +304,7 @@ class WsConn:
         close frame, and no more reading (the rest is not parsed)."""
         self.finished = True
         if self._proto.state is ConnectionState.OPEN:
-            self._append(self._proto.send(CloseConnection(code, reason)))
+            self._failing = self._proto.send(CloseConnection(code, reason))
         if self.close is None:
             self.close = Close(code, reason, False, cause)
 
@@ -321,9 +325,13 @@ class WsConn:
 
     def send_frame(self, frame: bytes) -> None:
         """Append a whole ready-made data frame to the output, after what is
-        queued (the conformance echo's path; the hub offers envelopes)."""
+        queued (the conformance echo's path; the hub offers envelopes). Also
+        right after a read that failed the connection: answers to the
+        messages before the bad frame go out before the close frame."""
         if self.close is None:
             self._take_outbox()
+            self._append(frame)
+        elif self._failing:
             self._append(frame)
 
     def tick(self, now: float) -> None:
@@ -364,7 +372,7 @@ class WsConn:
         lost = len(self._inflight) if self._inflight else 0
         self._inflight = None
         self._sent_total = self._queued_total
-        self._out = b""
+        self._out = self._failing = b""
         return lost
 
     # -- output ------------------------------------------------------------
@@ -390,7 +398,11 @@ class WsConn:
 
     def has_output(self) -> bool:
         """Whether anything waits to be written (output, or queued)."""
-        return bool(self._out) or (self.close is None and bool(len(self.outbox)))
+        return (
+            bool(self._out)
+            or bool(self._failing)
+            or (self.close is None and bool(len(self.outbox)))
+        )
 
     def data_to_send(self) -> bytes:
         """Everything to write now, whole frames in order (the queued
@@ -398,6 +410,9 @@ class WsConn:
         says how much the socket took."""
         if self.close is None:
             self._take_outbox()
+        elif self._failing:
+            self._append(self._failing)
+            self._failing = b""
         return self._out
 
     def sent(self, n: int) -> list[Envelope]:

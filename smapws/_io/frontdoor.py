@@ -171,7 +171,7 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     connection alone, answered 500 before the upgrade or closed with 1011
     after it, counted as ``websocket_internal_errors_total{where="connection"}``
     and logged once with its traceback. Only cancellation goes further."""
-    upgraded: list[bool] = []
+    upgraded: list[connection.Connection | None] = []
     address = _address(stream)
     try:
         if not app.pending_by_address.acquire(address):
@@ -187,7 +187,7 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
         pass  # the peer went away; nothing to answer
     except* Exception as group:
         app.internal_error("connection", group, remote=_peer(stream))
-        farewell = close_frame(INTERNAL_ERROR, "internal error") if upgraded else response(500)
+        farewell = _farewell(upgraded[-1]) if upgraded else response(500)
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(_LINGER_S),
@@ -197,6 +197,19 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def _farewell(conn: connection.Connection | None) -> bytes:
+    """What an upgraded connection that failed is sent last: the rest of a
+    data frame written in part (a close frame inside it would break the
+    client's framing), then a close frame with 1011."""
+    if conn is not None:
+        try:
+            conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
+            return conn.ws.data_to_send()
+        except Exception:  # the connection's own state is what failed
+            pass
+    return close_frame(INTERNAL_ERROR, "internal error")
 
 
 async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade | None:
@@ -349,11 +362,15 @@ def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
 
 
 async def _websocket(
-    app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[bool]
+    app: App,
+    stream: trio.abc.Stream,
+    upgrade: _Upgrade,
+    upgraded: list[connection.Connection | None],
 ) -> None:
     """Complete the upgrade and serve the connection until it ends, in this
     task (:mod:`smapws._io.connection`). ``upgraded`` gets an entry once the
-    101 is sent (for the barrier in :func:`handle`)."""
+    101 is sent, the connection once it exists (for the barrier in
+    :func:`handle`)."""
     cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
@@ -380,9 +397,9 @@ async def _websocket(
     if not accepted:
         _reject_log(app, "handshake_failed", 400, upgrade.remote)
         return
-    upgraded.append(True)
+    upgraded.append(None)
     trailing, upgrade.trailing = upgrade.trailing, b""
-    conn = connection.Connection(
+    conn = upgraded[-1] = connection.Connection(
         app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
     )
     await connection.run(app, stream, conn, upgrade.resume, trailing)

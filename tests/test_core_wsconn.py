@@ -179,11 +179,14 @@ def test_echoes_of_messages_before_a_bad_frame_go_out_before_the_close_frame() -
 
 def test_the_peer_closing_is_answered_and_reported_once() -> None:
     p = pair()
-    p.server.offer(envelope(1))  # queued: dropped, the peer reads no more
+    p.server.offer(envelope(1))  # the output (being written, as a rule)
+    p.server.offer(envelope(2))  # queued: dropped, the peer reads no more
     p.send(CloseConnection(1000, "bye"))
     assert p.reported == [Closed(Close(1000, "bye", True, "client_closed"))]
     assert p.server.finished
-    assert only_close(p.flush()) == (1000, "bye")
+    message, *close = p.flush()
+    assert isinstance(message, TextMessage) and json.loads(message.data)["payload"]["n"] == 1
+    assert only_close(close) == (1000, "bye")
     assert p.client.state is ConnectionState.CLOSED
     assert p.server.offer(envelope(2)) == wsconn.REFUSED
     p.feed(b"")
@@ -205,7 +208,7 @@ def test_offered_frames_are_delivered_in_order() -> None:
     envs = [envelope(i) for i in range(3)]
     assert [p.server.offer(e) for e in envs] == [QUEUED] * 3
     data = p.server.data_to_send()
-    assert p.server.sent(len(data)) == envs
+    assert list(p.server.sent(len(data))) == envs
     p.client.receive_data(data)
     got = [json.loads(e.data)["payload"]["n"] for e in p.client.events()]  # type: ignore[attr-defined]
     assert got == [0, 1, 2]
@@ -213,14 +216,18 @@ def test_offered_frames_are_delivered_in_order() -> None:
 
 def test_a_full_queue_closes_with_1013_after_what_is_queued() -> None:
     p = Pair(WsConn("u1", LIMITS, OutboxLimits(high_water=2, max_messages=2), now=0.0))
+    # The first is the output at once (nothing waited); then the queue's bound.
     assert p.server.offer(envelope(0)) == QUEUED
-    assert p.server.offer(envelope(1)) & QUEUED
-    assert p.server.offer(envelope(2)) == OVERFLOW
+    assert len(p.server.outbox) == 0
+    assert p.server.offer(envelope(1)) == QUEUED
+    assert p.server.offer(envelope(2)) & QUEUED
+    assert p.server.offer(envelope(3)) == OVERFLOW
     assert p.server.close == Close(1013, "slow consumer", False, "slow_consumer")
-    assert p.server.offer(envelope(3)) == wsconn.REFUSED
+    assert p.server.offer(envelope(4)) == wsconn.REFUSED
     events = p.flush()
-    assert [json.loads(e.data)["payload"]["n"] for e in events[:2]] == [0, 1]  # type: ignore[attr-defined]
-    assert only_close(events[2:]) == (1013, "slow consumer")
+    got = [json.loads(e.data)["payload"]["n"] for e in events[:3]]  # type: ignore[attr-defined]
+    assert got == [0, 1, 2]
+    assert only_close(events[3:]) == (1013, "slow consumer")
     # Not finished: the peer's answer is read (the shell bounds the wait).
     assert not p.server.finished
     p.send(CloseConnection(1013))
@@ -232,17 +239,30 @@ def test_a_control_frame_never_lands_inside_a_data_frame_written_in_part() -> No
     env = envelope(1, pad=60_000)
     p.server.offer(env)
     data = p.server.data_to_send()
-    assert p.server.sent(1000) == []  # the socket took 1000 bytes
+    assert p.server.sent(1000) == ()  # the socket took 1000 bytes
     p.send(Ping(b"ping!"))  # the answer goes after the frame
     p.server.tick(54.0)  # and the heartbeat's ping too
     p.server.close_with(1001, "server shutting down", cause="drain")
     rest = p.server.data_to_send()
-    assert p.server.sent(len(rest)) == [env]
+    assert list(p.server.sent(len(rest))) == [env]
     p.client.receive_data(data[:1000] + rest)
     events = list(p.client.events())
     assert isinstance(events[0], TextMessage) and len(events[0].data) > 60_000
     assert events[1:3] == [Pong(b"ping!"), Ping(b"")]
     assert only_close(events[3:]) == (1001, "server shutting down")
+
+
+def test_pings_and_pongs_go_before_data_not_handed_out_yet() -> None:
+    # As a writer that sends its control frames first: a client (such as
+    # trio-websocket's) that closes right after a message then never reads
+    # a ping it would answer in the closing state.
+    p = pair()
+    p.server.offer(envelope(1))
+    p.server.tick(54.0)
+    p.send(Ping(b"p"))
+    events = p.flush()
+    assert events[:2] == [Ping(b""), Pong(b"p")]
+    assert isinstance(events[2], TextMessage)
 
 
 def test_heartbeat_pings_and_a_missing_pong_closes_with_1011() -> None:
@@ -355,3 +375,32 @@ def test_every_message_type_is_a_message() -> None:
     p = pair(assemble=True)
     p.send(TextMessage("x"))
     assert isinstance(p.reported[0], wsconn.Message) and not isinstance(p.reported[0], Message)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=8),
+    st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=40),
+)
+def test_each_envelope_is_reported_written_once_its_last_byte_is(
+    pads: list[int], writes: list[int]
+) -> None:
+    server = WsConn("u1", LIMITS, OutboxLimits(), now=0.0)
+    envs = [envelope(i, pad) for i, pad in enumerate(pads)]
+    ends, total = [], 0
+    for env in envs:
+        assert server.offer(env) & QUEUED
+        total += len(env.frame)
+        ends.append(total)
+    wire = b""
+    written: list[Envelope] = []
+    for n in writes:
+        data = server.data_to_send()
+        if not data:
+            break
+        took = min(n, len(data))
+        wire += data[:took]
+        written.extend(server.sent(took))
+        # Exactly those whose frame ended within what was written.
+        assert written == [e for e, end in zip(envs, ends, strict=True) if end <= len(wire)]
+    assert wire == b"".join(e.frame for e in envs)[: len(wire)]

@@ -40,7 +40,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from smapws._core.closecodes import CloseCode
 from smapws._core.envelope import Envelope
-from smapws._core.outbox import OVERFLOW, Outbox, OutboxLimits, Push
+from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, OutboxLimits, Push
 from smapws._core.ratelimit import TokenBucket
 
 #: A server ping with an empty payload: unmasked, FIN, opcode 0x9, length 0.
@@ -129,10 +129,16 @@ class WsConn:
 
     __slots__ = (
         "_assemble",
+        "_backlog",
+        "_control",
+        "_ends",
+        "_envs",
         "_failing",
         "_frames",
-        "_inflight",
         "_limits",
+        "_next",
+        "_next_ends",
+        "_next_envs",
         "_out",
         "_parts",
         "_proto",
@@ -162,6 +168,7 @@ class WsConn:
         #: When the token expires (None: never closed for it).
         self.expires_at = expires_at
         self.outbox = Outbox(outbox)
+        self._backlog = False  # something in the outbox (cheaper than its len())
         #: How it ended; None while open.
         self.close: Close | None = None
         #: Nothing more will be read: once the output is written, the socket
@@ -172,14 +179,25 @@ class WsConn:
         self._limits = limits
         self._assemble = assemble
         self._proto = Connection(ConnectionType.SERVER)
+        #: Output handed out by data_to_send and not all sent yet.
         self._out = b""
+        #: Pings and pongs since: first in the next data_to_send (before the
+        #: data frames not handed out yet, after what was).
+        self._control = b""
+        #: Data and close frames since, in order; the envelopes among them
+        #: and where their frames end in it.
+        self._next = b""
+        self._next_envs: list[Envelope] | None = None
+        self._next_ends: list[int] | None = None
         #: The close frame of a read that failed the connection (1002,
         #: 1007, 1008, 1009): joins the output at the next data_to_send.
         self._failing = b""
         self._sent_total = 0  # bytes of output the socket took, ever
         self._queued_total = 0  # bytes ever put in the output
-        #: Envelopes in the output: (where their frame ends, the envelope).
-        self._inflight: list[tuple[int, Envelope]] | None = None
+        #: Envelopes in the output, and where (in bytes ever queued) each
+        #: one's frame ends; None when there are none.
+        self._envs: list[Envelope] | None = None
+        self._ends: list[int] | None = None
         self._frames: TokenBucket | None = None  # made at the first frame
         self._size = 0  # bytes of the client message being received
         self._parts: list[str | bytes] | None = None
@@ -212,7 +230,7 @@ class WsConn:
                 if not self._count_frame(now):
                     break
                 if proto.state is ConnectionState.OPEN:
-                    self._append(proto.send(event.response()))
+                    self._control += proto.send(event.response())
             elif isinstance(event, Pong):
                 if not self._count_frame(now):
                     break
@@ -318,7 +336,16 @@ class WsConn:
         nothing and returns :data:`REFUSED`."""
         if self.close is not None:
             return REFUSED
+        if not self._out and not self._next and not self._backlog:
+            # Nothing waits: the frame is the output (the shell writes it
+            # at once, as a rule), without a pass through the queue.
+            frame = envelope.frame
+            self._next = frame
+            self._next_envs = [envelope]
+            self._next_ends = [len(frame)]
+            return QUEUED
         result = self.outbox.push(envelope)
+        self._backlog = True  # (maybe empty after a refusal: _take_outbox copes)
         if result & OVERFLOW:
             self.close_with(CloseCode.TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
         return result
@@ -347,7 +374,7 @@ class WsConn:
             self.next_ping = max(self.next_ping + self._limits.ping_interval, now)
             if self.ping_sent_at is None:  # one ping in flight at a time
                 self.ping_sent_at = now
-                self._append(PING_FRAME)
+                self._control += PING_FRAME
 
     def close_with(self, code: int, reason: str, *, cause: str) -> bool:
         """Close with ``code`` after what is queued, then read until the
@@ -369,70 +396,101 @@ class WsConn:
         self.finished = True
         if self.close is None:
             self.close = Close(CloseCode.ABNORMAL, "", False, cause)
-        lost = len(self._inflight) if self._inflight else 0
-        self._inflight = None
+        lost = (len(self._envs) if self._envs else 0) + (
+            len(self._next_envs) if self._next_envs else 0
+        )
+        self._envs = self._ends = self._next_envs = self._next_ends = None
         self._sent_total = self._queued_total
-        self._out = self._failing = b""
+        self._out = self._control = self._next = self._failing = b""
         return lost
 
     # -- output ------------------------------------------------------------
 
     def _append(self, frame: bytes) -> None:
-        self._out = self._out + frame if self._out else frame
-        self._queued_total += len(frame)
+        self._next = self._next + frame if self._next else frame
 
     def _take_outbox(self) -> None:
-        outbox = self.outbox
-        if not len(outbox):
+        if not self._backlog:
             return
-        items = outbox.take_all()
-        inflight = self._inflight
-        if inflight is None:
-            inflight = self._inflight = []
-        end = self._queued_total
+        self._backlog = False
+        items = self.outbox.take_all()
+        if not items:
+            return
+        envs, ends = self._next_envs, self._next_ends
+        if envs is None or ends is None:
+            envs, ends = self._next_envs, self._next_ends = [], []
+        end = len(self._next)
         for env in items:
             end += len(env.frame)
-            inflight.append((end, env))
-        frames = items[0].frame if len(items) == 1 else b"".join([e.frame for e in items])
-        self._append(frames)
+            ends.append(end)
+        envs.extend(items)
+        self._append(items[0].frame if len(items) == 1 else b"".join([e.frame for e in items]))
 
     def has_output(self) -> bool:
         """Whether anything waits to be written (output, or queued)."""
         return (
             bool(self._out)
+            or bool(self._control)
+            or bool(self._next)
             or bool(self._failing)
-            or (self.close is None and bool(len(self.outbox)))
+            or (self.close is None and self._backlog)
         )
 
     def data_to_send(self) -> bytes:
-        """Everything to write now, whole frames in order (the queued
-        messages join the output here). Stays the output until :meth:`sent`
-        says how much the socket took."""
+        """Everything to write now, whole frames: what the last call returned
+        and the socket did not take yet, pings and pongs, then the data
+        frames (the queued messages join here) and a close frame. Stays the
+        output until :meth:`sent` says how much the socket took."""
         if self.close is None:
-            self._take_outbox()
+            if self._backlog:
+                self._take_outbox()
         elif self._failing:
             self._append(self._failing)
             self._failing = b""
+        control, nxt = self._control, self._next
+        if control or nxt:
+            added = control + nxt if control else nxt
+            envs = self._next_envs
+            if envs is not None and self._next_ends is not None:
+                base = self._queued_total + len(control)
+                ends = [base + end for end in self._next_ends]
+                if self._envs is None or self._ends is None:
+                    self._envs, self._ends = envs, ends
+                else:
+                    self._envs.extend(envs)
+                    self._ends.extend(ends)
+                self._next_envs = self._next_ends = None
+            self._out = self._out + added if self._out else added
+            self._queued_total += len(added)
+            self._control = self._next = b""
         return self._out
 
-    def sent(self, n: int) -> list[Envelope]:
+    def sent(self, n: int) -> list[Envelope] | tuple[()]:
         """The socket took the first ``n`` bytes of :meth:`data_to_send`.
         Returns the envelopes whose frames are now written whole."""
         if n <= 0:
-            return []
+            return ()
         out = self._out
-        self._out = out[n:] if n < len(out) else b""
+        envs = self._envs
+        if n >= len(out):  # all of it (the common case)
+            self._out = b""
+            self._sent_total = self._queued_total
+            if envs is None:
+                return ()
+            self._envs = self._ends = None
+            return envs
+        self._out = out[n:]
         self._sent_total += n
-        inflight = self._inflight
-        if not inflight:
-            return []
+        ends = self._ends
+        if envs is None or ends is None:
+            return ()
         done = self._sent_total
-        if inflight[-1][0] <= done:
-            self._inflight = None
-            return [env for _, env in inflight]
         i = 0
-        while inflight[i][0] <= done:
+        while ends[i] <= done:  # (the last one is not written whole)
             i += 1
-        written = [env for _, env in inflight[:i]]
-        del inflight[:i]
+        if not i:
+            return ()
+        written = envs[:i]
+        del envs[:i]
+        del ends[:i]
         return written

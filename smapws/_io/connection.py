@@ -39,7 +39,7 @@ from smapws._config import Config
 from smapws._core.closecodes import CloseCode
 from smapws._core.envelope import Envelope
 from smapws._core.history import Resume
-from smapws._core.outbox import OVERFLOW, Outbox, OutboxLimits, Push
+from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, OutboxLimits, Push
 from smapws._core.wsconn import Close, Message, WsConn, WsLimits
 from smapws._log import fields, logger
 from smapws.metrics import Metrics
@@ -159,7 +159,9 @@ class Connection:
         offered); a closing connection queues nothing and returns
         :data:`~smapws._core.wsconn.REFUSED` (falsy)."""
         result = self.ws.offer(envelope)
-        if result:
+        if result is QUEUED:  # the common case (IntFlag arithmetic is slow)
+            self._flush()
+        elif result:
             if result & OVERFLOW:
                 self._metrics.slow_consumer_closes.inc()
             self._flush()
@@ -189,16 +191,21 @@ class Connection:
             return  # the task writes what was added once its write is done
         ws = self.ws
         fd = self._fd
-        if fd >= 0 and ws.has_output():
+        if fd >= 0:
             data = ws.data_to_send()
-            try:
-                n = os.write(fd, data)
-            except OSError:  # full (BlockingIOError), or the peer is gone:
-                n = 0  # the task's write waits, or meets the error
-            if n:
-                add = self._metrics.direct_writes.add
-                for env in ws.sent(n):
-                    add(env, env.received_at)
+            if data:
+                try:
+                    n = os.write(fd, data)
+                except OSError:  # full (BlockingIOError), or the peer is gone:
+                    n = 0  # the task's write waits, or meets the error
+                if n:
+                    envs = ws.sent(n)
+                    if envs:
+                        add = self._metrics.direct_writes.add
+                        for env in envs:
+                            add(env, env.received_at)
+                    if n == len(data) and ws.close is None:
+                        return  # all written: nothing to wake the task for
         scope = self._scope
         if scope is not None and (
             ws.has_output() or (ws.close is not None and self._deadline == math.inf)

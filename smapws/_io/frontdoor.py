@@ -1,7 +1,8 @@
 """One port for HTTP and WebSocket (two with ``SMAPWS_INTERNAL_PORT``).
 
-The front door reads the request head itself (trio-websocket would answer
-every non-upgrade request with 400), then:
+The front door reads and parses the request head itself (once: the upgrade
+is answered from it, and the WebSocket after it is the sans-IO
+``smapws._core.wsconn`` driven by ``smapws._io.connection``), then:
 
 - ``GET /health``, ``GET /ready``, ``GET /metrics``, ``POST /api/publish`` are
   answered as plain HTTP and the connection is closed;

@@ -33,7 +33,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -271,9 +271,9 @@ class WsConn:
                 self._parts = None
                 self._size = 0
                 if isinstance(event, BytesMessage):
-                    events.append(Message(b"".join(parts)))  # type: ignore[arg-type]
+                    events.append(Message(b"".join(cast("list[bytes]", parts))))
                 else:
-                    events.append(Message("".join(parts)))  # type: ignore[arg-type]
+                    events.append(Message("".join(cast("list[str]", parts))))
         elif event.message_finished:
             self._size = 0
             events.append(_COUNTED)

@@ -214,7 +214,9 @@ class Connection:
 
     # -- the connection's task ---------------------------------------------
 
-    async def _serve(self, stream: trio.abc.Stream, trailing: bytes, write_wait: float) -> None:
+    async def _serve(self, stream: trio.abc.Stream, trailing: bytes, write_wait: float) -> bool:
+        """Until the connection is over; True when the close handshake
+        ended it (or we failed it): the caller then lingers."""
         ws = self.ws
         metrics = self._metrics
         events = ws.receive_data(trailing, trio.current_time()) if trailing else ()
@@ -224,12 +226,11 @@ class Connection:
                     metrics.client_messages.inc()
             if ws.has_output():
                 if not await self._write(stream, write_wait):
-                    return
+                    return False
                 events = ()
                 continue  # what was added meanwhile goes next
             if ws.finished:
-                await _linger(stream)
-                return
+                return True
             if ws.close is not None and self._deadline == math.inf:
                 self._deadline = trio.current_time() + write_wait
             with trio.CancelScope(deadline=self._deadline) as scope:
@@ -242,7 +243,7 @@ class Connection:
                     self._scope = None
             if scope.cancelled_caught:
                 if trio.current_time() >= self._deadline:
-                    return  # our close frame was never answered
+                    return False  # our close frame was never answered
                 events = ()
                 continue  # woken: there is output, or a close to wait for
             events = ws.receive_data(data, trio.current_time())
@@ -305,14 +306,17 @@ async def run(
 ) -> None:
     """Serve ``conn`` on ``stream`` (already upgraded; ``trailing``: what
     the client sent after its request head) in this task until it closes,
-    and unregister it. ``resume``: what the client asked for with
-    ``?since=``. The caller closes the stream."""
+    unregister it, and linger (see :func:`_linger`) after a close handshake.
+    ``resume``: what the client asked for with ``?since=``. The caller
+    closes the stream."""
     conn._fd = _fd(stream)
     try:
         # Inside the try: a fault while registering (a bug) must not leave
         # the connection in the hub, against every limit, for good.
         host.register(conn, resume)
-        await conn._serve(stream, trailing, host.config.write_wait)
+        linger = await conn._serve(stream, trailing, host.config.write_wait)
     finally:
-        conn._fd = -1  # the socket closes next: no more direct writes
+        conn._fd = -1  # the socket closes soon: no more direct writes
         host.unregister(conn)
+    if linger:  # (out of the hub's tables: the connection is over)
+        await _linger(stream)

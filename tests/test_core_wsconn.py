@@ -404,3 +404,19 @@ def test_each_envelope_is_reported_written_once_its_last_byte_is(
         # Exactly those whose frame ended within what was written.
         assert written == [e for e, end in zip(envs, ends, strict=True) if end <= len(wire)]
     assert wire == b"".join(e.frame for e in envs)[: len(wire)]
+
+
+def test_while_the_socket_is_full_messages_stay_under_the_queues_bounds() -> None:
+    # A partial write leaves output: what is offered meanwhile is queued
+    # (bounded, conflated), not appended to the output, so a tab that reads
+    # nothing is closed 1013 instead of growing a buffer.
+    server = WsConn("u1", LIMITS, OutboxLimits(high_water=2, max_messages=2), now=0.0)
+    server.offer(envelope(0, pad=1000))
+    data = server.data_to_send()
+    server.sent(10)
+    for i in range(1, 3):
+        assert server.offer(envelope(i)) & QUEUED
+        assert server.data_to_send() == data[10:]  # only the rest of the frame
+        server.sent(0)
+    assert len(server.outbox) == 2
+    assert server.offer(envelope(3)) == OVERFLOW

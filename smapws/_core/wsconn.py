@@ -439,10 +439,14 @@ class WsConn:
     def data_to_send(self) -> bytes:
         """Everything to write now, whole frames: what the last call returned
         and the socket did not take yet, pings and pongs, then the data
-        frames (the queued messages join here) and a close frame. Stays the
-        output until :meth:`sent` says how much the socket took."""
+        frames (the queued messages join here, once the last call's output
+        is written) and a close frame. Stays the output until :meth:`sent`
+        says how much the socket took."""
         if self.close is None:
-            if self._backlog:
+            if self._backlog and not self._out:
+                # Queued messages join only once the output is written: while
+                # the socket is full they stay under the queue's policy and
+                # bounds (conflation, 1013), not in an unbounded buffer.
                 self._take_outbox()
         elif self._failing:
             self._append(self._failing)

@@ -214,40 +214,6 @@ class Connection:
 
     # -- the connection's task ---------------------------------------------
 
-    async def _serve(self, stream: trio.abc.Stream, trailing: bytes, write_wait: float) -> bool:
-        """Until the connection is over; True when the close handshake
-        ended it (or we failed it): the caller then lingers."""
-        ws = self.ws
-        metrics = self._metrics
-        events = ws.receive_data(trailing, trio.current_time()) if trailing else ()
-        while True:
-            for event in events:
-                if isinstance(event, Message):
-                    metrics.client_messages.inc()
-            if ws.has_output():
-                if not await self._write(stream, write_wait):
-                    return False
-                events = ()
-                continue  # what was added meanwhile goes next
-            if ws.finished:
-                return True
-            if ws.close is not None and self._deadline == math.inf:
-                self._deadline = trio.current_time() + write_wait
-            with trio.CancelScope(deadline=self._deadline) as scope:
-                self._scope = scope
-                try:
-                    data = await stream.receive_some(_RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
-                finally:
-                    self._scope = None
-            if scope.cancelled_caught:
-                if trio.current_time() >= self._deadline:
-                    return False  # our close frame was never answered
-                events = ()
-                continue  # woken: there is output, or a close to wait for
-            events = ws.receive_data(data, trio.current_time())
-
     async def _write(self, stream: trio.abc.Stream, write_wait: float) -> bool:
         """Write the output; False when the connection is to be dropped."""
         ws = self.ws
@@ -314,7 +280,43 @@ async def run(
         # Inside the try: a fault while registering (a bug) must not leave
         # the connection in the hub, against every limit, for good.
         host.register(conn, resume)
-        linger = await conn._serve(stream, trailing, host.config.write_wait)
+        write_wait = host.config.write_wait
+        linger = False  # True once the close handshake ended it (or we failed it)
+        ws = conn.ws
+        metrics = conn._metrics
+        events = ws.receive_data(trailing, trio.current_time()) if trailing else ()
+        while True:
+            for event in events:
+                if isinstance(event, Message):
+                    metrics.client_messages.inc()
+            if ws.has_output():
+                if not await conn._write(stream, write_wait):
+                    break
+                events = ()
+                continue  # what was added meanwhile goes next
+            if ws.finished:
+                linger = True
+                break
+            if ws.close is not None and conn._deadline == math.inf:
+                conn._deadline = trio.current_time() + write_wait
+            with trio.CancelScope(deadline=conn._deadline) as scope:
+                conn._scope = scope
+                try:
+                    if conn._fd >= 0:
+                        # Parked here, an idle connection holds no frame of
+                        # the stream's receive path; then it reads at once.
+                        await trio.lowlevel.wait_readable(conn._fd)
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                finally:
+                    conn._scope = None
+            if scope.cancelled_caught:
+                if trio.current_time() >= conn._deadline:
+                    break  # our close frame was never answered
+                events = ()
+                continue  # woken: there is output, or a close to wait for
+            events = ws.receive_data(data, trio.current_time())
     finally:
         conn._fd = -1  # the socket closes soon: no more direct writes
         host.unregister(conn)

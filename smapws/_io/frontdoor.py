@@ -182,8 +182,11 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
             upgrade = await _front(app, stream, routes)
         finally:
             app.pending_by_address.release(address)
-        if upgrade is not None:
-            await _websocket(app, stream, upgrade, upgraded)
+        if upgrade is not None and (conn := await _accept(app, stream, upgrade, upgraded)):
+            # The connection's life, in this task (one coroutine frame less
+            # per idle connection than a helper around it).
+            trailing, resume, upgrade = upgrade.trailing, upgrade.resume, None
+            await connection.run(app, stream, conn, resume, trailing)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
     except* Exception as group:
@@ -362,16 +365,15 @@ def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
     )
 
 
-async def _websocket(
+async def _accept(
     app: App,
     stream: trio.abc.Stream,
     upgrade: _Upgrade,
     upgraded: list[connection.Connection | None],
-) -> None:
-    """Complete the upgrade and serve the connection until it ends, in this
-    task (:mod:`smapws._io.connection`). ``upgraded`` gets an entry once the
-    101 is sent, the connection once it exists (for the barrier in
-    :func:`handle`)."""
+) -> connection.Connection | None:
+    """Complete the upgrade: the connection to serve, or None when the peer
+    went away first. ``upgraded`` gets an entry once the 101 is sent, the
+    connection once it exists (for the barrier in :func:`handle`)."""
     cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
@@ -397,13 +399,12 @@ async def _websocket(
         app.upgrade_finished(upgrade.user_id)
     if not accepted:
         _reject_log(app, "handshake_failed", 400, upgrade.remote)
-        return
+        return None
     upgraded.append(None)
-    trailing, upgrade.trailing = upgrade.trailing, b""
     conn = upgraded[-1] = connection.Connection(
         app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
     )
-    await connection.run(app, stream, conn, upgrade.resume, trailing)
+    return conn
 
 
 # -- publish API ---------------------------------------------------------------

@@ -6,9 +6,10 @@ task tree; an idle connection (thousands are, at any time) holds them in one
 task and one cancel scope, and no nursery:
 
 - The connection's own task (the one the listener started for its socket)
-  reads: it waits in ``receive_some`` inside a cancel scope and feeds what
-  comes to the state machine (pongs, client messages, close frames, the
-  client's size and frame-rate bounds). When there is output it writes it
+  reads: it waits until the socket is readable (``wait_readable``; an
+  in-memory stream: in ``receive_some``) inside its one cancel scope, reads,
+  and feeds what came to the state machine (pongs, client messages, close
+  frames, the client's size and frame-rate bounds). When there is output it writes it
   with ``send_all`` under ``SMAPWS_WRITE_WAIT`` (past it the connection is
   abandoned: ``write_timeout``); when the connection is closing it reads on
   until the peer's close frame answers, at most ``SMAPWS_WRITE_WAIT``.

@@ -457,7 +457,9 @@ class WsConn:
             envs = self._next_envs
             if envs is not None and self._next_ends is not None:
                 base = self._queued_total + len(control)
-                ends = [base + end for end in self._next_ends]
+                nends = self._next_ends
+                # (One envelope is the common case: no comprehension for it.)
+                ends = [base + nends[0]] if len(nends) == 1 else [base + e for e in nends]
                 if self._envs is None or self._ends is None:
                     self._envs, self._ends = envs, ends
                 else:

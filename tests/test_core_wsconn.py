@@ -265,6 +265,26 @@ def test_pings_and_pongs_go_before_data_not_handed_out_yet() -> None:
     assert isinstance(events[2], TextMessage)
 
 
+def test_the_close_answer_follows_a_data_frame_written_in_part() -> None:
+    for close, code in [(CloseConnection(1000), 1000), (None, 1002)]:
+        p = pair()
+        p.server.offer(envelope(1, pad=60_000))
+        data = p.server.data_to_send()
+        p.server.sent(1000)
+        if close is not None:
+            p.send(close)
+        else:
+            p.feed(bytes((0x80 | 0x40 | 0x1, 0x80)) + b"\x00" * 4)  # a reserved bit
+        assert p.server.finished
+        rest = p.server.data_to_send()
+        assert rest.startswith(data[1000:])
+        p.server.sent(len(rest))
+        p.client.receive_data(data[:1000] + rest)
+        message, *closing = p.client.events()
+        assert isinstance(message, TextMessage) and len(message.data) > 60_000
+        assert only_close(closing)[0] == code
+
+
 def test_heartbeat_pings_and_a_missing_pong_closes_with_1011() -> None:
     p = pair()
     p.server.tick(53.0)
@@ -334,40 +354,65 @@ def test_handshake_response() -> None:
 # -- however the bytes are split ------------------------------------------------
 
 
-def _client_stream() -> bytes:
+def _client_events() -> st.SearchStrategy[list[Event]]:
+    """What a client may send: messages (fragmented or not, some over the
+    limit), pings, pongs, a close at the end or not."""
+    text = st.text(max_size=40).map(lambda t: [TextMessage(t)])
+    fragmented = st.lists(st.text(min_size=1, max_size=20), min_size=2, max_size=4).map(
+        lambda parts: (
+            [TextMessage(p, message_finished=False) for p in parts[:-1]] + [TextMessage(parts[-1])]
+        )
+    )
+    binary = st.binary(max_size=150).map(lambda b: [BytesMessage(b)])  # may pass 100
+    ping = st.binary(max_size=20).map(lambda b: [Ping(b)])
+    pong = st.binary(max_size=20).map(lambda b: [Pong(b)])
+    body = st.lists(st.one_of(text, fragmented, binary, ping, pong), max_size=8)
+    close = st.sampled_from([[], [CloseConnection(1000, "bye")]])
+    return st.tuples(body, close).map(lambda bc: [e for group in bc[0] for e in group] + bc[1])
+
+
+def _encode(events: list[Event]) -> bytes:
     client = Connection(ConnectionType.CLIENT)
-    events: list[Event] = [
-        TextMessage("hé", message_finished=False),
-        TextMessage("llo"),
-        Ping(b"p1"),
-        BytesMessage(b"\x00" * 300),  # over the limit of 100: 1009
-        Pong(b"late"),
-    ]
     return b"".join(client.send(e) for e in events)
 
 
-STREAM = _client_stream()
-
-
-def _run(chunks: list[bytes]) -> tuple[list[wsconn.Event], bytes, Close | None]:
+def _run(chunks: list[bytes]) -> tuple[list[wsconn.Event], bytes, Close | None, bool]:
     server = WsConn("u1", LIMITS, OutboxLimits(), now=0.0, assemble=True)
     reported: list[wsconn.Event] = []
     for chunk in chunks:
         reported.extend(server.receive_data(chunk, 0.0))
-    return reported, server.data_to_send(), server.close
+    return reported, server.data_to_send(), server.close, server.finished
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(min_value=1, max_value=len(STREAM) - 1), max_size=30))
-def test_the_outcome_does_not_depend_on_how_the_bytes_are_split(cuts: list[int]) -> None:
-    points = sorted(set(cuts))
-    chunks = [STREAM[a:b] for a, b in zip([0, *points], [*points, len(STREAM)], strict=True)]
-    assert _run(chunks) == _run([STREAM])
-    reported, out, close = _run([STREAM])
-    # The pong for p1, then the 1009 close frame: nothing for the late pong.
-    assert out.startswith(b"\x8a\x02p1\x88")
-    assert reported[0] == wsconn.Message("héllo")
-    assert close is not None and close.code == 1009
+@given(_client_events(), st.lists(st.integers(min_value=1, max_value=2000), max_size=30))
+def test_the_outcome_does_not_depend_on_how_the_bytes_are_split(
+    events: list[Event], cuts: list[int]
+) -> None:
+    stream = _encode(events)
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    whole = _run([stream] if stream else [])
+    assert _run([c for c in chunks if c]) == whole
+    # And the whole stream's outcome is the client's: every message within
+    # the limit is reported in order, up to the first one over it.
+    reported, _out, close, _finished = whole
+    messages = [e for e in reported if isinstance(e, wsconn.Message)]
+    expected: list[str | bytes] = []
+    parts: list[str] = []
+    for e in events:
+        if isinstance(e, TextMessage):
+            parts.append(e.data)
+            if e.message_finished:
+                expected.append("".join(parts))
+                parts = []
+        elif isinstance(e, BytesMessage):
+            expected.append(bytes(e.data))
+    sizes = [len(m.encode()) if isinstance(m, str) else len(m) for m in expected]
+    over = next((i for i, n in enumerate(sizes) if n > LIMITS.max_message_bytes), None)
+    assert [m.data for m in messages] == expected[:over]
+    if over is not None:
+        assert close is not None and close.code == 1009
 
 
 def test_every_message_type_is_a_message() -> None:

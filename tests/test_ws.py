@@ -144,6 +144,9 @@ async def test_a_protocol_error_is_answered_with_a_close_frame() -> None:
             await c.client.stream.send_all(bad)
             with trio.fail_after(5):
                 await c.client.eof.wait()  # the server closed its side
+            # ... and lingers for the client's (counted as the front door's
+            # lingering closes are), out of the hub's tables.
+            assert len(c.app.lingering) == 1 and c.app.hub.active_connections == 0
         frames = c.client.frames()
         assert len(frames) == 1
         assert close_code(frames[0]) == code

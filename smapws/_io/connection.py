@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import AbstractContextManager
 from typing import Final, Protocol
 
 import trio
@@ -83,6 +84,11 @@ class Host(Protocol):
     def register(self, conn: Connection, resume: Resume | None = None) -> None: ...
 
     def unregister(self, conn: Connection) -> None: ...
+
+    def lingering_close(self, scope: trio.CancelScope) -> AbstractContextManager[None]:
+        """Count a socket in its lingering close (``scope``: what cancels it
+        to make room) against ``SMAPWS_MAX_PENDING_REQUESTS``."""
+        ...
 
 
 def _fd(stream: trio.abc.Stream) -> int:
@@ -246,12 +252,13 @@ class Connection:
         return True
 
 
-async def _linger(stream: trio.abc.Stream) -> None:
+async def _linger(host: Host, stream: trio.abc.Stream) -> None:
     """Half-close, then discard what the peer still sends until it closes
-    (bounded by :data:`_LINGER_S` and :data:`_LINGER_BYTES`)."""
+    (bounded by :data:`_LINGER_S` and :data:`_LINGER_BYTES`, and counted as
+    the front door counts its own lingering closes)."""
     if not isinstance(stream, trio.abc.HalfCloseableStream):
         return
-    with trio.move_on_after(_LINGER_S):
+    with trio.move_on_after(_LINGER_S) as scope, host.lingering_close(scope):
         try:
             await stream.send_eof()
             discarded = 0
@@ -322,4 +329,4 @@ async def run(
         conn._fd = -1  # the socket closes soon: no more direct writes
         host.unregister(conn)
     if linger:  # (out of the hub's tables: the connection is over)
-        await _linger(stream)
+        await _linger(host, stream)

@@ -465,3 +465,15 @@ def test_while_the_socket_is_full_messages_stay_under_the_queues_bounds() -> Non
         server.sent(0)
     assert len(server.outbox) == 2
     assert server.offer(envelope(3)) == OVERFLOW
+
+
+def test_a_direct_offer_is_handed_out_as_it_is() -> None:
+    # The router's path when it writes at once: the frame itself is the
+    # output (no copy), and the envelope is reported written with it.
+    p = pair()
+    env = envelope(1)
+    assert p.server.offer(env, direct=True) == QUEUED
+    data = p.server.data_to_send()
+    assert data is env.frame
+    assert list(p.server.sent(len(data))) == [env]
+    assert not p.server.has_output()

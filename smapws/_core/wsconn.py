@@ -328,21 +328,29 @@ class WsConn:
 
     # -- the hub's side (never waits) --------------------------------------
 
-    def offer(self, envelope: Envelope) -> Push:
+    def offer(self, envelope: Envelope, *, direct: bool = False) -> Push:
         """Queue ``envelope`` under the delivery policy
         (:mod:`smapws._core.outbox`). On :data:`OVERFLOW` nothing is queued
         and the connection closes with 1013 after what is queued: the client
         reconnects and gets the current state. A closing connection queues
-        nothing and returns :data:`REFUSED`."""
+        nothing and returns :data:`REFUSED`.
+
+        When nothing waits, the frame is the output at once, without a pass
+        through the queue; ``direct``: the caller writes it right away (it
+        calls :meth:`data_to_send` next), so it is handed out already."""
         if self.close is not None:
             return REFUSED
         if not self._out and not self._next and not self._backlog:
-            # Nothing waits: the frame is the output (the shell writes it
-            # at once, as a rule), without a pass through the queue.
             frame = envelope.frame
-            self._next = frame
-            self._next_envs = [envelope]
-            self._next_ends = [len(frame)]
+            if direct and not self._control:
+                self._out = frame
+                self._queued_total += len(frame)
+                self._envs = [envelope]
+                self._ends = [self._queued_total]
+            else:
+                self._next = frame
+                self._next_envs = [envelope]
+                self._next_ends = [len(frame)]
             return QUEUED
         result = self.outbox.push(envelope)
         self._backlog = True  # (maybe empty after a refusal: _take_outbox copes)

@@ -165,7 +165,7 @@ class Connection:
         queued and the connection closes with 1013 (counted here, whoever
         offered); a closing connection queues nothing and returns
         :data:`~smapws._core.wsconn.REFUSED` (falsy)."""
-        result = self.ws.offer(envelope)
+        result = self.ws.offer(envelope, direct=self._fd >= 0 and not self._busy)
         if result is QUEUED:  # the common case (IntFlag arithmetic is slow)
             self._flush()
         elif result:

@@ -15,11 +15,10 @@ import smapws
 ROOT: Final = Path(smapws.__file__).parent
 
 #: Import cycles known and being removed, each as the set of its modules.
-#: ``_io/connection.py`` names ``App`` for its annotations (under
-#: ``TYPE_CHECKING``) while ``_io/app.py`` imports ``Connection``: the
-#: rewrite of connection.py as one task driving ``_core/wsconn.py`` (issue
-#: 17, item 3) removes it; then this list is empty.
-ALLOWED_CYCLES: Final = [frozenset({"smapws._io.app", "smapws._io.connection"})]
+#: Empty since connection.py became one task driving ``_core/wsconn.py``
+#: behind a ``Host`` protocol (it named ``App`` for its annotations while
+#: ``_io/app.py`` imported ``Connection``).
+ALLOWED_CYCLES: Final[list[frozenset[str]]] = []
 
 #: What ``_core`` may not import: it is sans-IO (no event loop, no sockets,
 #: no clock reads, no broker), and knows nothing of the trio shell.

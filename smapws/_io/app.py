@@ -40,6 +40,7 @@ from smapws._core.outbox import (
 from smapws._core.ratelimit import KeyedCount
 from smapws._core.router import Router, RouterLimits, resync_envelope
 from smapws._core.snapshot import SnapshotLimits, Snapshots
+from smapws._core.wsconn import WsLimits
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
@@ -145,6 +146,13 @@ class App:
             config.send_queue_messages,
             config.send_queue_bytes,
             budget,
+        )
+        #: What every connection's state machine shares (smapws._core.wsconn).
+        self.ws_limits = WsLimits(
+            config.ping_interval,
+            config.pong_wait,
+            config.max_client_message_bytes,
+            config.max_client_frame_rate,
         )
         self.snapshots: Snapshots | None = None
         if config.snapshot_ttl > 0 and config.snapshot_max_entries > 0:
@@ -698,7 +706,7 @@ class App:
             self._resync_if_dropped(now)  # when no message came since the drop
             for conn in self.hub.all_connections():
                 try:
-                    conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)
+                    conn.heartbeat(now)
                 except Exception as exc:  # a barrier: this connection alone
                     self.internal_error("heartbeat", exc, user=conn.user_id)
                     conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")

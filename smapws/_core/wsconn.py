@@ -500,10 +500,16 @@ class WsConn:
             return ()
         done = self._sent_total
         i = 0
-        while ends[i] <= done:  # (the last one is not written whole)
+        # Not past the list: what is left may be a ping or the close frame
+        # after the last envelope, every envelope written whole.
+        last = len(ends)
+        while i < last and ends[i] <= done:
             i += 1
         if not i:
             return ()
+        if i == last:
+            self._envs = self._ends = None
+            return envs
         written = envs[:i]
         del envs[:i]
         del ends[:i]

@@ -269,3 +269,53 @@ async def test_a_fault_while_registering_a_connection_leaves_nothing_behind(
         await _publish(server, "bystander", {"type": "alert", "payload": {}})
         assert (await receive_json(other))["type"] == "alert"
     assert metric(server, ERRORS, {"where": "connection"}) == 1
+
+
+async def test_a_fault_in_one_connections_offer_costs_that_connection_alone(
+    memory_hub: Server, monkeypatch: pytest.MonkeyPatch, records: list[logging.LogRecord]
+) -> None:
+    """Review17: a resync goes to every tab of the hub in one loop; an
+    exception out of one connection's offer() stopped it there (every tab
+    after it went without), and out of the hub's maintenance task (where a
+    drop's resync is sent) it ended the hub. Now that connection alone is
+    closed with 1011, and the rest get their resync."""
+    real = Connection.offer
+
+    def offer(self: Connection, env: Any) -> Any:
+        if self.user_id == "victim":
+            raise RuntimeError("injected fault in offer")
+        return real(self, env)
+
+    async with connect(memory_hub, "victim") as victim, connect(memory_hub, "bystander") as other:
+        await wait_connections(memory_hub, 2)
+        monkeypatch.setattr(Connection, "offer", offer)
+        assert memory_hub.app.resync("test", 0.0) == 1
+        assert (await receive_json(other))["type"] == "resync"
+        assert await close_code(victim) == 1011
+    assert metric(memory_hub, ERRORS, {"where": "offer"}) == 1
+    assert len(_internal(records, "offer")) == 1
+
+
+async def test_a_fault_in_one_connections_go_away_does_not_stop_the_drain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review17: the drain asked each connection to close with no barrier:
+    one go_away() that raised ended serve() with the exception, every tab
+    after it dropped without its 1001."""
+    real = Connection.go_away
+
+    def go_away(self: Connection) -> None:
+        if self.user_id == "victim":
+            raise RuntimeError("injected fault in go_away")
+        real(self)
+
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(serve, make_config(SMAPWS_DRAIN_TIMEOUT=10))
+        async with connect(server, "victim") as victim, connect(server, "bystander") as other:
+            await wait_connections(server, 2)
+            monkeypatch.setattr(Connection, "go_away", go_away)
+            server.drain()
+            assert await close_code(other) == 1001
+            assert await close_code(victim) == 1011
+    assert server.app.hub.active_connections == 0
+    assert metric(server, ERRORS, {"where": "drain"}) == 1

@@ -42,7 +42,6 @@ from smapws._core.router import Router, RouterLimits, resync_envelope
 from smapws._core.snapshot import SnapshotLimits, Snapshots
 from smapws._core.wsconn import WsLimits
 from smapws._io.brokers import Broker, Item, QueueBytes
-from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
 from smapws._io.fleetlog import FleetLog
 from smapws._io.tasktree import task_tree
@@ -542,7 +541,13 @@ class App:
         m = self.metrics
         queued = 0
         for conn in conns:
-            result = conn.offer(env)
+            try:
+                result = conn.offer(env)
+            except Exception as exc:  # a barrier: this connection alone
+                self.internal_error("offer", exc, user=conn.user_id)
+                m.messages_failed.inc()
+                conn.fail()
+                continue
             if result == QUEUED:  # the common case: nothing else to count
                 queued += 1
             elif not result or result & OVERFLOW:  # closing (the connection counts 1013s)
@@ -709,7 +714,7 @@ class App:
                     conn.heartbeat(now)
                 except Exception as exc:  # a barrier: this connection alone
                     self.internal_error("heartbeat", exc, user=conn.user_id)
-                    conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
+                    conn.fail()
             if now >= next_sweep:
                 self.routing.sweep(now, max(cfg.history_ttl, SWEEP_INTERVAL))
                 next_sweep = now + SWEEP_INTERVAL

@@ -183,6 +183,17 @@ class Connection:
         """Close with 1001: the hub is draining for shutdown."""
         self.request_close(GOING_AWAY, "server shutting down", cause="drain")
 
+    def fail(self) -> None:
+        """A fault in this connection (a bug, counted by the caller's
+        barrier): close with 1011 after what is queued, or, when even that
+        fails, drop it (its task wakes and ends). Never raises."""
+        try:
+            self.request_close(INTERNAL, "internal error", cause="internal_error")
+        except Exception:
+            self._metrics.messages_failed.inc(self.ws.abort("internal_error"))
+            if self._scope is not None:
+                self._scope.cancel()
+
     def heartbeat(self, now: float) -> None:
         """One heartbeat tick (see the module docstring)."""
         ws = self.ws

@@ -155,7 +155,11 @@ class Server:
             elapsed = trio.current_time() - start
             due = n if rate is None else min(n, int(elapsed * rate) + 1)
             for conn in conns[closed:due]:
-                conn.go_away()
+                try:
+                    conn.go_away()
+                except Exception as exc:  # a barrier: this connection alone
+                    self.app.internal_error("drain", exc, user=conn.user_id)
+                    conn.fail()
             closed = max(closed, due)
             if closed >= n:
                 return

@@ -378,7 +378,7 @@ class Metrics:
             ["where"],
             registry=r,
         )
-        for where in ("route", "connection", "heartbeat", "broker"):
+        for where in ("route", "connection", "heartbeat", "offer", "drain", "broker"):
             self.internal_errors.labels(where)
         self.accept_errors = Counter(
             "websocket_accept_errors",

@@ -197,3 +197,49 @@ async def test_refused_upgrades_that_never_close_are_bounded(nursery: trio.Nurse
     finally:
         await _close_all(held)
     assert metric(server, REJECTED, {"reason": "address_limit"}) > 0
+
+
+async def test_websocket_lingering_closes_count_against_their_address(
+    nursery: trio.Nursery,
+) -> None:
+    """Review17: since issue 17 a WebSocket lingers up to 2 s after its close
+    handshake, counted against SMAPWS_MAX_PENDING_REQUESTS but not against
+    its address's SMAPWS_MAX_PENDING_PER_ADDRESS (released after the
+    upgrade), which the configuration page says the lingering close counts
+    against: clients of one address that answer the close and never close
+    the socket held 12 lingering sockets at a bound of 4 (and cut the other
+    addresses' lingering closes short). Past its address's bound a socket is
+    now closed without lingering."""
+    per_address = 4
+    server: Server = await nursery.start(
+        serve,
+        make_config(SMAPWS_MAX_PENDING_REQUESTS=100, SMAPWS_MAX_PENDING_PER_ADDRESS=per_address),
+    )
+    app = server.app
+    held: list[trio.SocketStream] = []
+    try:
+        for i in range(12):
+            s = await _open_from(FLOOD_ADDRESS, server.port)
+            held.append(s)
+            await s.send_all(_upgrade_head(f"linger{i}"))
+            assert b" 101 " in await _status_line(s)
+        with trio.fail_after(5):
+            while app.hub.active_connections < 12:
+                await trio.sleep(0.01)
+        for conn in list(app.hub.all_connections()):
+            conn.request_close(1000, "bye", cause="test")
+        # Each client answers the close with its own and then keeps the
+        # socket open (never reads its EOF).
+        close_answer = bytes([0x88, 0x82, 0, 0, 0, 0]) + (1000).to_bytes(2, "big")
+        for s in held:
+            await s.send_all(close_answer)
+        with trio.fail_after(5):
+            while app.hub.active_connections:
+                await trio.sleep(0.01)
+        peak = 0
+        for _ in range(20):
+            peak = max(peak, len(app.lingering), app.pending_by_address.held(FLOOD_ADDRESS))
+            await trio.sleep(0.01)
+        assert peak <= per_address, f"{peak} lingering sockets from one address"
+    finally:
+        await _close_all(held)

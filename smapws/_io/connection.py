@@ -42,6 +42,7 @@ from smapws._core.closecodes import CloseCode
 from smapws._core.envelope import Envelope
 from smapws._core.history import Resume
 from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, OutboxLimits, Push
+from smapws._core.ratelimit import KeyedCount
 from smapws._core.wsconn import Close, Message, WsConn, WsLimits
 from smapws._log import fields, logger
 from smapws.metrics import Metrics
@@ -84,6 +85,12 @@ class Host(Protocol):
     def register(self, conn: Connection, resume: Resume | None = None) -> None: ...
 
     def unregister(self, conn: Connection) -> None: ...
+
+    @property
+    def pending_by_address(self) -> KeyedCount:
+        """Sockets each client address holds before its answer or while it
+        lingers (``SMAPWS_MAX_PENDING_PER_ADDRESS``)."""
+        ...
 
     def lingering_close(self, scope: trio.CancelScope) -> AbstractContextManager[None]:
         """Count a socket in its lingering close (``scope``: what cancels it
@@ -263,14 +270,19 @@ class Connection:
         return True
 
 
-async def _linger(host: Host, stream: trio.abc.Stream) -> None:
+async def _linger(host: Host, stream: trio.abc.Stream, address: str) -> None:
     """Half-close, then discard what the peer still sends until it closes
     (bounded by :data:`_LINGER_S` and :data:`_LINGER_BYTES`, and counted as
-    the front door counts its own lingering closes)."""
+    the front door counts its own lingering closes: against
+    ``SMAPWS_MAX_PENDING_REQUESTS`` and against ``address``'s
+    ``SMAPWS_MAX_PENDING_PER_ADDRESS``; past the latter, no linger)."""
     if not isinstance(stream, trio.abc.HalfCloseableStream):
         return
-    with trio.move_on_after(_LINGER_S) as scope, host.lingering_close(scope):
-        try:
+    by_address = host.pending_by_address
+    if not by_address.acquire(address):
+        return  # that address holds its bound: the socket closes at once
+    try:
+        with trio.move_on_after(_LINGER_S) as scope, host.lingering_close(scope):
             await stream.send_eof()
             discarded = 0
             while discarded < _LINGER_BYTES:
@@ -278,8 +290,10 @@ async def _linger(host: Host, stream: trio.abc.Stream) -> None:
                 if not chunk:
                     break
                 discarded += len(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        by_address.release(address)
 
 
 async def run(
@@ -288,10 +302,12 @@ async def run(
     conn: Connection,
     resume: Resume | None = None,
     trailing: bytes = b"",
+    address: str = "-",
 ) -> None:
     """Serve ``conn`` on ``stream`` (already upgraded; ``trailing``: what
-    the client sent after its request head) in this task until it closes,
-    unregister it, and linger (see :func:`_linger`) after a close handshake.
+    the client sent after its request head; ``address``: the peer's IP
+    address) in this task until it closes, unregister it, and linger (see
+    :func:`_linger`) after a close handshake.
     ``resume``: what the client asked for with ``?since=``. The caller
     closes the stream."""
     conn._fd = _fd(stream)
@@ -340,4 +356,4 @@ async def run(
         conn._fd = -1  # the socket closes soon: no more direct writes
         host.unregister(conn)
     if linger:  # (out of the hub's tables: the connection is over)
-        await _linger(host, stream)
+        await _linger(host, stream, address)

@@ -186,7 +186,7 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
             # The connection's life, in this task (one coroutine frame less
             # per idle connection than a helper around it).
             trailing, resume, upgrade = upgrade.trailing, upgrade.resume, None
-            await connection.run(app, stream, conn, resume, trailing)
+            await connection.run(app, stream, conn, resume, trailing, address)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
     except* Exception as group:

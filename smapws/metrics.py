@@ -128,8 +128,9 @@ SHARED_READING_MAX = 64
 
 class DirectWrites:
     """``messages_sent`` and ``delivery_latency`` for the router's direct
-    writes (a connection whose writer is idle gets the message written by
-    :meth:`~smapws._io.connection.Connection.offer` itself).
+    writes (a connection whose task is not writing gets the message written
+    into its socket by :meth:`~smapws._io.connection.Connection.offer`
+    itself).
 
     The router writes one message to each tab of its user in one pass, within
     microseconds of each other. Counting each write and reading the clock for

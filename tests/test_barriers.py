@@ -319,3 +319,32 @@ async def test_a_fault_in_one_connections_go_away_does_not_stop_the_drain(
             assert await close_code(victim) == 1011
     assert server.app.hub.active_connections == 0
     assert metric(server, ERRORS, {"where": "drain"}) == 1
+
+
+async def test_a_connection_whose_close_fails_too_is_dropped_and_forgotten(
+    memory_hub: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The barriers' last resort (Connection.fail): when even the 1011 close
+    raises, the connection is dropped (no close frame) and leaves the hub."""
+    real_offer, real_close = Connection.offer, Connection.request_close
+
+    def offer(self: Connection, env: Any) -> Any:
+        if self.user_id == "victim":
+            raise RuntimeError("injected fault in offer")
+        return real_offer(self, env)
+
+    def request_close(self: Connection, code: int, reason: str, *, cause: str) -> None:
+        if self.user_id == "victim":
+            raise RuntimeError("injected fault in request_close")
+        real_close(self, code, reason, cause=cause)
+
+    async with connect(memory_hub, "victim") as victim, connect(memory_hub, "bystander") as other:
+        await wait_connections(memory_hub, 2)
+        monkeypatch.setattr(Connection, "offer", offer)
+        monkeypatch.setattr(Connection, "request_close", request_close)
+        assert memory_hub.app.resync("test", 0.0) == 1
+        assert (await receive_json(other))["type"] == "resync"
+        assert await close_code(victim) is None  # dropped: no close frame
+        await wait_connections(memory_hub, 1)
+        assert not memory_hub.app.hub.connections("victim")
+    assert metric(memory_hub, ERRORS, {"where": "offer"}) == 1

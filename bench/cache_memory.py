@@ -20,7 +20,7 @@ import json
 import tracemalloc
 from collections.abc import Callable
 
-from smapws._core.envelope import encode_message, parse, with_id
+from smapws._core.envelope import encode_message, parse
 from smapws._core.fleet import GENESIS, chain_id
 from smapws._core.history import History, HistoryLimits
 from smapws._core.snapshot import SnapshotLimits, Snapshots
@@ -62,7 +62,8 @@ def fill_snapshots(published: Published) -> Snapshots:
     s = Snapshots(SnapshotLimits(per_user=big, max_entries=big, per_user_bytes=big, max_bytes=big))
     for n, (user, channel, data) in enumerate(published):
         mid = chain_id(channel, data, GENESIS)
-        s.observe(user, with_id(parse(data, wall_time=1.7e9, received_at=n * 1e-6), mid), n * 1e-6)
+        env = parse(data, wall_time=1.7e9, received_at=n * 1e-6, message_id=mid)
+        s.observe(user, env, n * 1e-6)
     return s
 
 
@@ -70,9 +71,9 @@ def fill_history(published: Published) -> History:
     big = 1 << 62
     h = History(HistoryLimits(per_user=big, max_bytes=big, per_user_bytes=big))
     for n, (user, channel, data) in enumerate(published):
-        env = parse(data, wall_time=1.7e9, received_at=n * 1e-6)
         mid = chain_id(channel, data, GENESIS)
-        h.record(user, mid, GENESIS, with_id(env, mid), n * 1e-6)
+        env = parse(data, wall_time=1.7e9, received_at=n * 1e-6, message_id=mid)
+        h.record(user, mid, GENESIS, env, n * 1e-6)
     return h
 
 
@@ -81,7 +82,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000)
     args = parser.parse_args()
     n = args.entries
-    frame = len(with_id(parse(progress(0), wall_time=1.7e9, received_at=0.0), "0" * 16).frame)
+    frame = len(parse(progress(0), wall_time=1.7e9, received_at=0.0, message_id="0" * 16).frame)
     result: dict[str, object] = {"entries": n, "frame_bytes": frame}
     for name, fill in (("snapshot", fill_snapshots), ("history", fill_history)):
         one_user = measure(n, 1, fill)

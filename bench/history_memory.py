@@ -19,7 +19,7 @@ import gc
 import json
 import tracemalloc
 
-from smapws._core.envelope import encode_message, parse, with_id
+from smapws._core.envelope import encode_message, parse
 from smapws._core.fleet import Chains, chain_id
 from smapws._core.history import ENTRY_OVERHEAD, History, HistoryLimits
 
@@ -79,11 +79,11 @@ def main() -> None:
     chains = Chains(None, floor_wall=0.0)
     for n, (user, channel, data) in enumerate(published):
         now = n * 1e-6  # all within the TTL
-        env = parse(data, wall_time=1.7e9, received_at=now)
         prev = chains.last(user)
         mid = chain_id(channel, data, prev)
         chains.advance(user, mid, now)
-        history.record(user, mid, prev, with_id(env, mid), now)
+        env = parse(data, wall_time=1.7e9, received_at=now, message_id=mid)
+        history.record(user, mid, prev, env, now)
     gc.collect()
     after = tracemalloc.take_snapshot()
     tracemalloc.stop()

@@ -23,6 +23,7 @@ from typing import Any, Final
 from smapws import _log
 from smapws._config import OPTIONS, Config, ConfigError, add_arguments, load, unknown_variables
 from smapws._core.auth import MAC_ALGORITHMS, mint_for
+from smapws._runtime import tune_gc
 from smapws._version import __version__
 from smapws.publisher import Publisher, PublishError
 from smapws_publisher._publisher import url_host
@@ -273,7 +274,7 @@ def _serve(config: Config, *, demo_banner: bool = False, public: bool = False) -
         except KeyboardInterrupt:
             return 130
     _log.configure(config.log_level, config.log_format)
-    _tune_gc()
+    tune_gc()
     if demo_banner:
         _log.logger.warning(_demo_line(config, public=public))
 
@@ -311,26 +312,6 @@ def _leaf(group: BaseExceptionGroup[Any], kind: type[BaseException]) -> BaseExce
         if isinstance(found, kind):
             return found
     return None
-
-
-#: Young-generation threshold of the cyclic garbage collector. CPython's
-#: default (700 allocations) runs a collection every few messages under
-#: load; the hub's per-message objects are acyclic and freed by reference
-#: counting, so collections find little and cost latency.
-GC_GEN0_THRESHOLD = 20_000
-
-
-def _tune_gc() -> None:
-    """Make the cyclic GC cheap for a process that holds many long-lived
-    objects: everything alive after start-up (modules, classes) is moved out
-    of the collector's sight with ``gc.freeze()``, so full collections scan
-    only what connections add, and young collections run less often."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _dev_token(config: Config, user: str, ttl: float, command: str) -> str | None:

@@ -4,7 +4,7 @@ against an echo endpoint built from smapws's own WebSocket layer
 
 The suite is installed on first use into a Python 2.7 virtualenv in the
 cache directory (see ``tests/autobahn/run.py``); that takes a minute or two
-once, the run about a minute and a half. ``pytest -m "not autobahn"`` leaves
+once, the run about half a minute. ``pytest -m "not autobahn"`` leaves
 it out.
 """
 

@@ -102,10 +102,10 @@ async def test_a_connection_that_fails_after_the_upgrade_gets_1011_alone(
 ) -> None:
     real_run = connection_module.run
 
-    async def run(app: Any, nursery: Any, ws: Any, conn: Connection, *rest: Any) -> None:
+    async def run(app: Any, stream: Any, conn: Connection, *rest: Any) -> None:
         if conn.user_id == "victim":
             raise RuntimeError("injected fault in a connection")
-        await real_run(app, nursery, ws, conn, *rest)
+        await real_run(app, stream, conn, *rest)
 
     monkeypatch.setattr(connection_module, "run", run)
     async with connect(memory_hub, "bystander") as other:
@@ -143,10 +143,10 @@ async def test_a_heartbeat_fault_closes_that_connection_with_1011(
 ) -> None:
     real = Connection.heartbeat
 
-    def heartbeat(self: Connection, now: float, interval: float, wait: float) -> None:
+    def heartbeat(self: Connection, now: float) -> None:
         if self.user_id == "victim":
             raise ZeroDivisionError("injected fault in a heartbeat")
-        real(self, now, interval, wait)
+        real(self, now)
 
     monkeypatch.setattr(Connection, "heartbeat", heartbeat)
     app = memory_app()

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from smapws import Server, serve
+from smapws._core.router import resync_envelope
 
 from .conftest import connect, make_config, metric, receive_json, wait_connections
 
@@ -57,7 +58,7 @@ async def test_a_slow_consumer_close_is_counted_in_both_metrics(nursery: trio.Nu
         conn = next(iter(hub.app.hub.all_connections()))
         # What register() offers (the path that was not counted): past the queue.
         for _ in range(8):
-            conn.offer(hub.app._resync_envelope("test", trio.current_time(), pad="x" * PAD))
+            conn.offer(resync_envelope("test", 0.0, trio.current_time(), pad="x" * PAD))
         del ws
     await wait_connections(hub, 0)
     closed = metric(hub, "websocket_connections_closed_total", {"cause": "slow_consumer"})

@@ -11,7 +11,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from smapws._core.envelope import Envelope, parse, with_id
+from smapws._core.envelope import Envelope, parse
 from smapws._core.fleet import GENESIS, Chains, chain_id
 from smapws._core.history import History, HistoryLimits, Resume
 from smapws._core.snapshot import SnapshotLimits, Snapshots
@@ -29,8 +29,8 @@ def note(n: int) -> bytes:
     return json.dumps({"type": "notification", "payload": {"n": n}}).encode()
 
 
-def envelope(data: bytes, now: float = 0.0) -> Envelope:
-    return parse(data, wall_time=1.7e9, received_at=now, max_bytes=1 << 20)
+def envelope(data: bytes, now: float = 0.0, mid: str | None = None) -> Envelope:
+    return parse(data, wall_time=1.7e9, received_at=now, max_bytes=1 << 20, message_id=mid)
 
 
 def allocated(fill: Callable[[], Any]) -> tuple[int, Any]:
@@ -48,7 +48,7 @@ def allocated(fill: Callable[[], Any]) -> tuple[int, Any]:
 
 
 class Window:
-    """What App._identify does with one History."""
+    """What the router does with one History."""
 
     def __init__(self, **limits: Any) -> None:
         self.history = History(HistoryLimits(**limits))
@@ -59,7 +59,7 @@ class Window:
         prev = self.chains.last(user)
         mid = chain_id(channel, data, prev)
         self.chains.advance(user, mid, now)
-        self.history.record(user, mid, prev, with_id(envelope(data, now), mid), now)
+        self.history.record(user, mid, prev, envelope(data, now, mid), now)
         return mid
 
     def after(self, user: str, since: str, now: float) -> list[int] | None:
@@ -133,14 +133,14 @@ def test_the_windows_byte_count_includes_per_user_bookkeeping() -> None:
     """The issue: 120,000 users holding one message each cost 88 MB for a
     32 MiB bound. What is held must cost no more than what is counted."""
     data = [(f"user-{i:06d}", note(i)) for i in range(20_000)]
-    # Envelopes first: each is the window's, but parse allocates them.
-    envs = [(u, envelope(d)) for u, d in data]
+    # Ids first; each envelope is the window's (parsed as the router does).
+    mids = [chain_id(b"user_noti:" + u.encode(), d, GENESIS) for u, d in data]
 
     def fill() -> History:
         h = History(HistoryLimits(max_bytes=1 << 40))
-        for i, (user, env) in enumerate(envs):
-            mid = chain_id(b"user_noti:" + user.encode(), data[i][1], GENESIS)
-            h.record(user, mid, GENESIS, with_id(env, mid), float(i) * 1e-3)
+        for i, (user, d) in enumerate(data):
+            now = float(i) * 1e-3
+            h.record(user, mids[i], GENESIS, envelope(d, now, mids[i]), now)
         return h
 
     used, history = allocated(fill)

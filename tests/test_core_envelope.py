@@ -214,3 +214,58 @@ def test_long_digit_runs_are_found_as_the_regex_found_them(raw: bytes, expected:
 
     assert _has_long_digits(raw) is expected
     assert bool(re.search(rb"\d{309}", raw)) is expected
+
+
+def _framed_twice(raw: bytes, mid: str) -> bytes:
+    """What clients received before the id was given to :func:`parse`: the
+    message framed with its timestamp, then the id spliced into that text
+    (or a publisher's top-level ``id`` replaced) and framed again."""
+    text = parse(raw, wall_time=WALL, received_at=0.0).text
+    field = b'"id":"' + mid.encode("ascii") + b'"}'
+    if b'"id"' in text:
+        obj = json.loads(text)
+        if "id" in obj:
+            obj["id"] = mid
+            return text_frame(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode())
+    return text_frame(text[:-1] + b"," + field)
+
+
+_extras = st.dictionaries(
+    st.sampled_from(["id", "timestamp", "ID", "x", "\u00e9"]),
+    st.one_of(st.integers(), st.text(max_size=5), st.none()),
+    max_size=3,
+)
+
+
+@given(
+    extra=_extras,
+    payload=st.dictionaries(st.sampled_from(["id", "project_id", "n"]), st.text(max_size=4)),
+    mtype=st.sampled_from(["notification", "project_progress", "alert"]),
+    spaced=st.booleans(),
+)
+def test_the_id_given_to_parse_frames_what_clients_received_before(
+    extra: dict[str, object], payload: dict[str, object], mtype: str, spaced: bool
+) -> None:
+    """One frame per message, byte for byte the frame built twice before."""
+    obj = {"type": mtype, "payload": payload, **extra}
+    raw = json.dumps(obj, ensure_ascii=False, separators=(", ", ": ") if spaced else (",", ":"))
+    data = b"  " + raw.encode() + b"\n"
+    mid = "0123456789abcdef"
+    env = parse(data, wall_time=WALL, received_at=0.0, message_id=mid)
+    assert env.frame == _framed_twice(data, mid)
+    assert json.loads(env.text)["id"] == mid
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type":"x","payload":{},"\\u0069d":"escaped"}',  # an id the byte check misses
+        b'{"type":"x","payload":{"id":1}}',  # "id" in the text, not at the top
+        b'{"id":null,"type":"x","payload":{},"timestamp":"t"}',
+        b'{"type":"x","payload":{},"id":"a\\u00e9"}',
+    ],
+)
+def test_the_id_given_to_parse_keeps_the_edge_cases_as_they_were(raw: bytes) -> None:
+    mid = "fedcba9876543210"
+    env = parse(raw, wall_time=WALL, received_at=0.0, message_id=mid)
+    assert env.frame == _framed_twice(raw, mid)

@@ -72,7 +72,7 @@ class Log:
 
 
 class ModelHub:
-    """A hub as App._identify runs one: its chain, the log when it does not
+    """A hub as Router.route runs one: its chain, the log when it does not
     know it, an append per message."""
 
     def __init__(self, log: Log, joined_wall: float) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smapws._core.envelope import parse, with_id
+from smapws._core.envelope import parse
 from smapws._core.fleet import Chains, chain_id
 from smapws._core.history import (
     AGE_TOLERANCE,
@@ -28,7 +28,7 @@ def raw(mtype: str, **payload: Any) -> bytes:
 
 
 class Hub:
-    """What App._identify does with one History: the id, then the record."""
+    """What Router.route does with one History: the id, then the record."""
 
     def __init__(self, **limits: Any) -> None:
         self.history = History(HistoryLimits(**limits))
@@ -36,14 +36,13 @@ class Hub:
 
     def route(self, user: str, data: bytes, now: float) -> tuple[str, dict[str, Any]]:
         channel = b"user_noti:" + user.encode()
-        env = parse(data, wall_time=1_700_000_000.0, received_at=now)
         # As the hub's sweep does: a chain idle for the window is forgotten.
         self.chains.sweep(now, self.history.limits.ttl)
         prev = self.chains.prev(user, now)
         assert prev is not None
         mid = chain_id(channel, data, prev)
         self.chains.advance(user, mid, now)
-        env = with_id(env, mid)
+        env = parse(data, wall_time=1_700_000_000.0, received_at=now, message_id=mid)
         self.history.record(user, mid, prev, env, now)
         return mid, json.loads(env.text)
 
@@ -131,8 +130,8 @@ def test_forget_user_leaves_other_users_windows() -> None:
 
 
 def test_the_total_byte_bound_forgets_the_oldest_across_users() -> None:
-    env = parse(raw("notification", n=0), wall_time=0, received_at=0)
-    frame = len(with_id(env, "0" * 16).frame)
+    env = parse(raw("notification", n=0), wall_time=0, received_at=0, message_id="0" * 16)
+    frame = len(env.frame)
     per_entry = frame + ENTRY_OVERHEAD + USER_OVERHEAD  # one message per user
     hub = Hub(max_bytes=3 * per_entry + 10)
     ids = [hub.route(f"u{i}", raw("notification", n=0), float(i))[0] for i in range(5)]
@@ -236,12 +235,14 @@ def test_parse_resume_refuses_what_is_not_an_id(query: dict[str, str]) -> None:
         parse_resume(query)
 
 
-def test_with_id_splices_or_replaces_a_publisher_id() -> None:
-    plain = parse(raw("notification", id="payload-id"), wall_time=0, received_at=0)
-    obj = json.loads(with_id(plain, "00000000000000ff").text)
+def test_the_id_is_spliced_in_or_replaces_a_publisher_id() -> None:
+    plain = parse(
+        raw("notification", id="payload-id"), wall_time=0, received_at=0, message_id="0" * 14 + "ff"
+    )
+    obj = json.loads(plain.text)
     assert obj["id"] == "00000000000000ff" and obj["payload"] == {"id": "payload-id"}
-    own = parse(b'{"id":7,"type":"x","payload":{}}', wall_time=0, received_at=0)
-    out = with_id(own, "00000000000000ff")
+    own = b'{"id":7,"type":"x","payload":{}}'
+    out = parse(own, wall_time=0, received_at=0, message_id="00000000000000ff")
     assert json.loads(out.text) == {
         "id": "00000000000000ff",
         "type": "x",

@@ -22,11 +22,7 @@ from smapws._errors import SmapwsError
 #: Classes another branch of issue 17 removes (ws.py is deleted by the
 #: WebSocket rewrite). Empty once merged: the
 #: test then holds every class.
-PENDING: frozenset[str] = frozenset(
-    {
-        "smapws._io.ws.WsClosed",
-    }
-)
+PENDING: frozenset[str] = frozenset()
 
 
 def _modules() -> list[str]:

@@ -34,7 +34,7 @@ from smapws._config import ConfigError
 from smapws._config import load as load_config
 from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
 from smapws._io import sdnotify
-from smapws._io.app import App
+from smapws._io.app import App, Membership
 from smapws._io.brokers.memory import MemoryBroker
 from smapws._io.server import STOP_MARGIN_S, serve, stop_budget
 from smapws._io.supervisor import (
@@ -75,6 +75,10 @@ def test_restart_backoff_doubles_for_quick_deaths_and_resets_after_a_stable_run(
     assert backoff.delay(lived_s=3) == 1
 
 
+async def no_metrics() -> bytes | None:
+    return None
+
+
 def report(index: int, broker: str = "connected", **kw: Any) -> WorkerReport:
     values: dict[str, Any] = {"pid": 100 + index, "backend": "redis", "draining": False}
     values |= {"connections": 2, "users": 1} | kw
@@ -98,7 +102,9 @@ async def test_any_worker_answers_health_and_ready_for_the_group() -> None:
     assert app.ready() is False  # the broker has not started
     app.broker.status_value.value = "connected"
     assert app.ready() is True  # a lone hub
-    app.group = GroupView((None, report(1, "down", connections=5, users=3)), max_connections=10)
+    app.update_group(
+        GroupView((None, report(1, "down", connections=5, users=3)), max_connections=10)
+    )
     assert app.ready() is False
     doc = app.health()
     assert doc["status"] == "degraded"
@@ -112,9 +118,9 @@ async def test_any_worker_answers_health_and_ready_for_the_group() -> None:
         "active_connections": 5, "active_users": 3, "max_connections": 10, "pending_upgrades": 0,
     }  # fmt: skip
     assert doc["subscriber"]["status"] == "connected"  # the answering worker's
-    app.group = GroupView((None, report(1)), max_connections=10)
+    app.update_group(GroupView((None, report(1)), max_connections=10))
     assert app.ready() is True and app.health()["status"] == "ok"
-    app.draining = True
+    assert app.start_drain() and not app.start_drain()
     assert app.ready() is False and app.health()["draining"] is True
 
 
@@ -397,9 +403,8 @@ async def test_a_worker_that_stops_reporting_is_not_ready_then_killed_and_replac
         view = supervisor.view.value
         assert not view.ready
         assert [w and w.status for w in view.workers] == ["unresponsive", "ready"]
-        app = App(make_config(), MemoryBroker())
+        app = App(make_config(), MemoryBroker(), member=Membership(1, view, no_metrics))
         app.broker.status_value.value = "connected"
-        app.worker_index, app.group = 1, view
         assert app.ready() is False
         assert app.health()["workers"]["list"][0]["status"] == "unresponsive"
         status = sdnotify.group_status(view, 8081)

@@ -45,7 +45,6 @@ __all__ = [
     "parse_publish_body",
     "rfc3339_ms",
     "user_from_channel",
-    "with_id",
 ]
 
 #: Longest user id in UTF-8 bytes (4 per character at most): a longer channel
@@ -109,11 +108,18 @@ def parse(
     received_at: float,
     max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_depth: int = DEFAULT_MAX_JSON_DEPTH,
+    message_id: str | None = None,
 ) -> Envelope:
-    """Validate one broker message and build its :class:`Envelope`.
+    """Validate one broker message and build its :class:`Envelope`, framed
+    once.
 
     ``wall_time`` (POSIX seconds) is used for the ``timestamp`` field when the
-    publisher did not set one; ``received_at`` is stored as is.
+    publisher did not set one; ``received_at`` is stored as is. With
+    ``message_id`` (the chain id of :mod:`smapws._core.fleet`, 16 hex
+    characters), ``"id": message_id`` is the last field of the delivered
+    object: spliced in before the closing brace, after the timestamp; a
+    top-level ``id`` the publisher set is replaced instead (the rare case:
+    the object is re-encoded).
 
     Raises :class:`InvalidMessage` when the message is over ``max_bytes``, is
     not strict JSON nested at most ``max_depth`` deep (:func:`loads_strict`),
@@ -130,14 +136,31 @@ def parse(
         else:
             kind = OTHER  # without a project id there is nothing to conflate on
     body = raw.strip()
+    # The fields are spliced in before the closing brace rather than the
+    # object re-encoded: the publisher's bytes are kept as they are (key
+    # order, number format) and the cost is one copy. ``body`` ends with "}"
+    # because it parsed as an object, and it is not empty because it has a
+    # "type".
+    tail = b"}"
     if "timestamp" not in obj:
-        # Splice the field in before the closing brace rather than re-encoding:
-        # the publisher's bytes are kept as they are (key order, number format)
-        # and the cost is one copy. ``body`` ends with "}" because it parsed as
-        # an object, and it is not empty because it has a "type".
-        stamp = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
-        body = body[:-1] + stamp
+        tail = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
+    if message_id is not None:
+        if "id" in obj and b'"id"' in body:
+            body = _replace_id(body[:-1] + tail, message_id)
+            tail = b""
+        else:
+            tail = tail[:-1] + b',"id":"' + message_id.encode("ascii") + b'"}'
+    if tail:
+        body = body[:-1] + tail
     return Envelope(type=mtype, kind=kind, key=key, frame=text_frame(body), received_at=received_at)
+
+
+def _replace_id(text: bytes, message_id: str) -> bytes:
+    """``text`` (a JSON object with a top-level ``id``) re-encoded with
+    ``message_id`` as its ``id``, in the field's place."""
+    obj = json.loads(text)
+    obj["id"] = message_id
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def parse_publish_body(
@@ -193,28 +216,3 @@ def user_from_channel(channel: bytes, prefix: bytes) -> str:
 def encode_message(mtype: str, payload: dict[str, Any]) -> bytes:
     """Encode a broker message the way publishers do (compact JSON, UTF-8)."""
     return json.dumps({"type": mtype, "payload": payload}, separators=(",", ":")).encode()
-
-
-def with_id(envelope: Envelope, message_id: str) -> Envelope:
-    """``envelope`` with ``"id": message_id`` as the last field of the
-    delivered object (see :mod:`smapws._core.history`). A top-level ``id``
-    the publisher set is replaced (the rare case: the object is re-encoded);
-    otherwise the field is spliced in before the closing brace, one copy."""
-    text = envelope.text
-    field = b'"id":"' + message_id.encode("ascii") + b'"}'
-    if b'"id"' in text:
-        obj = json.loads(text)
-        if "id" in obj:
-            obj["id"] = message_id
-            body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-        else:
-            body = text[:-1] + b"," + field
-    else:
-        body = text[:-1] + b"," + field
-    return Envelope(
-        type=envelope.type,
-        kind=envelope.kind,
-        key=envelope.key,
-        frame=text_frame(body),
-        received_at=envelope.received_at,
-    )

@@ -1,5 +1,7 @@
-"""The hub's shared state and its synchronous decisions: routing a broker
-message, registering connections, health and readiness.
+"""The hub's shared state and its synchronous side: routing a broker
+message, registering connections, health and readiness. Who gets what is
+decided by :class:`smapws._core.router.Router` (sans-IO); this module offers
+the envelopes, appends to the fleet's log, counts and logs.
 
 Nothing here waits. The router task, the front door and each connection call
 into one :class:`App`, all on the trio thread.
@@ -8,13 +10,12 @@ into one :class:`App`, all on the trio thread.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import select
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, Final, NamedTuple
+from typing import Any, NamedTuple
 
 import trio
 from trio_util import AsyncBool, AsyncValue, compose_values
@@ -23,32 +24,10 @@ from smapws import _version
 from smapws._config import Config
 from smapws._core.admission import Admission
 from smapws._core.auth import VerifiedTokens
-from smapws._core.envelope import (
-    Envelope,
-    InvalidMessage,
-    encode_message,
-    parse,
-    user_from_channel,
-    with_id,
-)
-from smapws._core.fleet import (
-    Chains,
-    Header,
-    chain_after,
-    chain_id,
-    encode_entry,
-    resolve,
-    splice,
-)
+from smapws._core.envelope import Envelope, InvalidMessage
+from smapws._core.fleet import Chains
 from smapws._core.group import GroupView, WorkerReport, group_health
-from smapws._core.history import (
-    AGE_TOLERANCE,
-    FleetReplay,
-    History,
-    HistoryLimits,
-    Resume,
-    conflate,
-)
+from smapws._core.history import History, HistoryLimits, Resume
 from smapws._core.hub import Hub
 from smapws._core.outbox import (
     CONFLATED,
@@ -59,7 +38,9 @@ from smapws._core.outbox import (
     QueueBudget,
 )
 from smapws._core.ratelimit import KeyedCount
+from smapws._core.router import Router, RouterLimits, resync_envelope
 from smapws._core.snapshot import SnapshotLimits, Snapshots
+from smapws._core.wsconn import WsLimits
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
 from smapws._io.connection import Connection
@@ -88,14 +69,6 @@ CONSULT_BACKOFF = 5.0
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
 ROUTER_BATCH = 64
-#: Links the chain table keeps whatever the window holds (see
-#: App._trim_chains): a few hundred bytes each.
-CHAINS_FLOOR: Final = 500
-
-#: Seconds between two resyncs for messages dropped before the router: its
-#: queue is full when that happens, and one resync covers every drop before
-#: it (a frontend refetches once, not once per dropped message).
-DROP_RESYNC_INTERVAL: Final = 1.0
 
 #: Granularity of pings, pong deadlines and token expiry: one task visits every
 #: connection this often (a few ms for 10,000 connections), instead of one
@@ -132,8 +105,23 @@ class HubState(NamedTuple):
         return self.broker == "connected" and not self.draining
 
 
+class Membership(NamedTuple):
+    """What a worker of a group (``SMAPWS_WORKERS`` > 1) gives its
+    :class:`App` at construction."""
+
+    #: The worker's place in the group (its reports carry it).
+    worker_index: int
+    #: The group as the supervisor first described it (see
+    #: :meth:`App.update_group` for the later descriptions).
+    view: GroupView
+    #: What ``/metrics`` answers: the group's registry, collected by the
+    #: supervisor (``None`` when it cannot be).
+    render_metrics: Callable[[], Awaitable[bytes | None]]
+
+
 class App:
-    """State shared by every task of one hub."""
+    """State shared by every task of one hub. ``member``: this hub is a
+    worker of a group (None: a lone hub)."""
 
     def __init__(
         self,
@@ -141,6 +129,7 @@ class App:
         broker: Broker,
         metrics: Metrics | None = None,
         fleet: FleetLog | None = None,
+        member: Membership | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
@@ -157,6 +146,13 @@ class App:
             config.send_queue_messages,
             config.send_queue_bytes,
             budget,
+        )
+        #: What every connection's state machine shares (smapws._core.wsconn).
+        self.ws_limits = WsLimits(
+            config.ping_interval,
+            config.pong_wait,
+            config.max_client_message_bytes,
+            config.max_client_frame_rate,
         )
         self.snapshots: Snapshots | None = None
         if config.snapshot_ttl > 0 and config.snapshot_max_entries > 0:
@@ -191,12 +187,24 @@ class App:
         self.chains = Chains(
             None if self.fleet is None else config.history_ttl / 2, floor_wall=time.time()
         )
-        #: The log's last entries for users whose chain this hub asks for,
-        #: filled by the router before it routes a batch.
-        self._consulted: dict[str, list[Header]] = {}
-        self._chain_trim_at = 2 * CHAINS_FLOOR
-        self._consult_after = 0.0
         self.prefix = config.channel_prefix.encode()
+        #: Who gets what (sans-IO): this App offers, appends, counts and logs.
+        self.routing: Router[Connection] = Router(
+            self.prefix,
+            self.chains,
+            RouterLimits(
+                resume_max_bytes=config.resume_max_bytes,
+                send_queue_bytes=config.send_queue_bytes,
+                send_queue_messages=config.send_queue_messages,
+                max_message_bytes=config.max_message_bytes,
+                max_json_depth=config.max_json_depth,
+            ),
+            hub=self.hub,
+            history=self.history,
+            snapshots=self.snapshots,
+            fleet_log=self.fleet is not None,
+        )
+        self._consult_after = 0.0
         self._draining = AsyncBool(False)
         #: The broker's status and the drain flag as one observable value:
         #: the systemd notifier and a worker's reports wait on its changes
@@ -213,11 +221,11 @@ class App:
         #: In a worker of a group (``SMAPWS_WORKERS`` > 1): the group as the
         #: supervisor last described it, which ``/ready`` and ``/health``
         #: answer for; ``None`` in a lone hub.
-        self.group: GroupView | None = None
-        self.worker_index = 0
-        #: What ``/metrics`` answers: this hub's registry, or in a worker the
-        #: group's, collected by the supervisor (``None`` when it cannot be).
-        self.render_metrics: Callable[[], Awaitable[bytes | None]] = self._render_own_metrics
+        self._group: GroupView | None = None if member is None else member.view
+        self._worker_index = 0 if member is None else member.worker_index
+        self._render_metrics: Callable[[], Awaitable[bytes | None]] = (
+            self._render_own_metrics if member is None else member.render_metrics
+        )
         #: Per-user subscriptions (``SMAPWS_SUBSCRIBE_MODE=user``), or None.
         self.channels = broker.channels
         assert config.auth is not None, "the hub needs JWT_SECRET or JWT_PUBLIC_KEY_FILE"
@@ -253,10 +261,6 @@ class App:
         self.metrics.tasks.set_function(lambda: task_tree().tasks)
         self.started_at = trio.current_time()
         self._invalid_log = RateLimitedLog(INVALID_LOG_INTERVAL)
-        #: A message was dropped before the router: every tab is owed a
-        #: resync, sent by the router (see :meth:`dropped`).
-        self._resync_pending = False
-        self._next_drop_resync = 0.0
         self._error_log = RateLimitedLog(INVALID_LOG_INTERVAL)
         self._empty = trio.Event()
         #: Whether per-message debug lines are wanted (read once: the check
@@ -267,9 +271,14 @@ class App:
     def draining(self) -> bool:
         return bool(self._draining.value)
 
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self._draining.value = value
+    def start_drain(self) -> bool:
+        """From now on this hub is draining (``/ready`` 503, new upgrades
+        refused, ``websocket_draining`` 1); False when it already was."""
+        if self._draining.value:
+            return False
+        self._draining.value = True
+        self.metrics.draining.set(1)
+        return True
 
     # -- connections -----------------------------------------------------
 
@@ -407,86 +416,26 @@ class App:
             if not channels.is_subscribed(conn.user_id):
                 channels.mark_gap(conn.user_id)
                 self.chains.reset(conn.user_id, time.time())
-        self.hub.add(conn.user_id, conn)
-        self.metrics.connections_total.inc()
-        now = trio.current_time()
-        for held in (self.history, self.snapshots):  # its recovery goes last (issue 16)
-            if held is not None:
-                held.hold(conn.user_id)
-        if resume is not None:
-            outcome, missed = self._missed(conn.user_id, resume, now)
-            if missed is not None and not self._fits(missed, self.config.resume_max_bytes):
-                missed, outcome = None, "too_large"  # past SMAPWS_RESUME_MAX_BYTES
-            self.metrics.resumes.labels(outcome).inc()
-            if missed is not None:
-                for env in missed:
-                    conn.offer(env)
-                if missed:
-                    self.metrics.replayed_messages.inc(len(missed))
-            else:
-                conn.offer(self._resync_envelope("history_gap", now))
-                self._send_current_state(conn, now)
-        else:
-            self._send_current_state(conn, now)
+        welcome = self.routing.register(conn.user_id, conn, resume, trio.current_time())
+        m = self.metrics
+        m.connections_total.inc()
+        if welcome.outcome is not None:
+            m.resumes.labels(welcome.outcome).inc()
+        for env in welcome.replayed:
+            conn.offer(env)
+        if welcome.replayed:
+            m.replayed_messages.inc(len(welcome.replayed))
+        if welcome.gap:
+            conn.offer(resync_envelope("history_gap", time.time(), trio.current_time()))
+        for env in welcome.state:
+            conn.offer(env)
+        if welcome.state:
+            m.snapshot_sent.inc(len(welcome.state))
         if self.draining:
             conn.go_away()
 
-    def _missed(self, user: str, resume: Resume, now: float) -> tuple[str, list[Envelope] | None]:
-        """What a resuming tab missed: from this hub's window (``replayed``)
-        or from the fleet's log joined to this hub's window (``fleet``);
-        None when neither can tell."""
-        history = self.history
-        if history is None:
-            return "gap", None
-        local = history.after(user, resume, now)
-        if local is not None:
-            return "replayed", local
-        fleet = resume.fleet
-        if fleet is None or fleet.epoch != history.epoch:
-            return "gap", None
-        routed = history.chain(user, now)
-        keep = splice(fleet.links, resume.since, [(mid, prev) for mid, prev, _ in routed])
-        if keep is None:
-            return "gap", None
-        return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)])
-
-    def _fits(self, envs: list[Envelope], budget: int) -> bool:
-        """Whether ``envs`` fit ``budget`` bytes and a new tab's send queue
-        (what does not fit there would close the tab 1013 at once, again on
-        every reconnect)."""
-        cfg = self.config
-        size = sum(len(env.frame) for env in envs)
-        return (
-            size <= min(budget, cfg.send_queue_bytes // 2)
-            and len(envs) <= cfg.send_queue_messages // 2
-        )
-
-    def _send_current_state(self, conn: Connection, now: float) -> None:
-        """Queue the user's current state, the most recently updated part
-        that fits half the tab's send queue (the rest is left out, so
-        that a state larger than the queue is not a 1013 on every
-        connect; ``SMAPWS_SNAPSHOT_PER_USER_BYTES`` keeps it under at the
-        defaults)."""
-        if self.snapshots is not None:
-            state = self.snapshots.for_user(conn.user_id, now)
-            while state and not self._fits(state, self.config.send_queue_bytes):
-                state = state[1:]  # oldest update first: keep the newest
-            for env in state:
-                conn.offer(env)
-            if state:
-                self.metrics.snapshot_sent.inc(len(state))
-
-    @staticmethod
-    def _resync_envelope(reason: str, now: float, **extra: Any) -> Envelope:
-        data = encode_message("resync", {"reason": reason, **extra})
-        return parse(data, wall_time=time.time(), received_at=now)
-
     def unregister(self, conn: Connection) -> None:
-        has_others = self.hub.remove(conn.user_id, conn)
-        if not has_others:
-            for held in (self.history, self.snapshots):
-                if held is not None:
-                    held.release(conn.user_id, trio.current_time())
+        has_others = self.routing.unregister(conn.user_id, conn, trio.current_time())
         if self.channels is not None:
             self.channels.release(conn.user_id)
         unsent = len(conn.outbox)
@@ -511,20 +460,8 @@ class App:
         was down for ``down_s`` seconds): one ``resync`` message,
         ``{"type": "resync", "payload": {"reason": ..., "down_s": ...}}``, so
         that a frontend can refetch its state. Returns how many were queued."""
-        if channel is None:
-            conns: Iterable[Connection] = self.hub.all_connections()
-            if self.history is not None:
-                # The window has a hole where the subscription was down: no
-                # replay may cross it, so forget what came before.
-                self.history.clear()
-            self.chains.reset_all(time.time())
-        else:
-            user = user_from_channel(channel, self.prefix)
-            conns = tuple(self.hub.connections(user))
-            if self.history is not None:
-                self.history.forget_user(user)  # that user's hole only
-            self.chains.reset(user, time.time())
-        env = self._resync_envelope(reason, trio.current_time(), down_s=round(down_s, 3))
+        conns = self.routing.resync(channel, time.time())
+        env = resync_envelope(reason, time.time(), trio.current_time(), down_s=round(down_s, 3))
         queued = self._offer_all(conns, env)
         self.metrics.resync_messages.inc(queued)
         if queued and channel is None:
@@ -536,16 +473,12 @@ class App:
     def forget_state(self, channel: bytes) -> None:
         """User mode: ``channel`` is no longer subscribed, so what the
         current-state cache holds for its user would go stale: forget it."""
-        user = user_from_channel(channel, self.prefix)
-        if self.snapshots is not None:
-            self.snapshots.forget_user(user)
-        self.chains.reset(user, time.time())
+        self.routing.forget_state(channel, time.time())
 
     def off_chain(self, channel: bytes) -> None:
         """The fleet's log took an append of this hub's after another entry
         than its predecessor: ask the log before the next message there."""
-        with contextlib.suppress(InvalidMessage):
-            self.chains.reset(user_from_channel(channel, self.prefix), time.time())
+        self.routing.off_chain(channel, time.time())
 
     # -- barriers ----------------------------------------------------------
 
@@ -584,81 +517,24 @@ class App:
         m = self.metrics
         m.broker_received.inc()
         try:
-            user = user_from_channel(channel, self.prefix)
-            env = parse(
-                data,
-                wall_time=wall_time,
-                received_at=now,
-                max_bytes=self.config.max_message_bytes,
-                max_depth=self.config.max_json_depth,
-            )
+            routed = self.routing.route(channel, data, wall=wall_time, now=now)
         except InvalidMessage as exc:
             m.broker_invalid.labels(exc.reason).inc()
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
-        env = self._identify(user, channel, data, env, wall_time, now)
-        if env.kind and self.snapshots is not None:
-            self.snapshots.observe(user, env, now)
-        conns = self.hub.connections(user)
+        if routed.append is not None and self.fleet is not None:
+            self.fleet.append_nowait(channel, routed.mid, routed.prev, routed.append)
+        conns = routed.conns
         if not conns:
             m.messages_unrouted.inc()
             return 0
-        queued = self._offer_all(tuple(conns), env)
+        queued = self._offer_all(conns, routed.envelope)
         if self.debug:
             logger.debug(
                 "Routed message",
-                extra=fields(user=user, type=env.type, connections=queued),
+                extra=fields(user=routed.user, type=routed.envelope.type, connections=queued),
             )
         return queued
-
-    def _identify(
-        self, user: str, channel: bytes, data: bytes, env: Envelope, wall: float, now: float
-    ) -> Envelope:
-        """``env`` with its id (the same on every hub, see
-        :mod:`smapws._core.fleet`), recorded in the replay window and
-        appended to the fleet's log."""
-        chains = self.chains
-        prev = chains.prev(user, now)
-        written = False  # already in the fleet's log
-        if prev is not None:
-            mid = chain_id(channel, data, prev)
-        else:
-            recent = self._consulted.pop(user, None)
-            if recent is None:  # the log did not answer: carry on alone
-                prev = chains.last(user)
-                mid = chain_id(channel, data, prev)
-            else:
-                mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
-                written = any(h.mid == mid for h in recent)
-        chains.advance(user, mid, now)
-        if len(chains) > self._chain_trim_at:
-            self._trim_chains()
-        env = with_id(env, mid)
-        if self.history is not None:
-            self.history.record(user, mid, prev, env, now)
-        if self.fleet is not None and not written:
-            entry = encode_entry(mid, prev, int(wall * 1000), data)
-            self.fleet.append_nowait(channel, mid, prev, entry)
-        return env
-
-    def _trim_chains(self) -> None:
-        """Keep the chain table in proportion to what uses it: the users the
-        replay window or a connection holds (a flood to distinct user ids
-        took 74,506 links, 84 MiB, with the window at its bound). Trimmed to
-        that many (at least :data:`CHAINS_FLOOR`) when it reaches twice
-        as many, so the walk is paid once per that many new users."""
-        history = self.history
-        hub = self.hub
-        held = hub.active_users + (0 if history is None else history.users())
-        limit = max(CHAINS_FLOOR, held)
-
-        def keep(user: str) -> bool:
-            return bool(hub.connections(user)) or (
-                history is not None and history.user_bytes(user) > 0
-            )
-
-        self.chains.trim(keep, limit)
-        self._chain_trim_at = 2 * max(limit, len(self.chains))
 
     def _offer_all(self, conns: Iterable[Connection], env: Envelope) -> int:
         """Offer ``env`` to each of ``conns`` and count what happened; return
@@ -698,7 +574,7 @@ class App:
         where the message was lost: a tab that resumes in between, within
         that second, may be replayed across it.)"""
         self.metrics.broker_dropped.inc()
-        self._resync_pending = True
+        self.routing.dropped()
         now = trio.current_time()
         suppressed = self._invalid_log.allow("dropped", now)
         if suppressed is not None:
@@ -708,9 +584,7 @@ class App:
             )
 
     def _resync_if_dropped(self, now: float) -> None:
-        if self._resync_pending and now >= self._next_drop_resync:
-            self._resync_pending = False
-            self._next_drop_resync = now + DROP_RESYNC_INTERVAL
+        if self.routing.drop_resync_due(now):
             self.resync("dropped", 0.0)
 
     def _log_invalid(self, reason: str, channel: bytes, size: int, now: float) -> None:
@@ -757,7 +631,7 @@ class App:
             self._resync_if_dropped(now)
             for channel, data in batch:
                 route(channel, data, wall_time=wall, now=now)
-            self._consulted.clear()
+            self.routing.batch_done()
 
     async def _consult(self, batch: list[Item]) -> None:
         """Ask the fleet's log for the last entries of each user of
@@ -770,14 +644,7 @@ class App:
             now = trio.current_time()
             if now < self._consult_after:
                 return
-            wanted: dict[str, bytes] = {}
-            for channel, _ in batch:
-                try:
-                    user = user_from_channel(channel, self.prefix)
-                except InvalidMessage:
-                    continue  # route() counts it
-                if user not in wanted and self.chains.prev(user, now) is None:
-                    wanted[user] = channel
+            wanted = self.routing.to_consult((channel for channel, _ in batch), now)
             if not wanted:
                 return
             found = None
@@ -789,7 +656,7 @@ class App:
                 self._consult_after = trio.current_time() + CONSULT_BACKOFF
             else:
                 for user, channel in wanted.items():
-                    self._consulted[user] = found[channel]
+                    self.routing.consulted(user, found[channel])
         except Exception as exc:
             self.internal_error("route", exc)
 
@@ -798,10 +665,12 @@ class App:
         when this hub's window does not hold that id (at most
         :data:`CONSULT_TIMEOUT`; then :meth:`register` answers a gap)."""
         history, fleet = self.history, self.fleet
-        if resume is None or history is None or fleet is None:
-            await trio.lowlevel.checkpoint()
-            return resume
-        if history.after(user, resume, trio.current_time()) is not None:
+        if (
+            resume is None
+            or history is None
+            or fleet is None
+            or not self.routing.needs_fleet(user, resume, trio.current_time())
+        ):
             await trio.lowlevel.checkpoint()
             return resume
         epoch = history.epoch
@@ -810,33 +679,16 @@ class App:
             entries = await fleet.read(self.prefix + user.encode())
         if scope.cancelled_caught:
             self.metrics.fleet_errors.labels("read").inc()
-        found = None if entries is None else chain_after(entries, resume.since)
-        if found is None:
+        if entries is None:
             return resume
-        since, chain = found
-        age = time.time() - since.wall_ms / 1000
-        if resume.age is not None and age < resume.age - AGE_TOLERANCE:
-            return resume  # a message of the same id, from before the log expired
-        now = trio.current_time()
         try:
-            envelopes = tuple(
-                with_id(
-                    parse(
-                        e.raw,
-                        wall_time=e.wall_ms / 1000,
-                        received_at=now,
-                        max_bytes=self.config.max_message_bytes,
-                        max_depth=self.config.max_json_depth,
-                    ),
-                    e.mid,
-                )
-                for e in chain
+            joined = self.routing.with_fleet(
+                resume, entries, epoch, time.time(), trio.current_time()
             )
         except InvalidMessage:  # not what a hub wrote: no replay from it
             self.metrics.fleet_errors.labels("read").inc()
             return resume
-        links = tuple((e.mid, e.prev) for e in chain)
-        return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, epoch))
+        return resume if joined is None else joined
 
     async def maintain(self) -> None:
         """The hub's periodic duties, in one task: a heartbeat tick for every
@@ -854,19 +706,34 @@ class App:
             self._resync_if_dropped(now)  # when no message came since the drop
             for conn in self.hub.all_connections():
                 try:
-                    conn.heartbeat(now, cfg.ping_interval, cfg.pong_wait)
+                    conn.heartbeat(now)
                 except Exception as exc:  # a barrier: this connection alone
                     self.internal_error("heartbeat", exc, user=conn.user_id)
                     conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
             if now >= next_sweep:
-                if self.snapshots is not None:
-                    self.snapshots.sweep(now)
-                if self.history is not None:
-                    self.history.sweep(now)
-                self.chains.sweep(now, max(cfg.history_ttl, SWEEP_INTERVAL))
+                self.routing.sweep(now, max(cfg.history_ttl, SWEEP_INTERVAL))
                 next_sweep = now + SWEEP_INTERVAL
 
     # -- health ----------------------------------------------------------
+
+    @property
+    def group(self) -> GroupView | None:
+        """The group this worker belongs to, as last described (None: a lone hub)."""
+        return self._group
+
+    @property
+    def worker_index(self) -> int:
+        return self._worker_index
+
+    def update_group(self, view: GroupView) -> None:
+        """The supervisor describes the group anew."""
+        self._group = view
+
+    async def render_metrics(self) -> bytes | None:
+        """What ``/metrics`` answers: this hub's registry, or in a worker
+        the group's, collected by the supervisor (``None`` when it cannot
+        be)."""
+        return await self._render_metrics()
 
     def ready(self) -> bool:
         """What ``/ready`` answers: this hub is subscribed and not draining,

@@ -1,43 +1,50 @@
-"""One accepted WebSocket: its reader, writer and heartbeat roles.
+"""One accepted WebSocket: one task, one cancel scope, driving the sans-IO
+state machine :class:`~smapws._core.wsconn.WsConn` over the trio stream.
 
-Every connection has the three roles of DESIGN.md's task tree; to keep an idle
-connection small (thousands are idle at any time) they are not three tasks:
+Every connection has the reader, writer and heartbeat roles of DESIGN.md's
+task tree; an idle connection (thousands are, at any time) holds them in one
+task and one cancel scope, and no nursery:
 
-- The **writer** is the connection's own task (the one the listener started
-  for its socket): it waits until the router has queued something, takes
-  everything queued and writes it in one ``send_all`` under
-  ``SMAPWS_WRITE_WAIT``; when a close is requested it flushes what is queued,
-  sends the close frame and returns.
-- The **reader** is the WebSocket library's reader task: it parses client
-  frames, answers pings and the close handshake, enforces
-  ``SMAPWS_MAX_CLIENT_MESSAGE_BYTES`` (1009), and reports messages, pongs and
-  the end of the connection to :class:`Connection` (a ``Listener``).
-- The **heartbeat** is :meth:`Connection.heartbeat`, called for every
-  connection once per tick by one task of the hub (``App.maintain``): it
-  queues a ping every ``SMAPWS_PING_INTERVAL``, asks for a close (1011) when
-  the pong has not come within ``SMAPWS_PONG_WAIT`` of the ping, and (1008)
-  when the token has expired (``SMAPWS_CLOSE_ON_TOKEN_EXPIRY``).
+- The connection's own task (the one the listener started for its socket)
+  reads: it waits until the socket is readable (``wait_readable``; an
+  in-memory stream: in ``receive_some``) inside its one cancel scope, reads,
+  and feeds what came to the state machine (pongs, client messages, close
+  frames, the client's size and frame-rate bounds). When there is output it writes it
+  with ``send_all`` under ``SMAPWS_WRITE_WAIT`` (past it the connection is
+  abandoned: ``write_timeout``); when the connection is closing it reads on
+  until the peer's close frame answers, at most ``SMAPWS_WRITE_WAIT``.
+- The router never waits on a connection: :meth:`Connection.offer` is
+  synchronous and bounded (1013 on overflow). It writes into the socket at
+  once what the kernel's send buffer takes (one system call, no task
+  switch); only what it does not take wakes the task, by cancelling its
+  read, and the task writes the rest. No helper task, no second task.
+- The heartbeat is :meth:`Connection.heartbeat`, called for every connection
+  once per tick by one task of the hub (``App.maintain``): the state machine
+  queues a ping every ``SMAPWS_PING_INTERVAL``, closes with 1011 when the
+  pong has not come within ``SMAPWS_PONG_WAIT``, with 1008 once the token
+  has expired (``SMAPWS_CLOSE_ON_TOKEN_EXPIRY``).
 
-The router never waits on a connection: :meth:`Connection.offer` is
-synchronous, bounded, and on overflow asks the writer to close with 1013.
+This module does not import the hub (``smapws._io.app``): what it needs of
+it is :class:`Host`.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Final
+import math
+import os
+from contextlib import AbstractContextManager
+from typing import Final, Protocol
 
 import trio
 
+from smapws._config import Config
 from smapws._core.closecodes import CloseCode
 from smapws._core.envelope import Envelope
 from smapws._core.history import Resume
-from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, Push
-from smapws._io.ws import PING_FRAME, ServerWebSocket, WsClosed
+from smapws._core.outbox import OVERFLOW, QUEUED, Outbox, OutboxLimits, Push
+from smapws._core.wsconn import Close, Message, WsConn, WsLimits
 from smapws._log import fields, logger
-
-if TYPE_CHECKING:
-    from smapws._io.app import App
+from smapws.metrics import Metrics
 
 # Close codes: aliases of the one enum (smapws._core.closecodes).
 NORMAL: Final = CloseCode.NORMAL
@@ -47,238 +54,279 @@ TOO_BIG: Final = CloseCode.TOO_BIG
 INTERNAL: Final = CloseCode.INTERNAL
 TRY_AGAIN_LATER: Final = CloseCode.TRY_AGAIN_LATER
 
-#: ``close_code`` when the peer (or the library) ended the connection: the
-#: writer has no close frame to send.
-PEER_CLOSED: Final = 0
+#: Bytes read from the socket at a time. Clients send little (pongs, the odd
+#: message); a small buffer keeps reads cheap.
+_RECEIVE_BYTES: Final = 4096
+#: Bounds of the lingering close once the close handshake is over (or we
+#: failed the connection): what the peer still sends is read and discarded,
+#: so that closing with unread input (a client flooding frames) does not make
+#: the kernel send RST, which can destroy the close frame before the client
+#: reads it (as ``frontdoor._send`` does for HTTP answers).
+_LINGER_S: Final = 2.0
+_LINGER_BYTES: Final = 256 * 1024
 
-#: What :meth:`Connection.offer` returns for a connection already closing.
-REFUSED: Final = Push(0)
+
+class Host(Protocol):
+    """What a connection needs of the hub (``App`` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def limits(self) -> OutboxLimits: ...
+
+    @property
+    def ws_limits(self) -> WsLimits: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def register(self, conn: Connection, resume: Resume | None = None) -> None: ...
+
+    def unregister(self, conn: Connection) -> None: ...
+
+    def lingering_close(self, scope: trio.CancelScope) -> AbstractContextManager[None]:
+        """Count a socket in its lingering close (``scope``: what cancels it
+        to make room) against ``SMAPWS_MAX_PENDING_REQUESTS``."""
+        ...
+
+
+def _fd(stream: trio.abc.Stream) -> int:
+    """The stream's socket's file descriptor (trio made it non-blocking), or
+    -1 (an in-memory stream: every write then goes through the task)."""
+    if not isinstance(stream, trio.SocketStream):
+        return -1
+    try:
+        return stream.socket.fileno()
+    except OSError:
+        return -1
 
 
 class Connection:
     """A live connection as the router, the hub and the heartbeat see it."""
 
-    __slots__ = (
-        "_control",
-        "_metrics",
-        "_partial",
-        "_waiter",
-        "_ws",
-        "cause",
-        "close_code",
-        "close_reason",
-        "expires_at",
-        "next_ping",
-        "outbox",
-        "ping_sent_at",
-        "remote",
-        "user_id",
-    )
+    __slots__ = ("_busy", "_deadline", "_fd", "_metrics", "_scope", "remote", "ws")
 
     def __init__(
         self,
-        app: App,
+        host: Host,
         user_id: str,
         *,
         expires_at: float | None,
         remote: str,
         now: float,
     ) -> None:
-        self.user_id = user_id
-        self.outbox = Outbox(app.limits)
-        self.expires_at = expires_at if app.config.close_on_token_expiry else None
+        self.ws = WsConn(
+            user_id,
+            host.ws_limits,
+            host.limits,
+            now=now,
+            expires_at=expires_at if host.config.close_on_token_expiry else None,
+        )
         self.remote = remote
-        self.close_code: int | None = None
-        self.close_reason = ""
-        self.cause = ""
-        self.next_ping = now + app.config.ping_interval
-        self.ping_sent_at: float | None = None
-        self._control = b""
-        self._partial: Envelope | None = None  # written in part by offer()
-        self._waiter: trio.lowlevel.Task | None = None
-        self._metrics = app.metrics
-        self._ws: ServerWebSocket | None = None
+        self._metrics = host.metrics
+        #: The socket, for writes that need no waiting (-1: none).
+        self._fd = -1
+        #: The task is writing: its ``send_all`` owns the output meanwhile.
+        self._busy = False
+        #: The task's read, cancelled to wake it (None: not reading).
+        self._scope: trio.CancelScope | None = None
+        #: Until when the task waits for the peer's answer to our close frame.
+        self._deadline = math.inf
+
+    @property
+    def user_id(self) -> str:
+        return self.ws.user_id
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.ws.outbox
+
+    @property
+    def close(self) -> Close | None:
+        """How the connection ended or is ending (None while open)."""
+        return self.ws.close
+
+    @property
+    def close_code(self) -> int | None:
+        close = self.ws.close
+        return None if close is None else close.code
+
+    @property
+    def cause(self) -> str:
+        close = self.ws.close
+        return "" if close is None else close.cause
 
     # -- called by the router and the hub (never wait) --------------------
 
     def offer(self, envelope: Envelope) -> Push:
-        """Queue ``envelope`` for the writer without waiting, under the
-        delivery policy (:mod:`smapws._core.outbox`). On :data:`OVERFLOW`
-        nothing is queued and the connection is asked to close with 1013: the
-        client reconnects and gets the current state. A connection already
-        closing queues nothing and returns :data:`REFUSED` (falsy)."""
-        if self.close_code is not None:
-            return REFUSED
-        ws = self._ws
-        if self._waiter is not None and ws is not None:
-            # The writer is idle, so nothing is queued: write now, from the
-            # router, with one system call and no task switch. What the
-            # socket does not take now, the writer finishes.
-            frame = envelope.frame
-            n = ws.try_send(frame)
-            if n == len(frame):
-                self._metrics.direct_writes.add(envelope, envelope.received_at)
-                return QUEUED
-            if n > 0:
-                self._partial = envelope
-                self._control = frame[n:]
-                self._wake()
-                return QUEUED
-        result = self.outbox.push(envelope)
-        if result & OVERFLOW:
-            # Counted here, whoever offered (the router, or register() with a
-            # replay or the current state), so the two metrics agree.
-            self._metrics.slow_consumer_closes.inc()
-            self.request_close(TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
-            return result
-        self._wake()
+        """Queue ``envelope`` under the delivery policy and write what the
+        socket takes now. On :data:`~smapws._core.outbox.OVERFLOW` nothing is
+        queued and the connection closes with 1013 (counted here, whoever
+        offered); a closing connection queues nothing and returns
+        :data:`~smapws._core.wsconn.REFUSED` (falsy)."""
+        result = self.ws.offer(envelope, direct=self._fd >= 0 and not self._busy)
+        if result is QUEUED:  # the common case (IntFlag arithmetic is slow)
+            self._flush()
+        elif result:
+            if result & OVERFLOW:
+                self._metrics.slow_consumer_closes.inc()
+            self._flush()
         return result
 
     def request_close(self, code: int, reason: str, *, cause: str) -> None:
-        """Ask the writer to flush, send a close frame with ``code`` (none for
-        :data:`PEER_CLOSED`) and end. The first request wins."""
-        if self.close_code is None:
-            self.close_code = code
-            self.close_reason = reason
-            self.cause = cause
-            self._wake()
+        """Close with ``code`` after what is queued; the first close wins."""
+        if self.ws.close_with(code, reason, cause=cause):
+            self._flush()
 
     def go_away(self) -> None:
-        """Ask for a close with 1001: the hub is draining for shutdown."""
+        """Close with 1001: the hub is draining for shutdown."""
         self.request_close(GOING_AWAY, "server shutting down", cause="drain")
 
-    def heartbeat(self, now: float, ping_interval: float, pong_wait: float) -> None:
+    def heartbeat(self, now: float) -> None:
         """One heartbeat tick (see the module docstring)."""
-        if self.close_code is not None:
-            return
-        if self.expires_at is not None and now >= self.expires_at:
-            self.request_close(POLICY, "token expired", cause="token_expired")
-        elif self.ping_sent_at is not None and now >= self.ping_sent_at + pong_wait:
-            self.request_close(INTERNAL, "pong timeout", cause="pong_timeout")
-        elif now >= self.next_ping:
-            self.next_ping = max(self.next_ping + ping_interval, now)
-            if self.ping_sent_at is None:  # one ping in flight at a time
-                self.ping_sent_at = now
-                self._control += PING_FRAME
-                self._wake()
+        ws = self.ws
+        if ws.close is None:
+            ws.tick(now)
+            if ws.has_output() or ws.close is not None:
+                self._flush()
 
-    # -- Listener: called by the WebSocket library's reader task ----------
+    def _flush(self) -> None:
+        """Write what the socket takes without waiting; wake the task for
+        the rest, or to close."""
+        if self._busy:
+            return  # the task writes what was added once its write is done
+        ws = self.ws
+        fd = self._fd
+        if fd >= 0:
+            data = ws.data_to_send()
+            if data:
+                try:
+                    n = os.write(fd, data)
+                except OSError:  # full (BlockingIOError), or the peer is gone:
+                    n = 0  # the task's write waits, or meets the error
+                if n:
+                    envs = ws.sent(n)
+                    if envs:
+                        add = self._metrics.direct_writes.add
+                        for env in envs:
+                            add(env, env.received_at)
+                    if n == len(data) and ws.close is None:
+                        return  # all written: nothing to wake the task for
+        scope = self._scope
+        if scope is not None and (
+            ws.has_output() or (ws.close is not None and self._deadline == math.inf)
+        ):
+            scope.cancel()
 
-    def on_client_message(self) -> None:
-        self._metrics.client_messages.inc()
+    # -- the connection's task ---------------------------------------------
 
-    def on_pong(self) -> None:
-        self.ping_sent_at = None
+    async def _write(self, stream: trio.abc.Stream, write_wait: float) -> bool:
+        """Write the output; False when the connection is to be dropped."""
+        ws = self.ws
+        metrics = self._metrics
+        data = ws.data_to_send()
+        self._busy = True
+        try:
+            with trio.fail_after(write_wait):
+                await stream.send_all(data)
+        except trio.TooSlowError:
+            metrics.messages_failed.inc(ws.abort("write_timeout"))
+            logger.info(
+                "connection closed",
+                extra=fields(cause="write_timeout", user=ws.user_id, remote=self.remote),
+            )
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            metrics.messages_failed.inc(ws.abort("client_closed"))
+            return False
+        finally:
+            self._busy = False
+        written = ws.sent(len(data))
+        if written:
+            now = trio.current_time()
+            metrics.messages_sent.inc(len(written))
+            observe = metrics.delivery_latency.observe
+            for env in written:
+                observe(now - env.received_at)
+        return True
 
-    def on_closed(self, code: int) -> None:
-        self.request_close(PEER_CLOSED, "", cause="client_closed")
 
-    def on_refused(self, code: int) -> None:
-        cause = "message_too_big" if code == TOO_BIG else "frame_rate"
-        self.request_close(PEER_CLOSED, "", cause=cause)
-
-    # -- the writer's side --------------------------------------------------
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            trio.lowlevel.reschedule(waiter)
-
-    def _abort_wait(self, _: object) -> trio.lowlevel.Abort:
-        # Cancelled (the hub shuts down): trio reschedules the task itself,
-        # so nobody else may from now on (the reader reporting the peer's
-        # close in the same tick did, and trio's assertion ended the
-        # connection as an internal error).
-        self._waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-    async def wait(self) -> None:
-        """Until something is queued or a close is requested. (A parked task
-        rather than an Event: no allocation per connection.)"""
-        if not len(self.outbox) and not self._control and self.close_code is None:
-            self._waiter = trio.lowlevel.current_task()
-            try:
-                await trio.lowlevel.wait_task_rescheduled(self._abort_wait)
-            finally:
-                self._waiter = None
-        else:
-            await trio.lowlevel.checkpoint()
-
-    def take(self) -> tuple[bytes, list[Envelope]]:
-        """Everything to write now, as one buffer: the rest of a frame that
-        :meth:`offer` wrote in part, a pending ping (never inside a data
-        frame), then the frames queued. And the envelopes it completes, for
-        the delivery counters."""
-        queued = self.outbox.take_all()
-        data = self._control + b"".join([e.frame for e in queued]) if queued else self._control
-        self._control = b""
-        partial = self._partial
-        if partial is not None:
-            self._partial = None
-            queued.insert(0, partial)
-        return data, queued
+async def _linger(host: Host, stream: trio.abc.Stream) -> None:
+    """Half-close, then discard what the peer still sends until it closes
+    (bounded by :data:`_LINGER_S` and :data:`_LINGER_BYTES`, and counted as
+    the front door counts its own lingering closes)."""
+    if not isinstance(stream, trio.abc.HalfCloseableStream):
+        return
+    with trio.move_on_after(_LINGER_S) as scope, host.lingering_close(scope):
+        try:
+            await stream.send_eof()
+            discarded = 0
+            while discarded < _LINGER_BYTES:
+                chunk = await stream.receive_some(_RECEIVE_BYTES)
+                if not chunk:
+                    break
+                discarded += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 async def run(
-    app: App,
-    nursery: trio.Nursery,
-    ws: ServerWebSocket,
+    host: Host,
+    stream: trio.abc.Stream,
     conn: Connection,
     resume: Resume | None = None,
+    trailing: bytes = b"",
 ) -> None:
-    """Serve ``conn`` until it closes: the writer runs in this task. Cancels
-    ``nursery`` (the connection's own, where the library's reader runs) and
-    unregisters the connection before returning. ``resume``: what the client
-    asked for with ``?since=``."""
-    conn._ws = ws
+    """Serve ``conn`` on ``stream`` (already upgraded; ``trailing``: what
+    the client sent after its request head) in this task until it closes,
+    unregister it, and linger (see :func:`_linger`) after a close handshake.
+    ``resume``: what the client asked for with ``?since=``. The caller
+    closes the stream."""
+    conn._fd = _fd(stream)
     try:
         # Inside the try: a fault while registering (a bug) must not leave
         # the connection in the hub, against every limit, for good.
-        app.register(conn, resume)
-        ws.listen(conn)
-        await _writer(app, ws, conn)
+        host.register(conn, resume)
+        write_wait = host.config.write_wait
+        linger = False  # True once the close handshake ended it (or we failed it)
+        ws = conn.ws
+        metrics = conn._metrics
+        events = ws.receive_data(trailing, trio.current_time()) if trailing else ()
+        while True:
+            for event in events:
+                if isinstance(event, Message):
+                    metrics.client_messages.inc()
+            if ws.has_output():
+                if not await conn._write(stream, write_wait):
+                    break
+                events = ()
+                continue  # what was added meanwhile goes next
+            if ws.finished:
+                linger = True
+                break
+            if ws.close is not None and conn._deadline == math.inf:
+                conn._deadline = trio.current_time() + write_wait
+            with trio.CancelScope(deadline=conn._deadline) as scope:
+                conn._scope = scope
+                try:
+                    if conn._fd >= 0:
+                        # Parked here, an idle connection holds no frame of
+                        # the stream's receive path; then it reads at once.
+                        await trio.lowlevel.wait_readable(conn._fd)
+                    data = await stream.receive_some(_RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                finally:
+                    conn._scope = None
+            if scope.cancelled_caught:
+                if trio.current_time() >= conn._deadline:
+                    break  # our close frame was never answered
+                events = ()
+                continue  # woken: there is output, or a close to wait for
+            events = ws.receive_data(data, trio.current_time())
     finally:
-        nursery.cancel_scope.cancel()
-        app.unregister(conn)
-
-
-async def _writer(app: App, ws: ServerWebSocket, conn: Connection) -> None:
-    cfg = app.config
-    metrics = app.metrics
-    while True:
-        data, items = conn.take()
-        if data:
-            try:
-                sent = ws.try_send(data)
-                if sent < len(data):
-                    with trio.fail_after(cfg.write_wait):
-                        await ws.send_frames(data[max(sent, 0) :])
-            except trio.TooSlowError:
-                metrics.messages_failed.inc(len(items))
-                conn.request_close(PEER_CLOSED, "", cause="write_timeout")
-                logger.info(
-                    "connection closed",
-                    extra=fields(cause="write_timeout", user=conn.user_id, remote=conn.remote),
-                )
-                await ws.abort()
-                return
-            except WsClosed:
-                metrics.messages_failed.inc(len(items))
-                return
-            if items:
-                now = trio.current_time()
-                metrics.messages_sent.inc(len(items))
-                observe = metrics.delivery_latency.observe
-                for e in items:
-                    observe(now - e.received_at)
-            continue
-        if conn.close_code is not None:
-            break
-        await conn.wait()
-
-    if conn.close_code == PEER_CLOSED:
-        return  # the peer closed (or the library did, e.g. 1009): nothing to send
-    with trio.move_on_after(cfg.write_wait), contextlib.suppress(WsClosed):
-        await ws.close(conn.close_code or NORMAL, conn.close_reason)
-    await ws.abort()
+        conn._fd = -1  # the socket closes soon: no more direct writes
+        host.unregister(conn)
+    if linger:  # (out of the hub's tables: the connection is over)
+        await _linger(host, stream)

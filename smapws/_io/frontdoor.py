@@ -1,7 +1,8 @@
 """One port for HTTP and WebSocket (two with ``SMAPWS_INTERNAL_PORT``).
 
-The front door reads the request head itself (trio-websocket would answer
-every non-upgrade request with 400), then:
+The front door reads and parses the request head itself (once: the upgrade
+is answered from it, and the WebSocket after it is the sans-IO
+``smapws._core.wsconn`` driven by ``smapws._io.connection``), then:
 
 - ``GET /health``, ``GET /ready``, ``GET /metrics``, ``POST /api/publish`` are
   answered as plain HTTP and the connection is closed;
@@ -40,12 +41,12 @@ from smapws._core.http import (
     parse_head,
     response,
 )
+from smapws._core.wsconn import handshake_response, valid_key
 from smapws._errors import SmapwsError
 from smapws._io import assets, connection, demo
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
-from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
 from smapws._log import fields, logger
 
 _RECEIVE_BYTES: Final = 4096
@@ -171,7 +172,7 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     connection alone, answered 500 before the upgrade or closed with 1011
     after it, counted as ``websocket_internal_errors_total{where="connection"}``
     and logged once with its traceback. Only cancellation goes further."""
-    upgraded: list[ServerWebSocket] = []
+    upgraded: list[connection.Connection | None] = []
     address = _address(stream)
     try:
         if not app.pending_by_address.acquire(address):
@@ -181,13 +182,16 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
             upgrade = await _front(app, stream, routes)
         finally:
             app.pending_by_address.release(address)
-        if upgrade is not None:
-            await _websocket(app, stream, upgrade, upgraded)
+        if upgrade is not None and (conn := await _accept(app, stream, upgrade, upgraded)):
+            # The connection's life, in this task (one coroutine frame less
+            # per idle connection than a helper around it).
+            trailing, resume, upgrade = upgrade.trailing, upgrade.resume, None
+            await connection.run(app, stream, conn, resume, trailing)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
     except* Exception as group:
         app.internal_error("connection", group, remote=_peer(stream))
-        farewell = close_frame(INTERNAL_ERROR, "internal error") if upgraded else response(500)
+        farewell = _farewell(upgraded[-1]) if upgraded else response(500)
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(_LINGER_S),
@@ -197,6 +201,19 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+
+
+def _farewell(conn: connection.Connection | None) -> bytes:
+    """What an upgraded connection that failed is sent last: the rest of a
+    data frame written in part (a close frame inside it would break the
+    client's framing), then a close frame with 1011."""
+    if conn is not None:
+        try:
+            conn.request_close(INTERNAL_ERROR, "internal error", cause="internal_error")
+            return conn.ws.data_to_send()
+        except Exception:  # the connection's own state is what failed
+            pass
+    return close_frame(INTERNAL_ERROR, "internal error")
 
 
 async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade | None:
@@ -348,66 +365,46 @@ def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
     )
 
 
-async def _websocket(
-    app: App, stream: trio.abc.Stream, upgrade: _Upgrade, upgraded: list[ServerWebSocket]
-) -> None:
-    """Complete the upgrade and serve the connection until it ends. This task
-    becomes the connection's writer. The WebSocket is appended to
-    ``upgraded`` once the 101 is sent (for the barrier in :func:`handle`)."""
+async def _accept(
+    app: App,
+    stream: trio.abc.Stream,
+    upgrade: _Upgrade,
+    upgraded: list[connection.Connection | None],
+) -> connection.Connection | None:
+    """Complete the upgrade: the connection to serve, or None when the peer
+    went away first. ``upgraded`` gets an entry once the 101 is sent, the
+    connection once it exists (for the barrier in :func:`handle`)."""
+    cfg = app.config
     now = trio.current_time()
     # The token's expiry on the trio clock, which the heartbeat runs on.
     expiry = now + (upgrade.expires_at - time.time())
     app.upgrade_started(upgrade.user_id)
+    accepted = False
     try:
-        await _serve_websocket(app, stream, upgrade, upgraded, now, expiry)
+        with trio.CancelScope(deadline=upgrade.deadline):
+            # User mode: the 101 waits for the user's subscription (at
+            # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
+            left = upgrade.deadline - now
+            await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
+            # A tab resuming with an id this hub does not hold: what the
+            # fleet's log has after it, read before the 101.
+            upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
+            # The head is not parsed a second time (by h11 inside wsproto):
+            # the front door's checks are the handshake.
+            await stream.send_all(handshake_response(upgrade.key))
+            accepted = True
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
     finally:
-        # The reader task has returned: nothing reports to the listener any more.
-        for upgraded_ws in upgraded:
-            upgraded_ws.detach()
-
-
-async def _serve_websocket(
-    app: App,
-    stream: trio.abc.Stream,
-    upgrade: _Upgrade,
-    upgraded: list[ServerWebSocket],
-    now: float,
-    expiry: float,
-) -> None:
-    cfg = app.config
-    async with trio.open_nursery() as nursery:
-        ws = None
-        try:
-            with trio.CancelScope(deadline=upgrade.deadline):
-                # User mode: the 101 waits for the user's subscription (at
-                # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
-                left = upgrade.deadline - now
-                await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
-                # A tab resuming with an id this hub does not hold: what the
-                # fleet's log has after it, read before the 101.
-                upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
-                ws = await ServerWebSocket.accept(
-                    nursery,
-                    stream,
-                    upgrade.key,
-                    upgrade.trailing,
-                    max_message_size=cfg.max_client_message_bytes,
-                    max_frame_rate=cfg.max_client_frame_rate,
-                )
-        except WsClosed:
-            pass
-        finally:
-            app.upgrade_finished(upgrade.user_id)
-        if ws is None:
-            _reject_log(app, "handshake_failed", 400, upgrade.remote)
-            nursery.cancel_scope.cancel()
-            return
-        upgraded.append(ws)
-        upgrade.trailing = b""
-        conn = connection.Connection(
-            app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
-        )
-        await connection.run(app, nursery, ws, conn, upgrade.resume)
+        app.upgrade_finished(upgrade.user_id)
+    if not accepted:
+        _reject_log(app, "handshake_failed", 400, upgrade.remote)
+        return None
+    upgraded.append(None)
+    conn = upgraded[-1] = connection.Connection(
+        app, upgrade.user_id, expires_at=expiry, remote=upgrade.remote, now=now
+    )
+    return conn
 
 
 # -- publish API ---------------------------------------------------------------

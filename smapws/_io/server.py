@@ -32,7 +32,7 @@ from redis.crc import key_slot
 from smapws._config import Config
 from smapws._errors import SmapwsError
 from smapws._io import frontdoor, sdnotify
-from smapws._io.app import App
+from smapws._io.app import App, Membership
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
 from smapws._io.brokers.cluster import ShardedBroker
@@ -116,10 +116,8 @@ class Server:
         drain window (see :meth:`_close_spread`). ``serve`` returns when the
         last one has gone or ``SMAPWS_DRAIN_TIMEOUT`` has passed. Idempotent."""
         app = self.app
-        if app.draining:
+        if not app.start_drain():
             return
-        app.draining = True
-        app.metrics.draining.set(1)
         n = app.hub.active_connections
         logger.info("draining", extra=fields(connections=n, timeout_s=app.config.drain_timeout))
         self.notifier.stopping(
@@ -305,7 +303,7 @@ async def serve(
     notify_systemd: bool | None = None,
     metrics: Metrics | None = None,
     listeners: Listeners | None = None,
-    on_app: Callable[[App], object] = lambda app: None,
+    member: Membership | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the hub until drained (or cancelled).
@@ -318,8 +316,8 @@ async def serve(
     ``listeners``: serve these already-listening sockets (public, internal)
     instead of binding ``config.host:config.port`` (a worker of a group gets
     them from its supervisor); ``serve`` closes its copies when it returns.
-    ``on_app(app)`` is called once the :class:`App` exists, before any task
-    starts (a worker hooks its group view and metrics in there).
+    ``member``: this hub is a worker of a group (its index, the group's
+    view and ``/metrics``, see :class:`~smapws._io.app.Membership`).
 
     ``notify_systemd`` (default: the same as ``handle_signals``, i.e. when
     the hub owns the process) speaks systemd's notify protocol on
@@ -343,18 +341,17 @@ async def serve(
         queued=queued,
     )
     fleet = make_fleet_log(config, metrics)
-    app = App(config, broker, metrics, fleet)
-    on_app(app)
+    app = App(config, broker, metrics, fleet, member)
     send, receive = trio.open_memory_channel[Item](config.ingest_queue)
     # Before any task: a port in use is one line (ListenError), not a group.
-    public, internal = listeners if listeners is not None else await _open_all(config)
+    public, internal = listeners if listeners is not None else await open_all_listeners(config)
     try:
         async with _bridge(config), trio.open_nursery() as root:
             server = Server(
                 app,
-                _bound_port(public),
+                bound_port(public),
                 root.cancel_scope,
-                internal_port=_bound_port(internal) if internal else None,
+                internal_port=bound_port(internal) if internal else None,
             )
             await root.start(broker.run, send)
             if app.fleet is not None:
@@ -387,10 +384,10 @@ async def serve(
                 if app.fleet is not None:
                     await app.fleet.aclose()
     finally:
-        _close(public + internal)  # however serve ends
+        close_listeners(public + internal)  # however serve ends
 
 
-async def _open_all(
+async def open_all_listeners(
     config: Config,
 ) -> tuple[list[trio.SocketListener], list[trio.SocketListener]]:
     """The public listeners and the internal ones (none without
@@ -401,7 +398,7 @@ async def _open_all(
     try:
         return public, await _open_listeners(*config.internal_address)
     except BaseException:
-        _close(public)
+        close_listeners(public)
         raise
 
 
@@ -453,11 +450,12 @@ async def _accept_loop(
                 nursery.start_soon(handler, stream)
 
 
-def _bound_port(listeners: list[trio.SocketListener]) -> int:
+def bound_port(listeners: list[trio.SocketListener]) -> int:
+    """The port ``listeners`` (of one address) are bound to."""
     return int(listeners[0].socket.getsockname()[1])
 
 
-def _close(listeners: list[trio.SocketListener]) -> None:
+def close_listeners(listeners: list[trio.SocketListener]) -> None:
     """Close listening sockets (idempotent; ``serve_listeners`` may have)."""
     for listener in listeners:
         listener.socket.close()

@@ -61,18 +61,19 @@ from smapws._config import Config
 from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
 from smapws._errors import SmapwsError
 from smapws._io import sdnotify
-from smapws._io.app import App
+from smapws._io.app import App, Membership
 from smapws._io.server import (
     STOP_MARGIN_S,
     Server,
-    _bound_port,
-    _close,
-    _open_all,
+    bound_port,
+    close_listeners,
     log_listening,
+    open_all_listeners,
     serve,
     stop_budget,
 )
 from smapws._log import fields, logger
+from smapws._runtime import tune_gc
 from smapws.metrics import Family, cumulative, merge, render, snapshot
 
 #: How often a worker reports its counts when nothing else changed, and the
@@ -310,8 +311,8 @@ class Supervisor:
         self.config = config
         self.public = public
         self.internal = internal
-        self.port = _bound_port(public) if public else 0
-        self.internal_port = _bound_port(internal) if internal else None
+        self.port = bound_port(public) if public else 0
+        self.internal_port = bound_port(internal) if internal else None
         self.notifier = notifier or sdnotify.Notifier(None)
         #: ``watchdog_s`` is a lone hub's ping period (half of WatchdogSec=).
         self.ping_s = ping_period(watchdog_s)
@@ -691,7 +692,7 @@ async def run_group(config: Config) -> int:
     bind, supervise the workers until they have drained; the exit status
     (0 drained, 1 if workers had to be killed at the stop deadline). Raises
     :class:`~smapws._io.server.ListenError` if it cannot listen."""
-    public, internal = await _open_all(config)
+    public, internal = await open_all_listeners(config)
     try:
         notifier = sdnotify.Notifier.from_environ(os.environ)
         watchdog_s = sdnotify.watchdog_period(os.environ, os.getpid())
@@ -716,7 +717,7 @@ async def run_group(config: Config) -> int:
             # run() returned: every worker has exited after the drain.
             nursery.cancel_scope.cancel()
     finally:
-        _close(public + internal)
+        close_listeners(public + internal)
     return 1 if supervisor.killed else 0
 
 
@@ -742,9 +743,7 @@ async def _worker(sock: socket.socket) -> None:
         raise ChannelError(f"expected Hello first, got {type(hello).__name__}")
     config = hello.config
     _log.configure(config.log_level, config.log_format, context={"worker": hello.index})
-    from smapws._cli import _tune_gc
-
-    _tune_gc()
+    tune_gc()
     listeners = (_listeners(hello.public_fds), _listeners(hello.internal_fds))
     asked: dict[int, tuple[trio.Event, list[bytes]]] = {}
 
@@ -754,10 +753,7 @@ async def _worker(sock: socket.socket) -> None:
     # the worker (a /metrics request, the reporter) waits on it without end.
     outbox, unsent = trio.open_memory_channel[object](OUTBOX)
 
-    def hook(app: App) -> None:
-        app.worker_index = hello.index
-        app.group = hello.view
-        app.render_metrics = partial(_ask_metrics, outbox, asked)
+    member = Membership(hello.index, hello.view, partial(_ask_metrics, outbox, asked))
 
     async with trio.open_nursery() as nursery:
 
@@ -767,7 +763,7 @@ async def _worker(sock: socket.socket) -> None:
                 handle_signals=True,
                 notify_systemd=False,
                 listeners=listeners,
-                on_app=hook,
+                member=member,
                 task_status=task_status,
             )
             nursery.cancel_scope.cancel()  # drained: the control tasks end too
@@ -820,7 +816,7 @@ async def _obey(
     app = server.app
     while (message := await channel.receive()) is not None:
         if isinstance(message, View):
-            app.group = message.view
+            app.update_group(message.view)
         elif isinstance(message, Drain):
             server.drain()
         elif isinstance(message, Stop):

@@ -3,15 +3,15 @@ Autobahn|Testsuite's fuzzingclient. A test fixture: not part of the package.
 
 Each connection goes the way the hub's front door takes it
 (``smapws._io.frontdoor``): the request head is read and parsed with
-``smapws._core.http``, the upgrade is answered by
-:meth:`ServerWebSocket.accept` with the bytes read after the head, and the
-connection's own task is its writer, sending ready-made frames with
-:meth:`ServerWebSocket.send_frames`, while the reader's callback writes at
-once with :meth:`ServerWebSocket.try_send` when the writer is idle, as the
-hub's router does. What differs: no Origin or token check, and every whole
-client message (:meth:`ServerWebSocket.receive`) is sent back, text as text
-(encoded by the hub's own ``smapws._core.frames.text_frame``) and binary as
-binary. Extensions (permessage-deflate) are not negotiated, as in the hub.
+``smapws._core.http``, the upgrade is answered with
+``smapws._core.wsconn.handshake_response``, and the connection is one task
+driving the hub's sans-IO state machine (:class:`~smapws._core.wsconn.WsConn`)
+as ``smapws._io.connection`` does: read, feed the state machine, write its
+output. What differs: no Origin or token check, no heartbeat, and every whole
+client message (``assemble=True``) is sent back, text as text (encoded by the
+hub's own ``smapws._core.frames.text_frame``) and binary as binary, after
+everything the client sent in the same read has been parsed. Extensions
+(permessage-deflate) are not negotiated, as in the hub.
 
 Run alone: ``python -m tests.autobahn.echo_server [--port N]``.
 """
@@ -19,21 +19,27 @@ Run alone: ``python -m tests.autobahn.echo_server [--port N]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-from collections import deque
 from typing import Final
 
 import trio
 
 from smapws._core.frames import text_frame
 from smapws._core.http import MAX_HEAD_BYTES, HttpError, head_end, parse_head, response
-from smapws._io.ws import ServerWebSocket, WsClosed, valid_key
+from smapws._core.outbox import OutboxLimits
+from smapws._core.wsconn import Message, WsConn, WsLimits, handshake_response, valid_key
 
 #: Autobahn's largest messages (cases 9.1.6, 9.2.6) are 16 MiB.
 MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 #: Seconds a client has to send its request head (the hub's default).
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds to wait for a write, and for the answer to our close frame.
+WRITE_WAIT: Final = 10.0
+#: No heartbeat here (the suite's cases time themselves).
+LIMITS: Final = WsLimits(
+    ping_interval=float("inf"), pong_wait=float("inf"), max_message_bytes=MAX_MESSAGE_BYTES
+)
+OUTBOX: Final = OutboxLimits()
 
 
 def binary_frame(payload: bytes) -> bytes:
@@ -41,55 +47,31 @@ def binary_frame(payload: bytes) -> bytes:
     return b"\x82" + text_frame(payload)[1:]
 
 
-class _Echo:
-    """The connection's listener, called from the library's reader task and
-    never blocking. Like the hub's ``Connection.offer``: while the writer is
-    idle, an echo is written at once with :meth:`ServerWebSocket.try_send`;
-    what the socket does not take, and every echo while the writer is busy,
-    is queued for the writer. The queue is unbounded: a test peer waits for
-    its echoes (the hub bounds its own)."""
-
-    def __init__(self, ws: ServerWebSocket) -> None:
-        self.ws = ws
-        self.pending: deque[bytes] = deque()
-        self.closed = False
-        self.idle = False
-        self._wakeup = trio.Event()
-
-    def on_message(self, message: str | bytes) -> None:
-        if isinstance(message, str):
-            frame = text_frame(message.encode("utf-8"))
-        else:
-            frame = binary_frame(message)
-        if self.idle and not self.pending:
-            sent = self.ws.try_send(frame)
-            if sent == len(frame):
-                return
-            frame = frame[max(sent, 0) :]
-        self.pending.append(frame)
-        self._wakeup.set()
-
-    def on_client_message(self) -> None:  # only with listen(); receive() hands messages over
-        pass
-
-    def on_pong(self) -> None:
-        pass
-
-    def on_closed(self, code: int) -> None:
-        self.closed = True
-        self._wakeup.set()
-
-    async def write(self) -> None:
-        """The writer: until the peer closed (or a write fails: WsClosed)."""
+async def echo(stream: trio.abc.Stream, trailing: bytes) -> None:
+    """The connection's one task, until the WebSocket ends."""
+    ws = WsConn("echo", LIMITS, OUTBOX, now=trio.current_time(), assemble=True)
+    data = trailing
+    with trio.move_on_after(float("inf")) as scope:
         while True:
-            while self.pending:
-                await self.ws.send_frames(self.pending.popleft())
-            if self.closed:
+            for event in ws.receive_data(data, trio.current_time()) if data else ():
+                if isinstance(event, Message) and event.data is not None:
+                    if isinstance(event.data, str):
+                        ws.send_frame(text_frame(event.data.encode("utf-8")))
+                    else:
+                        ws.send_frame(binary_frame(event.data))
+            out = ws.data_to_send()
+            if out:
+                with trio.fail_after(WRITE_WAIT):
+                    await stream.send_all(out)
+                ws.sent(len(out))
+            if ws.finished:
                 return
-            self.idle = True
-            await self._wakeup.wait()
-            self.idle = False
-            self._wakeup = trio.Event()
+            if ws.close is not None and scope.deadline == float("inf"):
+                scope.deadline = trio.current_time() + WRITE_WAIT
+            data = await stream.receive_some(65536)
+            if not data:
+                ws.receive_data(b"", trio.current_time())
+                return
 
 
 async def _read_head(stream: trio.abc.Stream) -> tuple[str, bytes] | None:
@@ -133,18 +115,9 @@ async def handle(stream: trio.abc.Stream) -> None:
         if upgrade is None:
             return
         key, trailing = upgrade
-        async with trio.open_nursery() as nursery:
-            ws = await ServerWebSocket.accept(
-                nursery, stream, key, trailing, max_message_size=MAX_MESSAGE_BYTES
-            )
-            echo = _Echo(ws)
-            ws.receive(echo)
-            with contextlib.suppress(WsClosed):
-                await echo.write()
-            # The peer closed (the library answered its close frame), or a
-            # write failed: the reader has ended or ends with the stream.
-            nursery.cancel_scope.cancel()
-    except (WsClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        await stream.send_all(handshake_response(key))
+        await echo(stream, trailing)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
         pass
     finally:
         with trio.CancelScope(shield=True):

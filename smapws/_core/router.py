@@ -1,0 +1,419 @@
+"""Who gets what: the hub's routing decisions, sans-IO.
+
+:class:`Router` holds what routing decides with: the registry of
+connections (:class:`~smapws._core.hub.Hub`), each user's chain of ids
+(:class:`~smapws._core.fleet.Chains`), the replay window
+(:class:`~smapws._core.history.History`) and the current state
+(:class:`~smapws._core.snapshot.Snapshots`). Its methods take a broker
+message, a new tab or an outage and return what to do, as values:
+
+- :meth:`Router.route`: a message's :class:`Routed` (its envelope, framed
+  once with its id; the connections to offer it to; the entry to append to
+  the fleet's log), after recording it in the window and the current state.
+- :meth:`Router.register` / :meth:`Router.unregister`: a tab's
+  :class:`Welcome` (what it missed or a gap, then its user's state).
+- :meth:`Router.resync` and :meth:`Router.dropped` / :meth:`Router.drop_resync_due`:
+  which tabs are owed a ``resync``, and the windows that can no longer
+  replay across the hole.
+
+The trio shell (:class:`smapws._io.app.App`) does the rest: it offers the
+envelopes to the connections, appends to the log, counts and logs.
+Connections are opaque here (hashable objects). Nothing reads a clock: the
+monotonic ``now`` and the ``wall`` time (POSIX seconds) are arguments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Final, Generic, NamedTuple, TypeVar
+
+from smapws._core.envelope import (
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Envelope,
+    InvalidMessage,
+    encode_message,
+    parse,
+    user_from_channel,
+)
+from smapws._core.fleet import (
+    Chains,
+    Header,
+    LogEntry,
+    chain_after,
+    chain_id,
+    encode_entry,
+    resolve,
+    splice,
+)
+from smapws._core.history import AGE_TOLERANCE, FleetReplay, History, Resume, conflate
+from smapws._core.hub import Hub
+from smapws._core.snapshot import Snapshots
+
+C = TypeVar("C")
+
+#: Links the chain table keeps whatever the window holds (see
+#: :meth:`Router.route`): a few hundred bytes each.
+CHAINS_FLOOR: Final = 500
+
+#: Seconds between two resyncs for messages dropped before the router: its
+#: queue is full when that happens, and one resync covers every drop before
+#: it (a frontend refetches once, not once per dropped message).
+DROP_RESYNC_INTERVAL: Final = 1.0
+
+
+class Routed(NamedTuple, Generic[C]):
+    """What to do with one valid broker message."""
+
+    user: str
+    #: The message as every tab of ``user`` receives it (with its id).
+    envelope: Envelope
+    #: The tabs to offer it to (a snapshot; empty: nobody holds the user here).
+    conns: tuple[C, ...]
+    #: The fleet-log entry to append, or None (no log, or the log has it).
+    append: bytes | None
+    mid: str
+    prev: str
+
+
+class Welcome(NamedTuple):
+    """What a new tab is offered, in this order: ``replayed`` (what it
+    missed), a ``resync`` with reason ``history_gap`` when ``gap``, then
+    ``state`` (its user's current state; after a gap, or without a
+    resume)."""
+
+    #: ``websocket_resumes_total{outcome}``: ``replayed``, ``fleet``, ``gap``
+    #: or ``too_large``; None for a tab that did not resume.
+    outcome: str | None
+    replayed: list[Envelope]
+    gap: bool
+    state: list[Envelope]
+
+
+def resync_envelope(reason: str, wall: float, now: float, **extra: object) -> Envelope:
+    """``{"type": "resync", "payload": {"reason": ..., **extra}}``, stamped
+    at ``wall`` (it has no id: it is no message of the chain)."""
+    data = encode_message("resync", {"reason": reason, **extra})
+    return parse(data, wall_time=wall, received_at=now)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RouterLimits:
+    """The bounds routing decides with (the hub's are its
+    :class:`~smapws._config.Config`'s)."""
+
+    #: ``SMAPWS_RESUME_MAX_BYTES``: a replay larger is a gap.
+    resume_max_bytes: int
+    #: A tab's send queue (``SMAPWS_SEND_QUEUE_BYTES`` / ``_MESSAGES``): a
+    #: replay or a state is kept to half of it, or the tab would be closed
+    #: 1013 at once, again on every reconnect.
+    send_queue_bytes: int
+    send_queue_messages: int
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+
+
+class Router(Generic[C]):
+    """The routing decisions of one hub (see the module docstring).
+
+    ``fleet_log``: whether the hub appends to a fleet log (then ``chains``
+    distrusts old links and :meth:`to_consult` names the users to look up
+    before their first message)."""
+
+    def __init__(
+        self,
+        prefix: bytes,
+        chains: Chains,
+        limits: RouterLimits,
+        *,
+        hub: Hub[C] | None = None,
+        history: History | None = None,
+        snapshots: Snapshots | None = None,
+        fleet_log: bool = False,
+    ) -> None:
+        self.prefix = prefix
+        self.hub: Hub[C] = Hub() if hub is None else hub
+        self.chains = chains
+        self.history = history
+        self.snapshots = snapshots
+        self.fleet_log = fleet_log
+        self.limits = limits
+        #: The log's last entries for users whose chain this hub asked for,
+        #: given by the shell (:meth:`consulted`) before it routes a batch.
+        self._consulted: dict[str, Sequence[Header]] = {}
+        self._chain_trim_at = 2 * CHAINS_FLOOR
+        #: A message was dropped before the router: every tab is owed a
+        #: resync (see :meth:`dropped`).
+        self._resync_pending = False
+        self._next_drop_resync = 0.0
+
+    # -- broker messages ---------------------------------------------------
+
+    def route(self, channel: bytes, data: bytes, *, wall: float, now: float) -> Routed[C]:
+        """Decide one broker message: its id (the same on every hub, see
+        :mod:`smapws._core.fleet`), computed before it is framed, so it is
+        parsed and framed once; its place in the chain, the replay window
+        and the current state; the tabs to offer it to.
+
+        Raises :class:`InvalidMessage` (a bad channel, or any reason of
+        :func:`~smapws._core.envelope.parse`) and then changes nothing."""
+        user = user_from_channel(channel, self.prefix)
+        chains = self.chains
+        recent = None
+        prev = chains.prev(user, now)
+        if prev is not None:
+            mid = chain_id(channel, data, prev)
+        else:
+            recent = self._consulted.get(user)
+            if recent is None:  # the log did not answer: carry on alone
+                prev = chains.last(user)
+                mid = chain_id(channel, data, prev)
+            else:
+                mid, prev = resolve(channel, data, recent, chains.floor_ms(user))
+        limits = self.limits
+        env = parse(
+            data,
+            wall_time=wall,
+            received_at=now,
+            max_bytes=limits.max_message_bytes,
+            max_depth=limits.max_json_depth,
+            message_id=mid,
+        )
+        written = False  # already in the fleet's log
+        if recent is not None:
+            del self._consulted[user]
+            written = any(h.mid == mid for h in recent)
+        chains.advance(user, mid, now)
+        if len(chains) > self._chain_trim_at:
+            self._trim_chains()
+        if self.history is not None:
+            self.history.record(user, mid, prev, env, now)
+        append = None
+        if self.fleet_log and not written:
+            append = encode_entry(mid, prev, int(wall * 1000), data)
+        if env.kind and self.snapshots is not None:
+            self.snapshots.observe(user, env, now)
+        return Routed(user, env, tuple(self.hub.connections(user)), append, mid, prev)
+
+    def _trim_chains(self) -> None:
+        """Keep the chain table in proportion to what uses it: the users the
+        replay window or a connection holds (a flood to distinct user ids
+        took 74,506 links, 84 MiB, with the window at its bound). Trimmed to
+        that many (at least :data:`CHAINS_FLOOR`) when it reaches twice
+        as many, so the walk is paid once per that many new users."""
+        history = self.history
+        hub = self.hub
+        held = hub.active_users + (0 if history is None else history.users())
+        limit = max(CHAINS_FLOOR, held)
+
+        def keep(user: str) -> bool:
+            return bool(hub.connections(user)) or (
+                history is not None and history.user_bytes(user) > 0
+            )
+
+        self.chains.trim(keep, limit)
+        self._chain_trim_at = 2 * max(limit, len(self.chains))
+
+    def to_consult(self, channels: Iterable[bytes], now: float) -> dict[str, bytes]:
+        """The users of a batch (their ``channels``) whose chain this hub
+        does not know, each with its channel: what to ask the fleet's log
+        before routing the batch. Bad channels are skipped (:meth:`route`
+        refuses them)."""
+        wanted: dict[str, bytes] = {}
+        for channel in channels:
+            try:
+                user = user_from_channel(channel, self.prefix)
+            except InvalidMessage:
+                continue
+            if user not in wanted and self.chains.prev(user, now) is None:
+                wanted[user] = channel
+        return wanted
+
+    def consulted(self, user: str, recent: Sequence[Header]) -> None:
+        """The log's last entries of ``user`` (oldest first), for the
+        user's next message in this batch."""
+        self._consulted[user] = recent
+
+    def batch_done(self) -> None:
+        """The batch is routed: what the log said is stale from now on."""
+        self._consulted.clear()
+
+    # -- outages -----------------------------------------------------------
+
+    def resync(self, channel: bytes | None, wall: float) -> Iterable[C]:
+        """The subscription was down (with ``channel``: that channel's
+        only): the tabs owed a ``resync``. No replay may cross the hole, so
+        the window forgets what came before it, and the chains start anew.
+        Raises :class:`InvalidMessage` for a bad ``channel``."""
+        if channel is None:
+            if self.history is not None:
+                self.history.clear()
+            self.chains.reset_all(wall)
+            return self.hub.all_connections()
+        user = user_from_channel(channel, self.prefix)
+        conns = tuple(self.hub.connections(user))
+        if self.history is not None:
+            self.history.forget_user(user)  # that user's hole only
+        self.chains.reset(user, wall)
+        return conns
+
+    def dropped(self) -> None:
+        """A valid message was dropped before the router (which user's is
+        not known): every tab is owed a resync, see :meth:`drop_resync_due`."""
+        self._resync_pending = True
+
+    def drop_resync_due(self, now: float) -> bool:
+        """Whether to send that resync now (then :meth:`resync` with no
+        channel): at most once per :data:`DROP_RESYNC_INTERVAL`, and drops
+        meanwhile are covered by the next one."""
+        if self._resync_pending and now >= self._next_drop_resync:
+            self._resync_pending = False
+            self._next_drop_resync = now + DROP_RESYNC_INTERVAL
+            return True
+        return False
+
+    def forget_state(self, channel: bytes, wall: float) -> None:
+        """``channel`` is no longer subscribed (user mode): its user's
+        current state would go stale, and its chain may move on unseen.
+        Raises :class:`InvalidMessage` for a bad ``channel``."""
+        user = user_from_channel(channel, self.prefix)
+        if self.snapshots is not None:
+            self.snapshots.forget_user(user)
+        self.chains.reset(user, wall)
+
+    def off_chain(self, channel: bytes, wall: float) -> None:
+        """The fleet's log took this hub's append after another entry than
+        its predecessor: ask the log before the next message there."""
+        with contextlib.suppress(InvalidMessage):
+            self.chains.reset(user_from_channel(channel, self.prefix), wall)
+
+    def sweep(self, now: float, idle: float) -> None:
+        """Forget expired current state and window entries, and the chains
+        idle for ``idle`` seconds."""
+        if self.snapshots is not None:
+            self.snapshots.sweep(now)
+        if self.history is not None:
+            self.history.sweep(now)
+        self.chains.sweep(now, idle)
+
+    # -- tabs --------------------------------------------------------------
+
+    def register(self, user: str, conn: C, resume: Resume | None, now: float) -> Welcome:
+        """Add ``conn`` (a tab of ``user``) and decide what it is offered
+        before any live message (:class:`Welcome`): with ``resume``
+        (``?since=``), what it missed, or a gap and the current state when
+        neither the window nor ``resume``'s fleet replay can tell, or when
+        the replay would not fit; without, the current state."""
+        self.hub.add(user, conn)
+        for held in (self.history, self.snapshots):  # its recovery goes last (issue 16)
+            if held is not None:
+                held.hold(user)
+        if resume is None:
+            return Welcome(None, [], False, self._current_state(user, now))
+        outcome, missed = self._missed(user, resume, now)
+        if missed is not None and not self._fits(missed, self.limits.resume_max_bytes):
+            missed, outcome = None, "too_large"
+        if missed is not None:
+            return Welcome(outcome, missed, False, [])
+        return Welcome(outcome, [], True, self._current_state(user, now))
+
+    def unregister(self, user: str, conn: C, now: float) -> bool:
+        """Remove ``conn``; return whether ``user`` has other tabs here (when
+        not, the user's window and state are no longer held)."""
+        has_others = self.hub.remove(user, conn)
+        if not has_others:
+            for held in (self.history, self.snapshots):
+                if held is not None:
+                    held.release(user, now)
+        return has_others
+
+    def needs_fleet(self, user: str, resume: Resume | None, now: float) -> bool:
+        """Whether a tab's ``resume`` needs the fleet's log: this hub's
+        window does not hold its ``since``."""
+        history = self.history
+        if resume is None or history is None or not self.fleet_log:
+            return False
+        return history.after(user, resume, now) is None
+
+    def with_fleet(
+        self, resume: Resume, entries: Sequence[LogEntry], epoch: int, wall: float, now: float
+    ) -> Resume | None:
+        """``resume`` with what the log's ``entries`` (the user's, read
+        while the window was in ``epoch``) hold after its ``since``; None
+        when they cannot tell (``since`` not there, a broken chain, an id
+        reused since the tab saw it). Raises :class:`InvalidMessage` when an
+        entry is not what a hub wrote (then nothing is replayed from them)."""
+        found = chain_after(entries, resume.since)
+        if found is None:
+            return None
+        since, chain = found
+        age = wall - since.wall_ms / 1000
+        if resume.age is not None and age < resume.age - AGE_TOLERANCE:
+            return None  # a message of the same id, from before the log expired
+        limits = self.limits
+        envelopes = tuple(
+            parse(
+                e.raw,
+                wall_time=e.wall_ms / 1000,
+                received_at=now,
+                max_bytes=limits.max_message_bytes,
+                max_depth=limits.max_json_depth,
+                message_id=e.mid,
+            )
+            for e in chain
+        )
+        links = tuple((e.mid, e.prev) for e in chain)
+        return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, epoch))
+
+    def _missed(self, user: str, resume: Resume, now: float) -> tuple[str, list[Envelope] | None]:
+        """What a resuming tab missed: from this hub's window (``replayed``)
+        or from the fleet's log joined to this hub's window (``fleet``);
+        None when neither can tell."""
+        history = self.history
+        if history is None:
+            return "gap", None
+        local = history.after(user, resume, now)
+        if local is not None:
+            return "replayed", local
+        fleet = resume.fleet
+        if fleet is None or fleet.epoch != history.epoch:
+            return "gap", None
+        routed = history.chain(user, now)
+        keep = splice(fleet.links, resume.since, [(mid, prev) for mid, prev, _ in routed])
+        if keep is None:
+            return "gap", None
+        return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)])
+
+    def _fits(self, envs: list[Envelope], budget: int) -> bool:
+        """Whether ``envs`` fit ``budget`` bytes and half a new tab's send
+        queue."""
+        limits = self.limits
+        size = sum(len(env.frame) for env in envs)
+        return (
+            size <= min(budget, limits.send_queue_bytes // 2)
+            and len(envs) <= limits.send_queue_messages // 2
+        )
+
+    def _current_state(self, user: str, now: float) -> list[Envelope]:
+        """The user's current state, the most recently updated part that
+        fits half the tab's send queue (the rest is left out, so that a
+        state larger than the queue is not a 1013 on every connect)."""
+        if self.snapshots is None:
+            return []
+        state = self.snapshots.for_user(user, now)
+        while state and not self._fits(state, self.limits.send_queue_bytes):
+            state = state[1:]  # oldest update first: keep the newest
+        return state
+
+
+__all__ = [
+    "CHAINS_FLOOR",
+    "DROP_RESYNC_INTERVAL",
+    "Routed",
+    "Router",
+    "RouterLimits",
+    "Welcome",
+    "resync_envelope",
+]

@@ -33,6 +33,8 @@ import trio.testing
 import websockets.exceptions
 
 from smapws import Server, serve
+from smapws._core.envelope import parse, with_id
+from smapws._core.history import History, HistoryLimits
 from smapws._io import assets, frontdoor
 from smapws._io.app import App
 from tests.conftest import (
@@ -438,4 +440,30 @@ async def test_connections_closed_by_a_drain_are_freed_by_reference_counting(
     # The stopped hub's App is kept here: it is one cycle (its metrics'
     # callbacks hold it), once a process; its connections must add nothing.
     assert server.app.hub.active_connections == 0
+    assert_nothing_of_ours(saved_garbage)
+
+
+# -- Redis mode ---------------------------------------------------------------------------------
+
+
+def _window(users: int, per_user: int) -> History:
+    history = History(HistoryLimits())
+    data = json.dumps({"type": "notification", "payload": {"x": "y" * 1000}}).encode()
+    for u in range(users):
+        for n in range(per_user):
+            env = with_id(parse(data, wall_time=0, received_at=0), f"{u:08x}{n:08x}")
+            history.record(f"u{u}", f"{u:08x}{n:08x}", "-" * 16, env, now=0)
+    return history
+
+
+def test_a_replay_window_cleared_for_a_hole_is_freed_by_reference_counting(
+    saved_garbage: list[object],
+) -> None:
+    # What a Redis outage does (App.resync: the window has a hole): every
+    # user's window with its messages, frames included, up to
+    # SMAPWS_HISTORY_MAX_BYTES (32 MiB), must go at once.
+    history = _window(users=3, per_user=4)
+    history.clear()
+    history.forget_user("u0")
+    del history
     assert_nothing_of_ours(saved_garbage)

@@ -24,6 +24,7 @@ import contextlib
 import gc
 import json
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -356,6 +357,44 @@ async def test_protocol_errors_and_floods_are_freed_by_reference_counting(
             forget(saved_garbage)
     await trio.sleep(0.1)
     assert_nothing_of_ours(saved_garbage)
+
+
+async def _flooded(server: Server, *, reset: bool) -> None:
+    """A tab with a small receive buffer sent more than its socket takes
+    (frames written in part, the rest queued, then a 1013 past the queue's
+    bytes), which then reads everything or resets the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await _upgraded(stream, "f1")
+    await wait_connections(server, 1)
+    data = json.dumps({"type": "notification", "payload": {"x": "y" * 30000}}).encode()
+    for _ in range(20):
+        await server.app.broker.publish(b"user_noti:f1", data)
+        await trio.sleep(0.005)
+    if reset:  # RST: the hub's pending write fails
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    else:
+        with trio.fail_after(5):
+            await _read_to_eof(stream)
+    await stream.aclose()
+    await wait_connections(server, 0)
+
+
+async def test_partial_writes_and_resets_are_freed_by_reference_counting(
+    nursery: trio.Nursery, saved_garbage: list[object]
+) -> None:
+    server: Server = await nursery.start(
+        serve, make_config(SMAPWS_SEND_QUEUE_BYTES=200_000, SMAPWS_WRITE_WAIT=1)
+    )
+    for rounds in (1, 2):
+        for _ in range(rounds):
+            await _flooded(server, reset=False)
+            await _flooded(server, reset=True)
+        if rounds == 1:
+            forget(saved_garbage)
+    await trio.sleep(0.1)
+    assert_nothing_of_ours(saved_garbage)
+    assert metric(server, "websocket_slow_consumer_closes_total") >= 3
 
 
 # -- timeouts, under MockClock (in-memory streams: trio.testing's, outside OURS) ---------------

@@ -607,14 +607,16 @@ async def test_user_mode_subscriptions_are_freed_by_reference_counting(
     _nothing_of_ours_or_redis(saved_garbage)
 
 
+@pytest.mark.parametrize("mode", ["pattern", "user"])
 async def test_a_redis_restart_is_freed_by_reference_counting(
-    nursery: trio.Nursery, own_redis: RedisServer, saved_garbage: list[object]
+    nursery: trio.Nursery, own_redis: RedisServer, saved_garbage: list[object], mode: str
 ) -> None:
     # What the outage makes the hub throw away (the replay window, the
     # sessions' state) goes by reference counting. (redis-py, asyncio and
     # trio-asyncio leave cycles of their own per Redis connection made or
     # failed, a few dozen objects per reconnect: not watched here.)
-    server: Server = await nursery.start(serve, make_config(REDIS_URL=own_redis.url))
+    config = make_config(REDIS_URL=own_redis.url, SMAPWS_SUBSCRIBE_MODE=mode)
+    server: Server = await nursery.start(serve, config)
     await wait_ready(server)
     async with connect(server, "k1") as tab:
         await wait_connections(server, 1)

@@ -35,7 +35,7 @@ import trio.testing
 import websockets.exceptions
 
 from smapws import Server, serve
-from smapws._core.envelope import parse, with_id
+from smapws._core.envelope import parse
 from smapws._core.history import History, HistoryLimits
 from smapws._io import assets, frontdoor
 from smapws._io.app import App
@@ -495,7 +495,7 @@ def _window(users: int, per_user: int) -> History:
     data = json.dumps({"type": "notification", "payload": {"x": "y" * 1000}}).encode()
     for u in range(users):
         for n in range(per_user):
-            env = with_id(parse(data, wall_time=0, received_at=0), f"{u:08x}{n:08x}")
+            env = parse(data, wall_time=0, received_at=0, message_id=f"{u:08x}{n:08x}")
             history.record(f"u{u}", f"{u:08x}{n:08x}", "-" * 16, env, now=0)
     return history
 

@@ -312,6 +312,11 @@ def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bool]:
     return frames, ok
 
 
+def hub_closed(received: bytes) -> bool:
+    """Whether the hub's frames so far end with its close frame."""
+    return any(op == 0x8 for op, _ in server_frames(received)[0])
+
+
 def check_websocket(body: bytes, client_codes: set[int], problems: Problems, sent: bytes) -> None:
     frames, ok = server_frames(body)
     if not ok:
@@ -357,10 +362,14 @@ async def websocket_phase(
             if rng.random() < 0.3:
                 # Quiet until the hub closes (no pong: 1011, or the token
                 # expired: 1008), then frames during its close handshake.
-                while b"\x88" not in received and (chunk := await stream.receive_some(65536)):
+                # (The hub's close frame parsed, not a 0x88 byte: a frame
+                # of 136 bytes has one in its length.)
+                while not hub_closed(received) and (chunk := await stream.receive_some(65536)):
                     received += chunk
                 for _ in range(rng.randint(1, 4)):
                     data, code = client_frame(rng)
+                    if code is not None:
+                        codes.add(code)  # (a close crossing the hub's is answered)
                     await stream.send_all(data)
                     stats["frames sent while the hub closes"] += 1
             while trio.current_time() < deadline:

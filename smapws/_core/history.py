@@ -127,13 +127,15 @@ def parse_resume(query: Mapping[str, str]) -> Resume | None:
 
 class _Entry:
     # Lean on purpose (there are tens of thousands): the user is the window's
-    # (one string per user, not per message).
-    __slots__ = ("at", "envelope", "mid", "prev", "size", "window")
+    # string (one per user, not per message). The user, not the window: the
+    # window holds its entries, and an entry holding its window would make
+    # each window a reference cycle, which a window dropped whole (clear(),
+    # after a Redis outage: up to max_bytes of frames) would leave to the
+    # cyclic garbage collector, rarely run in the hub (tests/test_gc_cycles.py).
+    __slots__ = ("at", "envelope", "mid", "prev", "size", "user")
 
-    def __init__(
-        self, window: _UserWindow, mid: str, prev: str, envelope: Envelope, at: float
-    ) -> None:
-        self.window = window
+    def __init__(self, user: str, mid: str, prev: str, envelope: Envelope, at: float) -> None:
+        self.user = user
         self.mid = mid
         self.prev = prev
         self.envelope = envelope
@@ -190,7 +192,7 @@ class History:
         if window is None:
             window = self._users[user] = _UserWindow(user)
             self._charge(window, USER_OVERHEAD)
-        entry = _Entry(window, mid, prev, envelope, now)
+        entry = _Entry(window.user, mid, prev, envelope, now)
         window.entries.append(entry)
         self._order[entry] = None
         if user not in self._held:
@@ -273,7 +275,7 @@ class History:
 
     def _forget(self, entry: _Entry) -> None:
         """Remove ``entry``, which is the oldest of its user's window."""
-        window = entry.window
+        window = self._users[entry.user]
         removed = window.entries.popleft()
         assert removed is entry
         del self._order[entry]

@@ -5,7 +5,7 @@ Shape of one subscription ("session")::
 
     run (trio, the broker task)                 reconnect loop, backoff, status
     └── session nursery
-        ├── pump (asyncio side, via aio_as_trio) reads messages -> send_nowait
+        ├── pump (asyncio side, via bridged) reads messages -> send_nowait
         ├── the role's command sender (user mode)
         └── watch_probes (trio)                 PUBLISH a probe every interval,
                                                 raise ProbeLost when one is late
@@ -46,7 +46,6 @@ from typing import Any, Final, NoReturn
 import redis.asyncio as aioredis
 import redis.exceptions
 import trio
-import trio_asyncio
 from trio_util import AsyncValue
 
 from smapws._errors import SmapwsError
@@ -57,6 +56,7 @@ from smapws._io.brokers.redis.client import (
     Clients,
     PublishClient,
     address,
+    bridged,
     endpoint_for,
     send_batch,
     subscribe,
@@ -271,7 +271,7 @@ class RedisBroker:
         self._limits_checked = True
         try:
             with trio.fail_after(self._timeout):
-                got = await trio_asyncio.aio_as_trio(config_get)(client)
+                got = await bridged(config_get)(client)
             problems = limit_problems(got, self._max_bytes)
         except (redis.exceptions.RedisError, OSError, trio.TooSlowError, ValueError) as exc:
             # CONFIG refused (managed Redis, ACL), or a reply not understood.
@@ -316,7 +316,7 @@ class RedisBroker:
                 role.confirmed(kind, channel, mark)
 
         with trio.fail_after(self._timeout):
-            await trio_asyncio.aio_as_trio(subscribe)(pubsub, role.pattern, probe)
+            await bridged(subscribe)(pubsub, role.pattern, probe)
         self._server = address(pubsub)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, pubsub, sink, progress, tracker.seen, on_control)
@@ -326,10 +326,8 @@ class RedisBroker:
                 await subscribed.wait()
             await self._endpoint.learn(client)
             await self._check_limits(client)
-            role.start(
-                nursery, partial(trio_asyncio.aio_as_trio(send_batch), pubsub), self._timeout
-            )
-            publish = partial(trio_asyncio.aio_as_trio(client.publish), probe)
+            role.start(nursery, partial(bridged(send_batch), pubsub), self._timeout)
+            publish = partial(bridged(client.publish), probe)
             await watch_probes(
                 publish,
                 tracker,
@@ -347,7 +345,7 @@ class RedisBroker:
         on_probe: Callable[[bytes], None],
         on_control: Callable[[str, bytes], None],
     ) -> NoReturn:
-        await trio_asyncio.aio_as_trio(pump)(
+        await bridged(pump)(
             pubsub,
             sink,
             self._on_drop,

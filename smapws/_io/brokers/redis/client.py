@@ -8,12 +8,14 @@
 - :class:`PublishClient` is the long-lived publishing client, every call
   under ``timeout``, replaced after a failure.
 - The ``async`` helpers at the bottom run on the asyncio side (callers wrap
-  them in ``trio_asyncio.aio_as_trio`` under a deadline): one bridge
-  crossing for a whole exchange.
+  them in :func:`bridged`, ``trio_asyncio.aio_as_trio`` without its
+  reference cycles, under a deadline): one bridge crossing for a whole
+  exchange.
 """
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol
 
@@ -54,6 +56,46 @@ def client_options(timeout: float) -> dict[str, Any]:
     }
 
 
+def bridged(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """``trio_asyncio.aio_as_trio(fn)``, minus the reference cycle each
+    exception that crosses it makes.
+
+    trio-asyncio re-raises an asyncio task's exception in a frame that holds
+    the task, which holds the exception, whose traceback holds that frame:
+    a cycle, and with it every frame the exception went through and their
+    locals (a failed session's client, subscription, buffers; a failed
+    publish's pipeline), left to the cyclic garbage collector, which the
+    hub's tuning runs rarely (``tests/test_gc_cycles.py``). Each Redis
+    failure and each cancelled call made one. The frames the exception has
+    left are cleared here (their locals only: a traceback still prints)."""
+    call = trio_asyncio.aio_as_trio(fn)
+
+    async def crossing(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await call(*args, **kwargs)
+        except BaseException as exc:
+            _clear_frames(exc)
+            raise
+
+    return crossing
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Clear the finished frames of ``exc``'s traceback and of those of its
+    causes, contexts and members (a group's)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # running frames are skipped
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        if isinstance(e, BaseExceptionGroup):
+            todo += e.exceptions
+
+
 class Clients:
     """What one session (or the publisher) owns: a client, perhaps its
     subscription, perhaps the Sentinel client that found its master."""
@@ -66,7 +108,7 @@ class Clients:
     async def aclose(self) -> None:
         """Close everything, ignoring link errors (the link may be what
         failed). Callers bound it with a deadline."""
-        await trio_asyncio.aio_as_trio(_close)(self.pubsub, self.client, self.sentinel)
+        await bridged(_close)(self.pubsub, self.client, self.sentinel)
 
 
 def clients_for(target: str | SentinelTarget, timeout: float) -> Clients:
@@ -90,7 +132,7 @@ def clients_for(target: str | SentinelTarget, timeout: float) -> Clients:
 
 async def fetch_slots(client: aioredis.Redis, asked: Address) -> SlotMap:
     """``CLUSTER SLOTS`` through ``client`` (trio side; the caller bounds it)."""
-    reply = await trio_asyncio.aio_as_trio(client.execute_command)("CLUSTER SLOTS")
+    reply = await bridged(client.execute_command)("CLUSTER SLOTS")
     return SlotMap.parse(reply, asked)
 
 
@@ -210,7 +252,7 @@ class PublishClient:
             clients = self._clients = self._new()
         try:
             with trio.fail_after(self._timeout):
-                return await trio_asyncio.aio_as_trio(fn)(clients.client)
+                return await bridged(fn)(clients.client)
         except (*LINK_ERRORS, redis.exceptions.RedisClusterException) as exc:
             if self._clients is clients:
                 self._clients = None

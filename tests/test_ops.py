@@ -478,8 +478,10 @@ def test_smapws_serve_speaks_sd_notify_like_systemd_expects(
 
         with tempfile.TemporaryDirectory(prefix="smapws-redis-") as workdir:
             redis = RedisServer(redis_port, Path(workdir))
-            redis.start()
+            # Before start(), which returns once Redis answers a PING: by then
+            # the hub (retrying) may have subscribed and said READY already.
             redis_up = time.monotonic()
+            redis.start()
             ready = systemd_socket.wait_for("READY", 15)
             assert ready.at >= redis_up
             assert _get(hub_port, "/ready") == 200

@@ -22,33 +22,17 @@ import tracemalloc
 
 import trio
 
+from bench.procs import BENCH_SECRET
 from smapws._config import load
 from smapws._io.server import Server, serve
 from smapws._io.tasktree import task_tree
 
-SECRET = "idle-memory-bench-secret-0123456789abcdef"
-
+# The tabs are opened by another process (a process holds at most 20,000
+# files), with the memory-budget benchmark's own opener.
 _CLIENT = r"""
-import socket, sys, time
-from bench.wsclient import handshake_request
-from smapws._core.auth import mint
-port, n, secret = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    request, _ = handshake_request(
-        "127.0.0.1", port, "/ws", mint(f"idle-{i}", key=secret, now=time.time(), ttl=3600)
-    )
-    s.sendall(request)
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            sys.exit(f"connection {i} closed")
-        head += chunk
-    if not head.startswith(b"HTTP/1.1 101"):
-        sys.exit(f"connection {i}: {head[:40]!r}")
-    socks.append(s)
+import sys
+from bench.memory_budget import open_tabs
+socks = open_tabs(int(sys.argv[1]), int(sys.argv[2]), 0)
 print("ready", flush=True)
 sys.stdin.read()
 """
@@ -58,7 +42,7 @@ async def measure(n: int) -> dict[str, float]:
     env = {
         "SMAPWS_HOST": "127.0.0.1",
         "SMAPWS_PORT": "0",
-        "JWT_SECRET": SECRET,
+        "JWT_SECRET": BENCH_SECRET,
         "SMAPWS_MAX_ACCEPT_RATE": "0",
         "SMAPWS_MAX_CONNECTIONS": str(n + 100),
     }
@@ -69,7 +53,7 @@ async def measure(n: int) -> dict[str, float]:
         before = tracemalloc.take_snapshot()
         tree0 = task_tree()
         client = await trio.lowlevel.open_process(
-            [sys.executable, "-c", _CLIENT, str(server.port), str(n), SECRET],
+            [sys.executable, "-c", _CLIENT, str(server.port), str(n)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )

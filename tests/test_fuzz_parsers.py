@@ -96,9 +96,14 @@ def as_browser(obj: Any) -> Any:
         return {k: as_browser(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [as_browser(v) for v in obj]
-    if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+    if isinstance(obj, int) and not isinstance(obj, bool) and _beyond_64_bits(obj):
         return float(obj)
     return obj
+
+
+def _beyond_64_bits(n: int) -> bool:
+    """Whether the fast path (orjson), as JSON.parse, reads ``n`` as a double."""
+    return not -(2**63) <= n < 2**64
 
 
 def _finite(x: float) -> float:
@@ -112,8 +117,7 @@ def _finite_int(digits: str) -> int | float:
         float(n)  # JSON.parse rounds the same way, to Infinity where this overflows
     except OverflowError:
         raise AssertionError("an integer that parses as infinity") from None
-    # Beyond 64 bits the fast path (orjson) gives the double JSON.parse gives.
-    return n if -(2**63) <= n < 2**64 else float(n)
+    return float(n) if _beyond_64_bits(n) else n
 
 
 def depth(obj: Any) -> int:

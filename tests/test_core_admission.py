@@ -154,6 +154,15 @@ REFUSALS: list[tuple[str, Any, dict[str, Any], Any, Refuse]] = [
         Refuse(426, "not_upgrade", (("Upgrade", "websocket"),)),
     ),
     ("http_1_0", lambda: head(tok(), version="HTTP/1.0"), {}, None, Refuse(400, "bad_request")),
+    # A body after an upgrade's head would be read as frames (review of issue 17).
+    ("body_length", lambda: head(tok(), content_length="5"), {}, None, Refuse(400, "bad_request")),
+    (
+        "body_chunked",
+        lambda: head(tok(), transfer_encoding="chunked"),
+        {},
+        None,
+        Refuse(400, "bad_request"),
+    ),
     (
         "bad_version",
         lambda: head(tok(), sec_websocket_version="8"),

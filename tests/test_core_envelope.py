@@ -259,7 +259,6 @@ def test_the_id_given_to_parse_frames_what_clients_received_before(
 @pytest.mark.parametrize(
     "raw",
     [
-        b'{"type":"x","payload":{},"\\u0069d":"escaped"}',  # an id the byte check misses
         b'{"type":"x","payload":{"id":1}}',  # "id" in the text, not at the top
         b'{"id":null,"type":"x","payload":{},"timestamp":"t"}',
         b'{"type":"x","payload":{},"id":"a\\u00e9"}',
@@ -269,3 +268,20 @@ def test_the_id_given_to_parse_keeps_the_edge_cases_as_they_were(raw: bytes) -> 
     mid = "fedcba9876543210"
     env = parse(raw, wall_time=WALL, received_at=0.0, message_id=mid)
     assert env.frame == _framed_twice(raw, mid)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"type":"x","payload":{},"\\u0069d":"escaped"}',
+        b'{"type":"x","payload":{},"\\u0069\\u0064":"escaped"}',
+        b'{"type":"x","payload":{},"id":"plain"}',
+    ],
+)
+def test_a_publishers_id_however_escaped_is_replaced_not_doubled(raw: bytes) -> None:
+    """Review of issue 17: ``"\\u0069d"`` is an ``id`` key too; splicing a
+    second one gave the browser two (JSON.parse keeps the last)."""
+    mid = "fedcba9876543210"
+    env = parse(raw, wall_time=WALL, received_at=0.0, message_id=mid)
+    pairs = json.loads(env.text, object_pairs_hook=lambda kv: kv)
+    assert [v for k, v in pairs if k == "id"] == [mid]

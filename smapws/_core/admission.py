@@ -7,7 +7,9 @@ that names it in the log line and in ``connections_rejected{reason}``:
 
 1. 400 ``bad_since``: ``?since=`` is not an id or ``since_age`` not an age;
 2. 426 ``not_upgrade``: no ``Upgrade: websocket`` with ``Connection: upgrade``;
-3. 400 ``bad_request``: not HTTP/1.1;
+3. 400 ``bad_request``: not HTTP/1.1, or with a body (a ``Transfer-Encoding``,
+   or a ``Content-Length`` other than 0): an upgrade has none, and the bytes
+   after its head would be read as WebSocket frames (a smuggling shape);
 4. 426 ``bad_version``: not ``Sec-WebSocket-Version: 13``;
 5. 400 ``bad_request``: the ``Sec-WebSocket-Key`` is not a 16-byte nonce;
 6. 503 ``draining`` (``Retry-After: 5``): the hub is draining;
@@ -104,6 +106,14 @@ _DRAINING: Final = Refuse(503, "draining", _RETRY_LATER)
 _CAPACITY: Final = Refuse(503, "capacity", _RETRY_LATER)
 
 
+def _has_body(head: RequestHead) -> bool:
+    """Whether the head announces a body (RFC 9112 §6.3)."""
+    if head.header("transfer-encoding") is not None:
+        return True
+    length = head.header("content-length")
+    return length is not None and length.strip() != "0"
+
+
 class Admission:
     """The upgrade decision of one hub, with what it keeps between requests:
     the verified-token memory and the accept-rate buckets (the shared one,
@@ -154,7 +164,7 @@ class Admission:
         upgrade = (head.header("upgrade") or "").lower()
         if upgrade != "websocket" or not head.has_token("connection", "upgrade"):
             return _NOT_UPGRADE
-        if head.version != "HTTP/1.1":
+        if head.version != "HTTP/1.1" or _has_body(head):
             return _BAD_REQUEST
         if head.header("sec-websocket-version") != "13":
             return _BAD_VERSION

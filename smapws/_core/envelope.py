@@ -145,7 +145,9 @@ def parse(
     if "timestamp" not in obj:
         tail = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
     if message_id is not None:
-        if "id" in obj and b'"id"' in body:
+        # (The key as parsed, not its bytes: ``"\\u0069d"`` is an ``id`` too,
+        # and a browser keeps the last of two.)
+        if "id" in obj:
             body = _replace_id(body[:-1] + tail, message_id)
             tail = b""
         else:

@@ -117,6 +117,21 @@ def test_the_limit_counts_a_fragmented_message_whole() -> None:
     assert only_close(p.flush())[0] == 1009
 
 
+def test_a_frame_header_announcing_2_to_the_62_bytes_ends_at_the_pong_timeout() -> None:
+    """Review of issue 17: a header that announces far more than the bound
+    and then sends nothing is a silent client (docs/reference/close-codes.rst):
+    nothing is buffered for it, and mid-frame no pong can come, so the pong
+    timeout closes it with 1011, like any client that stopped answering."""
+    p = pair()
+    # FIN + binary, masked, 127: a 64-bit length (2**62), the mask, no payload.
+    p.feed(b"\x82\xff" + (1 << 62).to_bytes(8, "big") + b"abcd")
+    assert p.reported == [] and p.server.close is None
+    p.server.tick(54.0)
+    assert p.flush() == [Ping(b"")]
+    p.server.tick(114.0)
+    assert p.server.close == Close(1011, "pong timeout", False, "pong_timeout")
+
+
 def test_frames_beyond_the_rate_close_with_1008_and_the_rest_is_not_parsed() -> None:
     p = pair(WsLimits(54, 60, 100, max_frame_rate=20))
     p.send(*(Ping(b"%d" % i) for i in range(25)), TextMessage("after"), now=1.0)

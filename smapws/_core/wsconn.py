@@ -51,6 +51,9 @@ REFUSED: Final = Push(0)
 
 #: RFC 6455 §1.3: the GUID appended to the client's key for the accept hash.
 _WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+#: A client's close frame (masked, empty): what :meth:`WsConn.release` feeds
+#: wsproto's parser so that it runs to its end.
+_CLIENT_CLOSE: Final = b"\x88\x80\x00\x00\x00\x00"
 
 
 def accept_key(key: str) -> str:
@@ -220,7 +223,8 @@ class WsConn:
         before = self.close
         proto.receive_data(data if isinstance(data, bytes) else bytes(data))
         events: list[Event] = []
-        for event in proto.events():
+        it = proto.events()
+        for event in it:
             if isinstance(event, TextMessage | BytesMessage):
                 if event.frame_finished and not self._count_frame(now):
                     break
@@ -237,6 +241,10 @@ class WsConn:
                 self.ping_sent_at = None
             elif isinstance(event, CloseConnection):
                 self._peer_close(event)
+                # On to the end of the events: wsproto's parser (a generator)
+                # then returns, and frees itself (see :meth:`release`).
+                for _ in it:
+                    pass
                 break
         if before is None and self.close is not None:
             events.append(Closed(self.close))
@@ -395,6 +403,28 @@ class WsConn:
             self._take_outbox()
             self._append(self._proto.send(CloseConnection(code, reason)))
         return True
+
+    def release(self) -> None:
+        """Let wsproto's frame parser run to its end: the connection is over
+        and nothing more is read. (Call it once the socket is done with;
+        whatever the peer sent and was not read stays unread.)
+
+        The parser is a generator that refers to the object it parses for:
+        until it returns, the two are a reference cycle, which only the
+        cyclic garbage collector frees, and the hub runs a full collection
+        rarely (``smapws._runtime.tune_gc``). It returns after a close frame
+        (read on to the end in :meth:`receive_data`) or a protocol error; a
+        connection that ended otherwise (the peer dropped the TCP connection,
+        a write timed out, a bound closed it mid-frame, our close frame was
+        not answered) is fed a client's close frame here, through wsproto's
+        public API. Only a parser left in the middle of a frame takes it as
+        payload and stays for the collector (a client that broke off inside
+        a frame). Produces no output and no events."""
+        proto = self._proto
+        if proto.state in (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING):
+            proto.receive_data(_CLIENT_CLOSE)
+            for _ in proto.events():
+                pass
 
     def abort(self, cause: str) -> int:
         """The link is unusable (a write blocked past its deadline, the peer

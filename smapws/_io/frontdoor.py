@@ -201,6 +201,17 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     finally:
         with trio.CancelScope(shield=True):
             await stream.aclose()
+        if upgraded and upgraded[-1] is not None:
+            _release(app, upgraded[-1])
+
+
+def _release(app: App, conn: connection.Connection) -> None:
+    """Let the connection's frame parser end (``WsConn.release``: else a
+    reference cycle), once nothing more is read or written, farewell included."""
+    try:
+        conn.ws.release()
+    except Exception as exc:  # a bug: counted, and this connection's alone
+        app.internal_error("connection", exc, remote=conn.remote)
 
 
 def _farewell(conn: connection.Connection | None) -> bytes:

@@ -5,9 +5,10 @@ reads, so that a tab resumes without loss on any hub (see
 Three operations, each one pipeline with a deadline:
 
 - **append** (every routed message, batched by a task of its own, never in
-  the router's way): a script that drops an id already in the log, pushes
-  the entry, trims the list to ``SMAPWS_HISTORY_PER_USER`` entries and sets
-  its expiry to ``SMAPWS_HISTORY_TTL``;
+  the router's way: what :data:`APPEND_GATHER` gathers goes in one
+  pipeline): a script that drops an id already in the log, pushes the
+  entry, trims the list to ``SMAPWS_HISTORY_PER_USER`` entries and sets its
+  expiry to ``SMAPWS_HISTORY_TTL``;
 - **consult** (a hub's first message on a channel since it subscribed, or
   after its chain went stale): the headers of the log's last entries;
 - **read** (a tab resumes with an id its hub does not hold): one user's
@@ -86,6 +87,14 @@ _HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
 
 #: Appends sent in one pipeline at most.
 APPEND_BATCH: Final = 512
+#: Seconds the append task lets appends gather before it sends a pipeline.
+#: Sending as soon as one was queued gave pipelines of one or two appends
+#: (the router queues a batch's at a time): at 3,600 messages/s the hub spent
+#: about a quarter of its CPU on the pipelines' system calls and redis-py's
+#: layers (py-spy on the soak's hub, issue 17). 10 ms makes at most 100
+#: pipelines a second; a resume never waits on them (it joins the hub's own
+#: window after the end of the log).
+APPEND_GATHER: Final = 0.01
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
 #: drain wait their turn instead of holding a thousand lists in memory.
@@ -167,6 +176,7 @@ class FleetLog:
         receive = self._receive
         appends = self._metrics.fleet_appends
         async for first in receive:
+            await trio.sleep(APPEND_GATHER)
             batch = [first]
             while len(batch) < APPEND_BATCH:
                 try:

@@ -443,15 +443,16 @@ class App:
             conn.outbox.take_all()
         self.metrics.connections_closed.labels(conn.cause or "unknown").inc()
         self._maybe_empty()
-        logger.debug(
-            "connection closed",
-            extra=fields(
-                user=conn.user_id,
-                cause=conn.cause or "unknown",
-                has_other_connections=has_others,
-                remote=conn.remote,
-            ),
-        )
+        if self.debug:  # (its fields cost more than the rest of this)
+            logger.debug(
+                "connection closed",
+                extra=fields(
+                    user=conn.user_id,
+                    cause=conn.cause or "unknown",
+                    has_other_connections=has_others,
+                    remote=conn.remote,
+                ),
+            )
 
     def resync(self, reason: str, down_s: float, channel: bytes | None = None) -> int:
         """Tell every open connection (or, with ``channel``, those of that

@@ -329,6 +329,88 @@ async def test_a_failed_publish_keeps_no_cause_that_could_quote_the_password() -
     assert "s3cret" not in "".join(traceback.format_exception(info.value))
 
 
+@pytest.mark.parametrize("cut_by", ["its deadline", "a cancellation"])
+async def test_a_write_cut_short_leaves_no_socket_open(
+    nursery: trio.Nursery, redis_server: RedisServer, mock_clock: Any, cut_by: str
+) -> None:
+    """A pipeline cut short while Redis does not read (frozen; or busy
+    sending a backlog) left its unsent bytes in the transport, which asyncio
+    closes only once they are sent: the socket stayed open after the client
+    was closed, and at the hub's exit it was left to the garbage collector,
+    whose ResourceWarning ("unclosed <socket.socket ...>", "unclosed
+    transport <_SelectorSocketTransport closing ...>") failed whichever test
+    was running then: in the clean-clone run, test_review16's fan-out, after
+    test_redis_limits, whose hub exits while a fleet-log append of its
+    600 x 65 KB flood is being sent."""
+    import gc
+    import warnings
+
+    import trio_asyncio
+
+    from smapws._io.brokers import BrokerError
+    from smapws._io.brokers.redis import PublishClient
+
+    proxy: TcpProxy = await nursery.start(TcpProxy(redis_server.port).run)
+    client = PublishClient(proxy.url, timeout=1)
+    # Loopback sockets' buffers hold a few MB at most (tcp_wmem, tcp_rmem).
+    more_than_the_kernel_buffers = b"x" * 32_000_000
+    async with trio_asyncio.open_loop():
+        assert await client.pipeline([("PING",)]) == [True]
+        proxy.freeze()
+        # From here on nothing moves but the clock (before, a reply from
+        # Redis may be on its way while every task waits for it).
+        mock_clock.autojump_threshold = 0
+        if cut_by == "its deadline":
+            with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
+                await client.pipeline([("SET", "cut", more_than_the_kernel_buffers)])
+        else:
+            with trio.move_on_after(0.5) as scope:
+                await client.pipeline([("SET", "cut", more_than_the_kernel_buffers)])
+            assert scope.cancelled_caught
+        await client.aclose()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    assert [str(w.message) for w in caught] == []
+
+
+def test_every_client_kind_drops_unsent_bytes_and_keeps_its_connection_class() -> None:
+    """What the test above proves for a URL's client holds for each kind of
+    client the hub makes, and each keeps the connection class redis-py chose
+    for it (TLS, a Unix socket, a Sentinel-found master). No I/O."""
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.connection import (
+        AbstractConnection,
+        Connection,
+        SSLConnection,
+        UnixDomainSocketConnection,
+    )
+    from redis.asyncio.sentinel import SentinelManagedConnection
+
+    from smapws._io.brokers.redis import Clients, clients_for
+    from smapws._io.brokers.redis.client import _DropsUnsent
+
+    def made_by(clients: Clients) -> list[type[AbstractConnection]]:
+        client = clients.client
+        if isinstance(client, RedisCluster):
+            nodes = client.nodes_manager
+            learnt = nodes.connection_kwargs["connection_class"]
+            return [n.connection_class for n in nodes.startup_nodes.values()] + [learnt]
+        return [client.connection_pool.connection_class]
+
+    sentinel = SentinelTarget((("127.0.0.1", 1),), "m")
+    cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", 1)])
+    for clients, chosen in [
+        (clients_for("redis://127.0.0.1:1/0", 1), Connection),
+        (clients_for("rediss://127.0.0.1:1/0", 1), SSLConnection),
+        (clients_for("unix:///run/redis.sock", 1), UnixDomainSocketConnection),
+        (clients_for(sentinel, 1), SentinelManagedConnection),
+        (Clients(cluster, None), Connection),
+    ]:
+        for cls in made_by(clients):
+            assert issubclass(cls, _DropsUnsent) and issubclass(cls, chosen), (cls, chosen)
+
+
 async def test_subscriber_info_never_shows_a_password() -> None:
     by_url = RedisBroker(
         "redis://:s3cret-pw@redis:6379/0", PatternSubscription("p*"), timeout=1, reconnect_max=1

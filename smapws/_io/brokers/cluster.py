@@ -272,6 +272,7 @@ class ShardedBroker:
                 socket_timeout=per_node,
                 **{**client_options(self._timeout), "socket_connect_timeout": per_node},
             )
+            clients = Clients(client, None)  # before it connects (see Clients)
             try:
                 with trio.fail_after(per_node * 2):
                     slots = await fetch_slots(client, (host, port))
@@ -280,7 +281,7 @@ class ShardedBroker:
                 continue
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(self._timeout):
-                    await Clients(client, None).aclose()
+                    await clients.aclose()
             if slots.covered == 0:
                 error = TopologyError(f"{host}:{port} knows no slot owner")
                 continue

@@ -11,19 +11,23 @@
   them in :func:`bridged`, ``trio_asyncio.aio_as_trio`` without its
   reference cycles, under a deadline): one bridge crossing for a whole
   exchange.
+- Every client's connections drop, when they disconnect, what a cut write
+  left unsent (:class:`_DropsUnsent`), so that closing a client closes its
+  sockets.
 """
 
 from __future__ import annotations
 
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions
 import trio
 import trio_asyncio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -96,11 +100,69 @@ def _clear_frames(exc: BaseException) -> None:
             todo += e.exceptions
 
 
+class _DropsUnsent(AbstractConnection):
+    """A redis-py connection whose disconnect drops the bytes a cut write
+    left unsent, closing its socket at once.
+
+    redis-py disconnects with ``StreamWriter.close()``, and asyncio's close
+    waits until the transport's buffer is sent. After a write cut short (a
+    deadline or a cancellation during a large pipeline, such as a fleet-log
+    append of 512 entries, while Redis does not read: frozen, or busy sending
+    a backlog), the socket and those bytes stayed open until Redis read them,
+    though redis-py had forgotten the transport and no close of ours could
+    reach it; at the hub's exit the socket was left to the garbage collector
+    (``ResourceWarning: unclosed``). Mixed into the class redis-py chose
+    (:func:`_dropping_unsent`), so TLS, Unix sockets and Sentinel keep theirs."""
+
+    __slots__ = ()  # redis-py's connections have slots: no layout conflict
+
+    async def disconnect(self, *args: Any, **kwargs: Any) -> None:
+        # (redis-py's arguments vary by version: ``nowait`` since 5.0.)
+        writer = self._writer
+        if writer is not None and writer.transport.get_write_buffer_size():
+            writer.transport.abort()  # Redis gets a cut command, which it drops
+        await super().disconnect(*args, **kwargs)
+
+
+#: redis-py's connection classes with :class:`_DropsUnsent` mixed in, by class.
+_MIXED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+
+_C = TypeVar("_C", bound=AbstractConnection)
+
+
+def _dropping_unsent(cls: type[_C]) -> type[_C]:
+    """``cls`` with :class:`_DropsUnsent` mixed in (one class per ``cls``)."""
+    if issubclass(cls, _DropsUnsent):
+        return cls
+    mixed = _MIXED.get(cls)
+    if mixed is None:
+        mixed = _MIXED[cls] = type(cls.__name__, (_DropsUnsent, cls), {"__slots__": ()})
+    return cast(type[_C], mixed)
+
+
+def _drop_unsent(client: aioredis.Redis | RedisCluster) -> None:
+    """Make the connections ``client`` opens :class:`_DropsUnsent` (before
+    it opens any: it is new)."""
+    if isinstance(client, RedisCluster):
+        nodes = client.nodes_manager
+        for node in nodes.startup_nodes.values():
+            node.connection_class = _dropping_unsent(node.connection_class)
+        # The nodes it learns later are made with these.
+        kwargs = nodes.connection_kwargs
+        kwargs["connection_class"] = _dropping_unsent(kwargs["connection_class"])
+    else:
+        pool = client.connection_pool
+        pool.connection_class = _dropping_unsent(pool.connection_class)
+
+
 class Clients:
     """What one session (or the publisher) owns: a client, perhaps its
-    subscription, perhaps the Sentinel client that found its master."""
+    subscription, perhaps the Sentinel client that found its master.
+    Closing it closes every socket of the client and its subscription,
+    even one a cut write left unsent bytes in (:class:`_DropsUnsent`)."""
 
     def __init__(self, client: aioredis.Redis | RedisCluster, sentinel: Sentinel | None) -> None:
+        _drop_unsent(client)
         self.client = client
         self.sentinel = sentinel
         self.pubsub: aioredis.client.PubSub | None = None

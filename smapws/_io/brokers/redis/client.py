@@ -117,10 +117,13 @@ class _DropsUnsent(AbstractConnection):
     __slots__ = ()  # redis-py's connections have slots: no layout conflict
 
     async def disconnect(self, *args: Any, **kwargs: Any) -> None:
-        # (redis-py's arguments vary by version: ``nowait`` since 5.0.)
-        writer = self._writer
-        if writer is not None and writer.transport.get_write_buffer_size():
-            writer.transport.abort()  # Redis gets a cut command, which it drops
+        # (redis-py's arguments vary by version: ``nowait`` since 5.0.) The
+        # writer is a private attribute of redis-py's (the one besides its
+        # parser, in pump.py, that smapws touches): looked up defensively, so
+        # that a redis-py without it disconnects as it always did.
+        transport = getattr(getattr(self, "_writer", None), "transport", None)
+        if transport is not None and transport.get_write_buffer_size():
+            transport.abort()  # Redis gets a cut command, which it drops
         await super().disconnect(*args, **kwargs)
 
 

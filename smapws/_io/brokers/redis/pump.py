@@ -1,5 +1,7 @@
-"""The asyncio-side read loop of a subscription: the one module of smapws
-that touches a private part of redis-py (its hiredis parser).
+"""The asyncio-side read loop of a subscription: one of the two places
+where smapws touches a private part of redis-py (its hiredis parser; the
+other is a connection's writer, in ``client._DropsUnsent``, so that a cut
+write's socket closes).
 
 The loop runs on the asyncio side of the trio-asyncio bridge and hands each
 message to trio with ``send_nowait``: crossing the bridge once per message

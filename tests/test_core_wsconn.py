@@ -23,7 +23,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.frame_protocol import FrameProtocol
+from wsproto.frame_protocol import Frame, FrameDecoder, FrameProtocol
 
 from smapws._core import wsconn
 from smapws._core.envelope import Envelope, parse
@@ -145,6 +145,36 @@ def test_frames_beyond_the_rate_close_with_1008_and_the_rest_is_not_parsed() -> 
     assert only_close(events[20:]) == (1008, "too many frames")
     late = Connection(ConnectionType.CLIENT).send(TextMessage("late"))
     assert p.server.receive_data(late, 1.0) == ()
+
+
+@pytest.mark.parametrize("bound", ["frame_rate", "too_big"])
+def test_release_parses_nothing_a_bound_left_unparsed(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 6: :meth:`WsConn.release` fed its close frame after what a
+    bound had refused to parse, and wsproto parsed all of it first: a read of
+    4 KiB of empty pings cost 20 times what the frame-rate bound let through
+    (~4 ms against 0.2 ms), once per connection. At most one frame of it is
+    parsed now (a spy on wsproto's real frame decoder counts them)."""
+    p = pair(WsLimits(54, 60, 100, max_frame_rate=20))
+    first = TextMessage("x" * 101) if bound == "too_big" else Ping(b"")
+    p.send(first, *(Ping(b"") for _ in range(600)), now=1.0)
+    assert p.server.close is not None and p.server.close.cause in ("frame_rate", "message_too_big")
+    parsed: list[Frame] = []
+    real = FrameDecoder.process_buffer
+
+    def counted(decoder: FrameDecoder) -> Frame | None:
+        frame = real(decoder)
+        if frame is not None:
+            parsed.append(frame)
+        return frame
+
+    monkeypatch.setattr(FrameDecoder, "process_buffer", counted)
+    p.server.release()
+    assert len(parsed) <= 1
+    events = p.flush()  # the burst's pongs, the close frame, nothing added
+    assert only_close(events[-1:])[0] == (1008 if bound == "frame_rate" else 1009)
+    assert all(isinstance(e, Pong) for e in events[:-1])
 
 
 def test_frames_within_the_rate_keep_the_connection() -> None:
@@ -605,6 +635,13 @@ def _too_big_mid_frame(p: Pair) -> None:
 
 
 def _frame_rate(p: Pair) -> None:
+    # The frame over the rate is the read's last: nothing is left unparsed.
+    p.server._limits = WsLimits(54, 60, 100, max_frame_rate=2)
+    p.send(*(Ping(b"%d" % i) for i in range(3)), now=1.0)
+
+
+def _frame_rate_with_more(p: Pair) -> None:
+    # Frames after the one over the rate: not parsed, even at the release.
     p.server._limits = WsLimits(54, 60, 100, max_frame_rate=2)
     p.send(*(Ping(b"%d" % i) for i in range(5)), now=1.0)
 
@@ -637,14 +674,19 @@ def _frame_parsers() -> dict[int, object]:
     return {id(o): o for o in gc.get_objects() if type(o) is FrameProtocol}
 
 
-@pytest.mark.parametrize("ending", [*ENDINGS, "too_big_mid_frame"])
+#: Endings whose parser is left to the collector (see WsConn.release).
+COLLECTED = {"too_big_mid_frame": _too_big_mid_frame, "frame_rate_with_more": _frame_rate_with_more}
+
+
+@pytest.mark.parametrize("ending", [*ENDINGS, *COLLECTED])
 def test_an_ended_connection_released_is_freed_by_reference_counting(ending: str) -> None:
     """wsproto's frame parser is a generator that refers to its own parser
     object: a reference cycle until it returns, which the hub's rare full
     collections left to pile up (the cycle test saw nothing: the generator's
     finalizer breaks it). :meth:`WsConn.release` runs it to its end, however
-    the connection ended; only a client that broke off inside a frame is left
-    to the collector (asserted below, so that this test knows that case)."""
+    the connection ended; only a client that broke off inside a frame, or
+    whose frames past a bound are left unparsed, is left to the collector
+    (asserted below, so that this test knows those cases)."""
     gc.collect()
     gc.disable()
     try:
@@ -657,7 +699,7 @@ def test_an_ended_connection_released_is_freed_by_reference_counting(ending: str
         p.send(TextMessage("hi"), Ping(b"x"))
         p.server.offer(envelope(1))
         p.flush()
-        ENDINGS.get(ending, _too_big_mid_frame)(p)
+        (ENDINGS.get(ending) or COLLECTED[ending])(p)
         if p.client.state is not ConnectionState.CLOSED:
             p.flush()
         assert p.server.close is not None
@@ -665,6 +707,6 @@ def test_an_ended_connection_released_is_freed_by_reference_counting(ending: str
         assert p.server.data_to_send() == b""  # nothing more to send
         del p
         left = set(_frame_parsers()) & hubs
-        assert (left == set()) == (ending != "too_big_mid_frame")
+        assert (left == set()) == (ending not in COLLECTED)
     finally:
         gc.enable()

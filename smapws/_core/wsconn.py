@@ -415,16 +415,20 @@ class WsConn:
         rarely (``smapws._runtime.tune_gc``). It returns after a close frame
         (read on to the end in :meth:`receive_data`) or a protocol error; a
         connection that ended otherwise (the peer dropped the TCP connection,
-        a write timed out, a bound closed it mid-frame, our close frame was
-        not answered) is fed a client's close frame here, through wsproto's
-        public API. Only a parser left in the middle of a frame takes it as
-        payload and stays for the collector (a client that broke off inside
-        a frame). Produces no output and no events."""
+        a write timed out, our close frame was not answered) is fed a
+        client's close frame here, through wsproto's public API. A parser
+        that does not find it next stays for the collector: one left in the
+        middle of a frame (a client that broke off inside one) takes it as
+        payload, and one that a bound stopped (1008 for the frame rate, 1009)
+        would first parse the rest of that read, which the bound refused to
+        parse (up to 4 KiB of 6-byte frames: 20 times the frame rate's
+        burst). Produces no output and no events."""
         proto = self._proto
         if proto.state in (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING):
             proto.receive_data(_CLIENT_CLOSE)
-            for _ in proto.events():
-                pass
+            for event in proto.events():
+                if not isinstance(event, CloseConnection):
+                    break  # not ours (see above): parse no further
 
     def abort(self, cause: str) -> int:
         """The link is unusable (a write blocked past its deadline, the peer

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -35,6 +36,7 @@ import pytest
 import trio
 import trio.testing
 import websockets.exceptions
+from wsproto.connection import Connection, ConnectionType
 
 from smapws import Server, serve
 from smapws._core.envelope import parse
@@ -81,6 +83,16 @@ def saved_garbage() -> Iterator[list[object]]:
         gc.enable()
 
 
+#: The directories of :data:`OURS`' code (a generator's or a coroutine's
+#: code names its file, not its module).
+_OUR_DIRS = tuple(
+    os.path.abspath(d) + os.sep
+    for m in OURS
+    if (spec := importlib.util.find_spec(m)) is not None
+    for d in spec.submodule_search_locations or ()
+)
+
+
 def _ours(o: object) -> bool:
     """An object of :data:`OURS`, or a generator or coroutine of their code."""
     if isinstance(o, weakref.ProxyTypes):
@@ -88,7 +100,23 @@ def _ours(o: object) -> bool:
     if type(o).__module__.split(".")[0] in OURS:
         return True
     code = _code(o)
-    return code is not None and any(f"/{m}/" in code.co_filename for m in OURS)
+    return code is not None and code.co_filename.startswith(_OUR_DIRS)
+
+
+def test_the_census_counts_the_code_of_ours_alone() -> None:
+    """Review 6: the census took any code under a directory named like one
+    of :data:`OURS` for ours, so in a clone in its default directory,
+    ``smapws/``, the tests' own generators and coroutines and the libraries'
+    in its ``.venv`` were counted as the hub's."""
+    checkout = os.path.join(os.sep, "home", "dev", "smapws")
+    for path in (
+        os.path.join(checkout, ".venv", "lib", "site-packages", "trio", "_core", "_run.py"),
+        os.path.join(checkout, "tests", "test_gc_cycles.py"),
+    ):
+        namespace: dict[str, Any] = {}
+        exec(compile("def gen():\n    yield\n", path, "exec"), namespace)
+        assert not _ours(namespace["gen"]())
+    assert _ours(Connection(ConnectionType.SERVER).events())  # wsproto's own
 
 
 def _code(o: object) -> types.CodeType | None:
@@ -108,11 +136,13 @@ def ours(garbage: list[object]) -> dict[str, int]:
     before anything is saved (wsproto's frame parser was such a cycle, and
     ``garbage`` alone never showed it). So the objects of ours alive before a
     collection and gone after it are counted too; the fixture keeps the
-    collector off meanwhile, so that none is collected unseen."""
-    alive = {id(o): _name(o) for o in gc.get_objects() if _ours(o)}
+    collector off meanwhile, so that none is collected unseen. (An address
+    and a type: the finalizers the collection runs may allocate where it
+    freed.)"""
+    alive = {id(o): (type(o), _name(o)) for o in gc.get_objects() if _ours(o)}
     gc.collect()
-    after = {id(o) for o in gc.get_objects()}
-    kinds = collections.Counter(name for i, name in alive.items() if i not in after)
+    after = {id(o): type(o) for o in gc.get_objects()}
+    kinds = collections.Counter(name for i, (t, name) in alive.items() if after.get(i) is not t)
     kinds.update(_name(o) for o in garbage if _ours(o))
     return dict(kinds)
 

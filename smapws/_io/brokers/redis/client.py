@@ -139,7 +139,14 @@ def _dropping_unsent(cls: type[_C]) -> type[_C]:
         return cls
     mixed = _MIXED.get(cls)
     if mixed is None:
-        mixed = _MIXED[cls] = type(cls.__name__, (_DropsUnsent, cls), {"__slots__": ()})
+        # Named as redis-py's own (its reprs, and its objects are redis-py's
+        # to whoever sorts them by module: the cycle tests).
+        namespace = {
+            "__slots__": (),
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        mixed = _MIXED[cls] = type(cls.__name__, (_DropsUnsent, cls), namespace)
     return cast(type[_C], mixed)
 
 

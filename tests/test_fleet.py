@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
+import trio_asyncio
 
 from smapws._core.fleet import log_key
 from smapws._io.brokers.redis import PublishClient
@@ -273,6 +275,58 @@ async def test_the_append_queue_is_bounded_in_bytes_while_redis_lags(
     )
     assert dropped == 64 - 16
     await log.aclose()
+
+
+async def test_appends_gather_unless_a_whole_batch_waits(
+    redis_server: RedisServer, mock_clock: trio.testing.MockClock
+) -> None:
+    """Review 6: the append task waited APPEND_GATHER before every pipeline,
+    a backlog of whole batches too (after Redis lagged: 65,536 entries took
+    128 waits more to catch up), which capped appends at 512 per 10 ms. The
+    clock stands still here (waits for Redis are in real time, in a
+    thread): whole batches go at once, a lone append only once the clock
+    has moved by APPEND_GATHER."""
+    from smapws._core.fleet import GENESIS
+    from smapws._io.fleetlog import APPEND_BATCH, APPEND_GATHER
+
+    metrics = Metrics()
+    log = FleetLog(
+        PublishClient(redis_server.url, timeout=5.0),
+        ttl=300.0,
+        per_user=100,
+        max_bytes=1 << 24,
+        metrics=metrics,
+    )
+    tag = b"%d" % time.monotonic_ns()
+
+    def append(n: int) -> None:
+        log.append_nowait(b"user_noti:gather%s-%d" % (tag, n), f"{n:016x}", GENESIS, b"e")
+
+    async def until_written(count: int) -> None:
+        for _ in range(500):
+            name = "websocket_fleet_log_appends_total"
+            if (metrics.registry.get_sample_value(name, {"result": "written"}) or 0) >= count:
+                return
+            await trio.to_thread.run_sync(time.sleep, 0.01)  # (the clock does not move)
+        raise AssertionError(f"fewer than {count} appends written")
+
+    start = trio.current_time()
+    async with trio_asyncio.open_loop():
+        async with trio.open_nursery() as nursery:
+            for n in range(2 * APPEND_BATCH):
+                append(n)
+            await nursery.start(log.run, lambda channel: None)
+            await until_written(2 * APPEND_BATCH)
+            assert trio.current_time() == start
+            append(2 * APPEND_BATCH)
+            await trio.to_thread.run_sync(time.sleep, 0.2)
+            name = "websocket_fleet_log_appends_total"
+            written = metrics.registry.get_sample_value(name, {"result": "written"})
+            assert written == 2 * APPEND_BATCH  # (not the last one: it gathers)
+            mock_clock.jump(APPEND_GATHER)
+            await until_written(2 * APPEND_BATCH + 1)
+            nursery.cancel_scope.cancel()
+        await log.aclose()
 
 
 async def test_a_resume_reads_at_most_history_per_user_entries_of_a_longer_list(

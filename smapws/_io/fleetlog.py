@@ -93,7 +93,8 @@ APPEND_BATCH: Final = 512
 #: about a quarter of its CPU on the pipelines' system calls and redis-py's
 #: layers (py-spy on the soak's hub, issue 17). 10 ms makes at most 100
 #: pipelines a second; a resume never waits on them (it joins the hub's own
-#: window after the end of the log).
+#: window after the end of the log). A whole batch already queued (a backlog
+#: after Redis lagged) does not wait: that would cap appends at 51,200 a second.
 APPEND_GATHER: Final = 0.01
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
@@ -176,7 +177,8 @@ class FleetLog:
         receive = self._receive
         appends = self._metrics.fleet_appends
         async for first in receive:
-            await trio.sleep(APPEND_GATHER)
+            if receive.statistics().current_buffer_used < APPEND_BATCH - 1:
+                await trio.sleep(APPEND_GATHER)  # (a whole batch waiting goes at once)
             batch = [first]
             while len(batch) < APPEND_BATCH:
                 try:

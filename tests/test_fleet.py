@@ -441,3 +441,22 @@ async def test_a_log_entry_whose_id_is_not_an_id_is_not_replayed(
         first = await receive_json(tab)
     assert "evil" not in first
     assert first["type"] == "resync"
+
+
+async def test_a_hub_that_drains_sends_the_appends_it_still_holds(own_redis: RedisServer) -> None:
+    """Review of the appends' 10 ms gather: a hub that stopped at the end of
+    its drain dropped what it had not sent yet, uncounted, and a tab
+    resuming on another hub then found the log a link short. The drain now
+    waits (at most FLEET_FLUSH_S) for those appends to be answered."""
+    async with trio.open_nursery() as nursery:
+        hub = await start(nursery, own_redis)
+        async with connect(hub, "d1") as tab:
+            await wait_connections(hub, 1)
+            for n in range(20):
+                own_redis.publish("d1", note(n, "d1"))
+            await receive_notes(tab, 20)
+            hub.drain()  # at once: the last appends are still gathering
+        # serve() returns once drained: the nursery ends with it.
+    assert appended(hub) == 20
+    with own_redis.client() as c:
+        assert c.llen(log_key(b"user_noti:d1")) == 20

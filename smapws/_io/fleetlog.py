@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import redis.exceptions
 import trio
+from trio_util import AsyncValue
 
 from smapws._core.fleet import (
     CONSULT_ENTRIES,
@@ -144,6 +145,8 @@ class FleetLog:
         self._per_user = per_user
         self._metrics = metrics
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
+        #: Appends queued or in a pipeline not answered yet (:meth:`flush`).
+        self.outstanding = AsyncValue(0)
         self._readers = trio.CapacityLimiter(CONCURRENT_READS)
         #: Reads in flight, by channel: a second resume of the same user
         #: waits for the first one's answer instead of reading it again
@@ -165,6 +168,13 @@ class FleetLog:
             self._metrics.fleet_appends.labels("dropped").inc()
             return
         self._queued += size
+        self.outstanding.value += 1
+
+    async def flush(self) -> None:
+        """Until every append queued so far has been answered (or failed):
+        a hub that stops at the end of its drain sends what it routed last
+        instead of dropping it (the caller bounds the wait)."""
+        await self.outstanding.wait_value(0)
 
     async def run(
         self,
@@ -200,7 +210,10 @@ class FleetLog:
                 )
                 for channel, ids, entry in batch
             ]
-            replies = await self._scripted("append", commands, APPEND)
+            try:
+                replies = await self._scripted("append", commands, APPEND)
+            finally:
+                self.outstanding.value -= len(batch)
             if replies is None:
                 appends.labels("failed").inc(len(batch))
                 continue

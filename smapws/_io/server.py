@@ -56,9 +56,13 @@ from smapws.metrics import Metrics
 #: second or two; the kernel caps this at net.core.somaxconn anyway.
 BACKLOG: Final = 4096
 #: What stopping may take beyond ``SMAPWS_DRAIN_TIMEOUT`` and
-#: ``SMAPWS_WRITE_WAIT`` (the last close handshakes): closing the broker and
-#: exiting. systemd is told the total with STOPPING=1 (:func:`stop_budget`).
+#: ``SMAPWS_WRITE_WAIT`` (the last close handshakes): the fleet log's last
+#: appends, closing the broker and exiting. systemd is told the total with
+#: STOPPING=1 (:func:`stop_budget`).
 STOP_MARGIN_S: Final = 5.0
+#: Seconds a drained hub waits at most for the fleet log to answer the
+#: appends it still holds (within :data:`STOP_MARGIN_S`).
+FLEET_FLUSH_S: Final = 1.0
 
 
 #: Draining closes at least this many connections per second, and wakes
@@ -135,6 +139,10 @@ class Server:
         with trio.move_on_after(app.config.drain_timeout):
             await self._close_spread()
             await app.wait_empty()
+        if app.fleet is not None:
+            # What the hub routed last goes to the fleet's log, not away.
+            with trio.move_on_after(min(FLEET_FLUSH_S, app.config.redis_timeout)):
+                await app.fleet.flush()
         logger.info("drained", extra=fields(remaining=app.hub.active_connections))
         self._cancel_scope.cancel()
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Protocol, TypeVar, cast
@@ -45,18 +46,37 @@ LINK_ERRORS: Final = (
 )
 
 
+def _without_setinfo() -> dict[str, Any]:
+    """The argument that keeps redis-py from sending ``CLIENT SETINFO`` on
+    connect, in the redis-py installed (``driver_info`` since 7.1-ish,
+    ``lib_name`` before; with the older name 8.x warns)."""
+    parameters = inspect.signature(aioredis.Redis.__init__).parameters
+    if "driver_info" in parameters:
+        return {"driver_info": None}
+    if "lib_name" in parameters:
+        return {"lib_name": None, "lib_version": None}
+    return {}
+
+
+_WITHOUT_SETINFO: Final = _without_setinfo()
+
+
 def client_options(timeout: float) -> dict[str, Any]:
     """What every client of the hub is made with: no retries inside redis-py
     (the reconnect policy is ours alone), raw bytes, and RESP2: with RESP3
     (redis-py's default since 8.0) every pub/sub message goes through its
     push-notification handler, which formats the whole message for a debug
     log line whether or not anyone logs: 15% of the hub's CPU at 24,000
-    deliveries/s."""
+    deliveries/s. And no ``CLIENT SETINFO`` on connect: Redis before 7.2
+    (Debian 12's 7.0) answers it with an error, which redis-py swallows,
+    leaving a reference cycle (the error's traceback) and a round trip per
+    new connection."""
     return {
         "socket_connect_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
         "protocol": 2,
+        **_WITHOUT_SETINFO,
     }
 
 

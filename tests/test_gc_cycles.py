@@ -97,7 +97,7 @@ def _ours(o: object) -> bool:
     """An object of :data:`OURS`, or a generator or coroutine of their code."""
     if isinstance(o, weakref.ProxyTypes):
         return False  # (a dead one raises on any question)
-    if type(o).__module__.split(".")[0] in OURS:
+    if _package(o) in OURS:
         return True
     code = _code(o)
     return code is not None and code.co_filename.startswith(_OUR_DIRS)
@@ -156,6 +156,17 @@ def forget(garbage: list[object]) -> None:
     gc.set_debug(gc.DEBUG_SAVEALL)
 
 
+def _module(o: object) -> str:
+    """The module of ``o``'s type ("?" for a type whose ``__module__`` is not
+    a string: some extension types', met in the whole suite's heap)."""
+    module = getattr(type(o), "__module__", None)
+    return module if isinstance(module, str) else "?"
+
+
+def _package(o: object) -> str:
+    return _module(o).split(".")[0]
+
+
 def _name(o: object) -> str:
     code = getattr(o, "f_code", None)  # a frame: which function's
     if code is not None:
@@ -163,7 +174,7 @@ def _name(o: object) -> str:
     code = _code(o)
     if code is not None:
         return f"{type(o).__name__} {code.co_qualname}"
-    return f"{type(o).__module__}.{type(o).__qualname__}"
+    return f"{_module(o)}.{type(o).__qualname__}"
 
 
 def cycles(garbage: list[object]) -> list[tuple[str, ...]]:
@@ -592,9 +603,7 @@ REDIS_SIDE = ("redis", "hiredis", "trio_asyncio", "asyncio", "_asyncio")
 
 def _nothing_of_ours_or_redis(garbage: list[object]) -> None:
     gc.collect()
-    kinds = collections.Counter(
-        _name(o) for o in garbage if type(o).__module__.split(".")[0] in OURS + REDIS_SIDE
-    )
+    kinds = collections.Counter(_name(o) for o in garbage if _package(o) in OURS + REDIS_SIDE)
     assert kinds == {}, (kinds, collections.Counter(cycles(garbage)).most_common(10))
 
 

@@ -5,10 +5,10 @@ reads, so that a tab resumes without loss on any hub (see
 Three operations, each one pipeline with a deadline:
 
 - **append** (every routed message, batched by a task of its own, never in
-  the router's way: what :data:`APPEND_GATHER` gathers goes in one
-  pipeline): a script that drops an id already in the log, pushes the
-  entry, trims the list to ``SMAPWS_HISTORY_PER_USER`` entries and sets its
-  expiry to ``SMAPWS_HISTORY_TTL``;
+  the router's way, at most one pipeline per :data:`APPEND_GATHER`): a
+  script that drops an id already in the log, pushes the entry, trims the
+  list to ``SMAPWS_HISTORY_PER_USER`` entries and sets its expiry to
+  ``SMAPWS_HISTORY_TTL``;
 - **consult** (a hub's first message on a channel since it subscribed, or
   after its chain went stale): the headers of the log's last entries;
 - **read** (a tab resumes with an id its hub does not hold): one user's
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -88,14 +89,16 @@ _HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
 
 #: Appends sent in one pipeline at most.
 APPEND_BATCH: Final = 512
-#: Seconds the append task lets appends gather before it sends a pipeline.
-#: Sending as soon as one was queued gave pipelines of one or two appends
-#: (the router queues a batch's at a time): at 3,600 messages/s the hub spent
-#: about a quarter of its CPU on the pipelines' system calls and redis-py's
-#: layers (py-spy on the soak's hub, issue 17). 10 ms makes at most 100
-#: pipelines a second; a resume never waits on them (it joins the hub's own
-#: window after the end of the log). A whole batch already queued (a backlog
-#: after Redis lagged) does not wait: that would cap appends at 51,200 a second.
+#: Seconds at least between two append pipelines: what comes meanwhile
+#: gathers for the next. Sending as soon as one was queued gave pipelines of
+#: one or two appends (the router queues a batch's at a time): at 3,600
+#: messages/s the hub spent about a quarter of its CPU on the pipelines'
+#: system calls and redis-py's layers (py-spy on the soak's hub, issue 17);
+#: this makes at most 100 pipelines a second. The first append after a quiet
+#: spell goes at once (waiting then would only widen the moment when a hub
+#: that joins asks the log before the entry is in it: see
+#: docs/design/recovery.rst), and so does a whole batch already queued (a
+#: backlog after Redis lagged: waiting would cap appends at 51,200 a second).
 APPEND_GATHER: Final = 0.01
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
@@ -186,9 +189,12 @@ class FleetLog:
         task_status.started()
         receive = self._receive
         appends = self._metrics.fleet_appends
+        sent_at = -math.inf
         async for first in receive:
-            if receive.statistics().current_buffer_used < APPEND_BATCH - 1:
-                await trio.sleep(APPEND_GATHER)  # (a whole batch waiting goes at once)
+            wait = sent_at + APPEND_GATHER - trio.current_time()
+            if wait > 0 and receive.statistics().current_buffer_used < APPEND_BATCH - 1:
+                await trio.sleep(wait)
+            sent_at = trio.current_time()
             batch = [first]
             while len(batch) < APPEND_BATCH:
                 try:

@@ -461,7 +461,7 @@ async def test_a_hub_that_drains_sends_the_appends_it_still_holds(own_redis: Red
             for n in range(20):
                 own_redis.publish("d1", note(n, "d1"))
             await receive_notes(tab, 20)
-            hub.drain()  # at once: the last appends are still gathering
+            hub.drain()  # at once: the last appends are still queued or in flight
         # serve() returns once drained: the nursery ends with it.
     assert appended(hub) == 20
     with own_redis.client() as c:

@@ -681,7 +681,7 @@ async def test_user_mode_subscriptions_are_freed_by_reference_counting(
     await wait_ready(server)
     for n in range(2):  # (the fleet log's scripts are loaded on first use)
         await _user_mode_round(server, own_redis, f"w{n}")
-    await settle(server, 2)  # (and their appends sent: they gather first)
+    await settle(server, 2)  # (and their appends answered: they may trail the rounds)
     forget(saved_garbage)
     for n in range(5):
         await _user_mode_round(server, own_redis, f"m{n}")

@@ -48,8 +48,8 @@ LINK_ERRORS: Final = (
 
 def _without_setinfo() -> dict[str, Any]:
     """The argument that keeps redis-py from sending ``CLIENT SETINFO`` on
-    connect, in the redis-py installed (``driver_info`` since 7.1-ish,
-    ``lib_name`` before; with the older name 8.x warns)."""
+    connect, in the redis-py installed: ``driver_info`` where it exists (8.x
+    warns on the older name), else ``lib_name`` and ``lib_version``."""
     parameters = inspect.signature(aioredis.Redis.__init__).parameters
     if "driver_info" in parameters:
         return {"driver_info": None}

@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from smapws._core.admission import Accept, Refuse
 from smapws._core.auth import (
     MAX_USER_ID_LENGTH,
     AuthConfig,
@@ -407,7 +408,7 @@ HTTP_TOKENS: Final = [
     b"\r\n", b"\n", b"\r", b" ", b"\t", b":", b"\x00", b"\x7f", b"\xff", b"//", b"//[",
     b"//[::1]", b"//[v1.x]", b"//[abc]", b"//h\xbc", b"%", b"%zz", b"?", b"#", b"&&=",
     b"HTTP/2.0", b"HTTP/1.1", b"HTTPS/1.1", b"Cookie: ", b"Host: ", b"a" * 2000,
-    b"X: y\r\n" * 60, b"\r\n\r\n",
+    b"X: y\r\n" * 60, b"\r\n\r\n", b"Content-Length: ", b"Transfer-Encoding: ",
 ]  # fmt: skip
 
 #: Pieces of a request target (after "/", "//" or "//[": an authority).
@@ -426,6 +427,29 @@ heads = st.one_of(
     ).map(lambda t: b"GET " + t[0] + b"".join(t[1]) + b" HTTP/1.1\r\nHost: h\r\n\r\n"),
     st.text(max_size=40).map(lambda t: f"GET {t} HTTP/1.1\r\n\r\n".encode("utf-8", "replace")),
 )
+
+
+#: The seeds' upgrade with a header more (a body announced, in any spelling
+#: and value): heads that reach the admission's later checks.
+upgrade_heads = st.tuples(
+    st.sampled_from([b"Content-Length", b"content-length", b"Transfer-Encoding", b"X"]),
+    st.binary(max_size=16).filter(lambda v: b"\r" not in v and b"\n" not in v),
+).map(lambda t: HEAD_SEEDS[1][:-2] + t[0] + b": " + t[1] + b"\r\n\r\n")
+
+
+@FUZZ
+@given(data=st.one_of(heads, upgrade_heads))
+def test_the_upgrade_decision_answers_every_head_that_parses(data: bytes) -> None:
+    """Whatever head the parser accepts (a body announced or not, any
+    headers), the admission decides, accept or refuse, and raises nothing."""
+    from .test_core_admission import Load, admission
+
+    try:
+        head = parse_head(data)
+    except HttpError:
+        return
+    decision = admission().decide(head, Load(), key_ok=True, now=0.0, wall=time.time(), jitter=0.5)
+    assert isinstance(decision, Accept | Refuse)
 
 
 @FUZZ

@@ -4,10 +4,11 @@
     .venv/bin/python -m bench.ab smapws baseline go node floor --rounds 3
 
 Runs the hubs in turn, ``--rounds`` times (A B A B ...), each time: start it,
-open the connections (2,000 users x 2 tabs), one W1 step at ``--rate``
+open the connections (2,000 users x 2 tabs: W4, the connect storm, whose
+handshakes/s it reports too), one W1 step at ``--rate``
 deliveries/s for ``--seconds``, stop it. Prints each round's hub CPU per
-delivery, p99 and foreign load on the hub's CPU, then the medians and their
-ratios to the first hub's.
+delivery, p99, foreign load on the hub's CPU and handshakes/s, then the
+medians and their ratios to the first hub's.
 Alternating and taking medians is what makes a comparison usable when other
 processes come and go on the machine; on a quiet machine ``bench.run`` says more.
 """
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit(plan.connections + 1000)
     figures: dict[str, list[float]] = {h: [] for h in args.hubs}
     p99s: dict[str, list[float]] = {h: [] for h in args.hubs}
+    shakes: dict[str, list[float]] = {h: [] for h in args.hubs}
     with tempfile.TemporaryDirectory(prefix="smapws-ab-") as tmp:
         commands = {h: peers.prepare(h, Path(tmp)) for h in args.hubs}
         for i in range(args.rounds):
@@ -50,23 +52,30 @@ def main(argv: list[str] | None = None) -> int:
                 us = step.get("hub_cpu_us_per_delivery")
                 if step.get("p99_ms") is not None:
                     p99s[hub].append(step["p99_ms"])
+                storm = (result.get("w4_connect") or {}).get("handshakes_per_s")
+                if storm:
+                    shakes[hub].append(storm)
                 print(
                     f"round {i + 1} {hub:>20}: {us} us/delivery, "
                     f"p99 {step.get('p99_ms')} ms, hub CPU "
                     f"{step.get('hub_cpu_pct')} %, foreign on its CPU "
-                    f"{step.get('foreign_hub_cpu_pct')} %, {result.get('error') or 'ok'}",
+                    f"{step.get('foreign_hub_cpu_pct')} %, {storm} handshakes/s, "
+                    f"{result.get('error') or 'ok'}",
                     flush=True,
                 )
                 if us is not None:
                     figures[hub].append(us)
     medians = {h: statistics.median(v) if v else None for h, v in figures.items()}
-    first = medians[args.hubs[0]]
+    storms = {h: statistics.median(v) if v else None for h, v in shakes.items()}
+    first, first_storm = medians[args.hubs[0]], storms[args.hubs[0]]
     for hub, m in medians.items():
         ratio = f", {m / first:.2f}x {args.hubs[0]}" if m and first else ""
         p99 = statistics.median(p99s[hub]) if p99s[hub] else None
+        s = storms[hub]
+        storm_ratio = f", {s / first_storm:.2f}x {args.hubs[0]}" if s and first_storm else ""
         print(
-            f"median {hub:>20}: {m} us per delivery{ratio}, p99 {p99} ms "
-            f"({len(figures[hub])} rounds)"
+            f"median {hub:>20}: {m} us per delivery{ratio}, p99 {p99} ms; "
+            f"{s} handshakes/s{storm_ratio} ({len(figures[hub])} rounds)"
         )
     return 0
 

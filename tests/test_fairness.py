@@ -188,15 +188,19 @@ async def test_refused_upgrades_that_never_close_are_bounded(nursery: trio.Nurse
         for _ in range(50):  # within the 2 s a refused socket lingered
             peak = max(peak, hub_side())
             await trio.sleep(0.01)
-        # Each held socket is counted (pending, lingering or refused at
-        # once); a few more are between accept and the first count.
+        # Each held socket is counted from its accept (accepted, pending,
+        # lingering, or cut short until it closes): none beyond the bound,
+        # even while the listener accepts a burst before their tasks run.
         print(f"never-closing refused upgrades: the hub held at most {peak} sockets")
-        assert peak <= limit + 20, f"the hub held {peak} sockets"
+        assert peak <= limit, f"the hub held {peak} sockets"
         assert len(app.pending_heads) + len(app.lingering) <= limit
         await _probes_answer_in_time(server.port)
     finally:
         await _close_all(held)
-    assert metric(server, REJECTED, {"reason": "address_limit"}) > 0
+    refused = sum(
+        metric(server, REJECTED, {"reason": reason}) for reason in ("malformed", "address_limit")
+    )
+    assert refused >= 600
 
 
 async def test_websocket_lingering_closes_count_against_their_address(

@@ -14,7 +14,9 @@ import logging
 import os
 import select
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any, NamedTuple
 
 import trio
@@ -90,6 +92,32 @@ def _has_input(fd: int) -> bool:
         return bool(poller.poll(0))
     except OSError:
         return False
+
+
+class _Counted(AbstractContextManager[None]):
+    """An entry of one of the hub's tables of sockets (the request heads
+    being read, the lingering closes) while a block runs, with the hub's
+    count of them kept up to date. (A class: the generator behind
+    ``contextlib.contextmanager`` was a noticeable part of a handshake.)"""
+
+    __slots__ = ("_app", "_key", "_table", "_value")
+
+    def __init__(self, app: App, table: dict[int, Any], key: int, value: object) -> None:
+        self._app, self._table, self._key, self._value = app, table, key, value
+
+    def __enter__(self) -> None:
+        self._table[self._key] = self._value
+        self._app._count_pending()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        app = self._app
+        if self._table.pop(self._key, None) is not None or app._cut.pop(self._key, None):
+            app._count_pending()
 
 
 class HubState(NamedTuple):
@@ -254,6 +282,15 @@ class App:
         #: ``SMAPWS_MAX_PENDING_REQUESTS``, see :meth:`head_slot`), and their
         #: number as an observable value for the listeners to wait on.
         self.pending_heads: dict[int, tuple[trio.CancelScope, float, int]] = {}
+        #: Sockets accepted whose task has not started yet (file
+        #: descriptors): a listener accepts a burst before its tasks run, and
+        #: they count against the same bound (:meth:`accepted`).
+        self.unstarted: set[int] = set()
+        #: Heads evicted and lingers cut short by :meth:`head_slot`, until
+        #: their tasks have left the block that counted them (their sockets
+        #: close then): counted still, so a burst of accepts cannot outrun
+        #: the closes that made room for it.
+        self._cut: dict[int, object] = {}
         self.pending_head_count = AsyncValue(0)
         self.metrics.pending_heads.set_function(lambda: len(self.pending_heads))
         self.metrics.lingering.set_function(lambda: len(self.lingering))
@@ -306,20 +343,26 @@ class App:
         limit = self.config.max_pending_requests
         pending = self.pending_heads
         lingering = self.lingering
-        while len(pending) + len(lingering) >= limit:
+        cut = self._cut
+        while self.pending_head_count.value >= limit:
+            if cut or not (lingering or pending):
+                # Sockets cut short that have not closed yet, or accepted
+                # ones whose tasks have not started: both run next.
+                await trio.lowlevel.checkpoint()
+                continue
             if lingering:
                 # Already answered: cutting its linger short costs at most
                 # that client an RST after its response.
-                lingering.pop(next(iter(lingering))).cancel()
-                self._count_pending()
+                key = next(iter(lingering))
+                cut[key] = scope = lingering.pop(key)
+                scope.cancel()
                 continue
             key = next(iter(pending))
             scope, accepted_at, fd = pending[key]
             wait = accepted_at + HEAD_EVICT_AGE - trio.current_time()
             if wait <= 0:
                 if not _has_input(fd):
-                    del pending[key]
-                    self._count_pending()
+                    cut[key] = pending.pop(key)
                     scope.cancel()
                     continue
                 wait = HEAD_EVICT_AGE / 4  # look again, unless a slot frees first
@@ -327,36 +370,35 @@ class App:
                 await self.pending_head_count.wait_value(lambda n: n < limit)
 
     def _count_pending(self) -> None:
-        self.pending_head_count.value = len(self.pending_heads) + len(self.lingering)
+        self.pending_head_count.value = (
+            len(self.pending_heads) + len(self.lingering) + len(self.unstarted) + len(self._cut)
+        )
 
-    @contextlib.contextmanager
-    def reading_head(self, scope: trio.CancelScope, fd: int) -> Iterator[None]:
+    def accepted(self, fd: int) -> None:
+        """A listener accepted the socket ``fd``; its task is to start
+        (:meth:`started`). Counted against ``SMAPWS_MAX_PENDING_REQUESTS``
+        meanwhile."""
+        self.unstarted.add(fd)
+        self._count_pending()
+
+    def started(self, fd: int) -> None:
+        """The task of the socket ``fd`` started (it reads its head next,
+        without an await in between: :meth:`reading_head` counts it then)."""
+        if fd in self.unstarted:
+            self.unstarted.discard(fd)
+            self._count_pending()
+
+    def reading_head(self, scope: trio.CancelScope, fd: int) -> AbstractContextManager[None]:
         """Count this socket (file descriptor ``fd``, -1 when it has none)
         among those still sending their request head while the block runs
         (see :meth:`head_slot`); ``scope`` is what an eviction cancels."""
-        pending = self.pending_heads
-        key = id(scope)
-        pending[key] = (scope, trio.current_time(), fd)
-        self._count_pending()
-        try:
-            yield
-        finally:
-            if pending.pop(key, None) is not None:
-                self._count_pending()
+        return _Counted(self, self.pending_heads, id(scope), (scope, trio.current_time(), fd))
 
-    @contextlib.contextmanager
-    def lingering_close(self, scope: trio.CancelScope) -> Iterator[None]:
+    def lingering_close(self, scope: trio.CancelScope) -> AbstractContextManager[None]:
         """Count an answered socket in its lingering close against
         ``SMAPWS_MAX_PENDING_REQUESTS`` while the block runs; ``scope`` is
         what :meth:`head_slot` cancels to make room."""
-        key = id(scope)
-        self.lingering[key] = scope
-        self._count_pending()
-        try:
-            yield
-        finally:
-            if self.lingering.pop(key, None) is not None:
-                self._count_pending()
+        return _Counted(self, self.lingering, id(scope), scope)
 
     async def wait_empty(self) -> None:
         """Until no connection is open and no upgrade is under way."""
@@ -389,10 +431,11 @@ class App:
         confirm it soon), when the link that was to carry it is lost, or at
         ``deadline``; the tab is then registered all the same, and receives
         ``resync`` once the subscription is confirmed. At once in pattern
-        mode."""
+        mode, without a checkpoint (the handshake's next step writes the 101
+        without one too: a pass through the scheduler per step was most of
+        a handshake's cost, see :mod:`smapws._io.sockio`)."""
         channels = self.channels
         if channels is None or self.broker.status != "connected":
-            await trio.lowlevel.checkpoint()
             return
         with trio.move_on_at(deadline):
             await channels.wait_subscribed(user_id)
@@ -677,8 +720,7 @@ class App:
             or fleet is None
             or not self.routing.needs_fleet(user, resume, trio.current_time())
         ):
-            await trio.lowlevel.checkpoint()
-            return resume
+            return resume  # (at once, no checkpoint: see until_subscribed)
         epoch = history.epoch
         entries = None
         with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:

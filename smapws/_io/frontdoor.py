@@ -43,7 +43,7 @@ from smapws._core.http import (
 )
 from smapws._core.wsconn import handshake_response, valid_key
 from smapws._errors import SmapwsError
-from smapws._io import assets, connection, demo
+from smapws._io import assets, connection, demo, sockio
 from smapws._io.app import App
 from smapws._io.brokers import BrokerError
 from smapws._io.connection import INTERNAL as INTERNAL_ERROR
@@ -84,40 +84,26 @@ INTERNAL_ROUTES: Final[Routes] = {
 }
 
 
-def _fd(stream: trio.abc.Stream) -> int:
-    """The stream's socket's file descriptor, or -1 (an in-memory stream)."""
-    sock = getattr(stream, "socket", None)
-    try:
-        return int(sock.fileno())  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError, TypeError):
-        return -1
-
-
-def _peer(stream: trio.abc.Stream) -> str:
+def _peer(stream: trio.abc.Stream) -> tuple[str, str]:
+    """The peer's IP address (the balancer's, behind one) and its
+    ``host:port``, or "-" for each (one ``getpeername``)."""
     sock = getattr(stream, "socket", None)
     try:
         host, port = sock.getpeername()[:2]  # type: ignore[union-attr]
     except (AttributeError, OSError, ValueError, TypeError):
-        return "-"
-    return f"{host}:{port}"
+        return "-", "-"
+    return str(host), f"{host}:{port}"
 
 
-def _address(stream: trio.abc.Stream) -> str:
-    """The peer's IP address (the balancer's, behind one), or "-"."""
-    sock = getattr(stream, "socket", None)
-    try:
-        return str(sock.getpeername()[0])  # type: ignore[union-attr]
-    except (AttributeError, OSError, ValueError, TypeError, IndexError):
-        return "-"
-
-
-async def _refuse_address(app: App, stream: trio.abc.Stream, address: str) -> None:
+async def _refuse_address(app: App, stream: trio.abc.Stream, fd: int, address: str) -> None:
     """Answer 503 at once to a socket whose address holds
     ``SMAPWS_MAX_PENDING_PER_ADDRESS`` already, without reading its request
     or lingering: this answer must cost that address no slot."""
     _reject_log(app, "address_limit", 503, address)
     with trio.move_on_after(_REFUSE_SEND_S):
-        await stream.send_all(response(503, headers=(("Retry-After", str(RETRY_AFTER_S)),)))
+        await sockio.send_all(
+            stream, fd, response(503, headers=(("Retry-After", str(RETRY_AFTER_S)),))
+        )
 
 
 class _Refused(SmapwsError):
@@ -173,16 +159,18 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     after it, counted as ``websocket_internal_errors_total{where="connection"}``
     and logged once with its traceback. Only cancellation goes further."""
     upgraded: list[connection.Connection | None] = []
-    address = _address(stream)
+    fd = sockio.fd_of(stream)
+    app.started(fd)
+    address, remote = _peer(stream)
     try:
         if not app.pending_by_address.acquire(address):
-            await _refuse_address(app, stream, address)
+            await _refuse_address(app, stream, fd, address)
             return
         try:
-            upgrade = await _front(app, stream, routes)
+            upgrade = await _front(app, stream, fd, remote, routes)
         finally:
             app.pending_by_address.release(address)
-        if upgrade is not None and (conn := await _accept(app, stream, upgrade, upgraded)):
+        if upgrade is not None and (conn := await _accept(app, stream, fd, upgrade, upgraded)):
             # The connection's life, in this task (one coroutine frame less
             # per idle connection than a helper around it).
             trailing, resume, upgrade = upgrade.trailing, upgrade.resume, None
@@ -190,17 +178,20 @@ async def handle(app: App, stream: trio.abc.Stream, routes: Routes = ALL_ROUTES)
     except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer went away; nothing to answer
     except* Exception as group:
-        app.internal_error("connection", group, remote=_peer(stream))
+        app.internal_error("connection", group, remote=remote)
         farewell = _farewell(upgraded[-1]) if upgraded else response(500)
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(_LINGER_S),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
         ):
-            await stream.send_all(farewell)
+            await sockio.send_all(stream, fd, farewell)
     finally:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()  # (aclose() would add a checkpoint, at the end)
+        else:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
         if upgraded and upgraded[-1] is not None:
             _release(app, upgraded[-1])
 
@@ -227,11 +218,13 @@ def _farewell(conn: connection.Connection | None) -> bytes:
     return close_frame(INTERNAL_ERROR, "internal error")
 
 
-async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade | None:
+async def _front(
+    app: App, stream: trio.abc.Stream, fd: int, remote: str, routes: Routes
+) -> _Upgrade | None:
     """Read the request head and answer it, unless it is an acceptable
-    upgrade: that is returned for the WebSocket phase."""
+    upgrade: that is returned for the WebSocket phase. ``fd``: the socket's
+    (:func:`~smapws._io.sockio.fd_of`); ``remote``: the peer, for the logs."""
     cfg = app.config
-    remote = _peer(stream)
     buf = bytearray()
     # One deadline for the whole handshake: the head here, the 101 later. (A
     # bare CancelScope: fail_after's context-manager wrapper was a tenth of
@@ -239,11 +232,11 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
     deadline = trio.current_time() + cfg.handshake_timeout
     end = -1
     try:
-        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope, _fd(stream)):
+        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope, fd):
             while (end := head_end(buf)) < 0:
                 if len(buf) > MAX_HEAD_BYTES:
                     raise HttpError(431, "request head too large")
-                chunk = await stream.receive_some(_RECEIVE_BYTES)
+                chunk = await sockio.receive_some(stream, fd, _RECEIVE_BYTES)
                 if not chunk:
                     return None
                 buf += chunk
@@ -251,7 +244,7 @@ async def _front(app: App, stream: trio.abc.Stream, routes: Routes) -> _Upgrade 
             if trio.current_time() < deadline:  # evicted by a newer socket
                 _reject_log(app, "head_evicted", 408, remote)
                 with trio.move_on_after(_LINGER_S):  # no lingering read
-                    await stream.send_all(response(408))
+                    await sockio.send_all(stream, fd, response(408))
                 return None
             _reject_log(app, "handshake_timeout", 408, remote)
             await _send(app, stream, response(408))
@@ -336,17 +329,17 @@ async def _send(app: App, stream: trio.abc.Stream, data: bytes) -> None:
     the response before the client reads it. So half-close our side, then
     read and discard until the client closes or a short deadline passes
     (nginx's "lingering close")."""
+    fd = sockio.fd_of(stream)
     with trio.move_on_after(_LINGER_S) as scope:
-        await stream.send_all(data)
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
+        await sockio.send_all(stream, fd, data)
+        await sockio.send_eof(stream, fd)
         discarded = 0
         # Counted against SMAPWS_MAX_PENDING_REQUESTS (and its address's
         # bound, held by ``handle``): clients that never close would
         # otherwise hold a descriptor each for 2 s outside every bound.
         with app.lingering_close(scope):
             while discarded < _LINGER_BYTES:
-                chunk = await stream.receive_some(_RECEIVE_BYTES)
+                chunk = await sockio.receive_some(stream, fd, _RECEIVE_BYTES)
                 if not chunk:
                     break
                 discarded += len(chunk)
@@ -379,6 +372,7 @@ def _check_upgrade(app: App, head: RequestHead) -> Accept | Refuse:
 async def _accept(
     app: App,
     stream: trio.abc.Stream,
+    fd: int,
     upgrade: _Upgrade,
     upgraded: list[connection.Connection | None],
 ) -> connection.Connection | None:
@@ -402,7 +396,7 @@ async def _accept(
             upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
             # The head is not parsed a second time (by h11 inside wsproto):
             # the front door's checks are the handshake.
-            await stream.send_all(handshake_response(upgrade.key))
+            await sockio.send_all(stream, fd, handshake_response(upgrade.key))
             accepted = True
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -1,0 +1,152 @@
+"""The socket helpers of the front door and the connections (smapws._io.sockio),
+on real sockets (a socketpair), and a real-socket write that the peer never
+takes, abandoned after SMAPWS_WRITE_WAIT on the MockClock."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from smapws._io import frontdoor, sockio
+from tests.conftest import token
+from tests.test_websocket import UPGRADE_HEAD, memory_app, route, running
+
+Pair = tuple[trio.SocketStream, trio.SocketStream]
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    """Two connected socket streams (AF_UNIX: what the helpers do is the same
+    for TCP), both closed at the end."""
+    a, b = trio.socket.socketpair()
+    streams = trio.SocketStream(a), trio.SocketStream(b)
+    try:
+        yield streams
+    finally:
+        for stream in streams:
+            await stream.aclose()
+
+
+async def test_bytes_waiting_are_read_without_a_checkpoint(pair: Pair) -> None:
+    """What the kernel holds already is returned at once: no pass through
+    the scheduler (the cost this module exists to avoid)."""
+    ours, peer = pair
+    await peer.send_all(b"hello")
+    await trio.testing.wait_all_tasks_blocked()
+    fd = sockio.fd_of(ours)
+    with trio.testing.assert_no_checkpoints():
+        assert await sockio.receive_some(ours, fd, 4096) == b"hello"
+        await sockio.send_all(ours, fd, b"answer")
+    assert await peer.receive_some(4096) == b"answer"
+
+
+async def test_a_read_waits_for_bytes_and_sees_the_end(pair: Pair) -> None:
+    ours, peer = pair
+    fd = sockio.fd_of(ours)
+    got: list[bytes | bytearray] = []
+
+    async def read() -> None:
+        got.append(await sockio.receive_some(ours, fd, 4096))
+        got.append(await sockio.receive_some(ours, fd, 4096))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # waiting, not spinning
+        await peer.send_all(b"late")
+        await trio.testing.wait_all_tasks_blocked()
+        await peer.aclose()
+    assert got == [b"late", b""]
+
+
+async def test_a_large_write_waits_for_the_peer_and_arrives_whole(pair: Pair) -> None:
+    ours, peer = pair
+    data = bytes(range(256)) * 16384  # 4 MiB: far beyond the socket buffers
+    received = bytearray()
+
+    async def drain() -> None:
+        while len(received) < len(data):
+            received.extend(await peer.receive_some(65536))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain)
+        await sockio.send_all(ours, sockio.fd_of(ours), data)
+    assert received == data
+
+
+async def test_a_reset_peer_is_a_broken_stream(pair: Pair) -> None:
+    ours, peer = pair
+    fd = sockio.fd_of(ours)
+    await sockio.send_all(ours, fd, b"x")  # unread by the peer: its close resets
+    peer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await peer.aclose()
+    with pytest.raises(trio.BrokenResourceError):
+        for _ in range(100):  # EPIPE or ECONNRESET, on the first write or a later one
+            await sockio.send_all(ours, fd, b"y" * 65536)
+
+
+async def test_a_socket_closed_while_waiting_is_a_closed_stream(pair: Pair) -> None:
+    ours, _peer = pair
+    fd = sockio.fd_of(ours)
+    with pytest.raises(ExceptionGroup) as info:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sockio.receive_some, ours, fd, 4096)
+            await trio.testing.wait_all_tasks_blocked()
+            await ours.aclose()
+    assert info.group_contains(trio.ClosedResourceError)
+    assert sockio.fd_of(ours) == -1
+
+
+async def test_a_stream_without_a_socket_uses_its_own_methods(pair: Pair) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    assert sockio.fd_of(left) == -1
+    await sockio.send_all(left, -1, b"ping")
+    assert await sockio.receive_some(right, -1, 4096) == b"ping"
+    await sockio.send_eof(left, -1)  # not half-closeable: nothing to do
+    ours, peer = pair
+    await sockio.send_eof(ours, -1)  # a socket stream given no descriptor: its own send_eof
+    assert await peer.receive_some(4096) == b""
+
+
+async def test_send_eof_half_closes_a_socket(pair: Pair) -> None:
+    ours, peer = pair
+    fd = sockio.fd_of(ours)
+    await sockio.send_eof(ours, fd)
+    assert await peer.receive_some(4096) == b""
+    await peer.send_all(b"still open that way")
+    assert await sockio.receive_some(ours, fd, 4096) == b"still open that way"
+
+
+async def test_a_real_socket_write_the_peer_never_takes_is_abandoned(
+    autojump_clock: trio.testing.MockClock, pair: Pair
+) -> None:
+    """A tab on a real socket that stops reading: the direct writes fill the
+    kernel's buffers, the connection's task waits to write the rest, and
+    after SMAPWS_WRITE_WAIT it drops the connection (write_timeout)."""
+    app = memory_app(SMAPWS_WRITE_WAIT=10, SMAPWS_PING_INTERVAL=1000, SMAPWS_PONG_WAIT=1000)
+    client, server_side = pair
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with running(app) as nursery:
+        nursery.start_soon(frontdoor.handle, app, server_side)
+        head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
+        await client.send_all(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await client.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 101")
+        # The client reads nothing more: ~1 MiB of messages is more than
+        # the socket buffers of both sides hold.
+        start = trio.current_time()
+        queued = sum(route(app, "u1", blob="x" * 60_000, n=i) for i in range(16))
+        assert queued >= 1
+        with trio.fail_after(60):
+            while app.hub.active_connections:
+                await trio.sleep(1)
+        assert 10 <= trio.current_time() - start <= 12
+    sample = app.metrics.registry.get_sample_value
+    assert sample("websocket_connections_closed_total", {"cause": "write_timeout"}) == 1

@@ -472,6 +472,50 @@ def test_parse_head_raises_only_http_errors(data: bytes) -> None:
         assert len(head.headers) <= 100
 
 
+#: RFC 9110's tchar, spelled out: what parse_head must take in a method or a
+#: header name, and nothing else (it checks with a regular expression).
+TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_names = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(sorted(TCHARS)),
+        st.characters(max_codepoint=0x2FF, blacklist_characters="\r\n:"),
+    ),
+    max_size=12,
+)
+
+
+@FUZZ
+@given(method=_names, name=_names, target=_names)
+@example(method="\xe9", name="a", target="")  # a letter, not a tchar
+@example(method="GET", name="\xb2", target="")  # a digit to Unicode, not a tchar
+@example(method="GET", name="a", target="\x7f")
+@example(method="GET", name="a", target="\x85")  # (not a control for the target rule)
+def test_methods_names_and_targets_are_checked_character_by_character(
+    method: str, name: str, target: str
+) -> None:
+    """A head is taken iff its method and header name are non-empty runs of
+    tchars and its target holds no control, space or DEL (the rules as
+    written per character; parse_head checks them with expressions)."""
+    data = f"{method} /{target} HTTP/1.1\r\n{name}: v\r\nHost: h\r\n\r\n".encode(
+        "latin-1", "replace"
+    )
+    text = data.decode("latin-1")
+    method, target = text.split(" ")[0], text.split(" ")[1]
+    name = text.split("\r\n")[1].partition(":")[0]
+    expected = (
+        bool(method) and set(method) <= TCHARS
+        and bool(name) and set(name) <= TCHARS
+        and not any(c <= " " or c == "\x7f" for c in target)
+        and text.split("\r\n")[0].count(" ") == 2  # (the request line in three parts)
+    )  # fmt: skip
+    try:
+        parse_head(data)
+    except HttpError as exc:
+        assert not expected, exc
+    else:
+        assert expected
+
+
 @pytest.mark.parametrize("target", [b"//[", b"//[abc]/", b"//[::1/x", b"//[1.2.3.4]"])
 def test_a_target_urlsplit_refuses_is_a_400(target: bytes) -> None:
     """urlsplit raises ValueError for these authorities: it left parse_head

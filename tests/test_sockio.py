@@ -150,3 +150,24 @@ async def test_a_real_socket_write_the_peer_never_takes_is_abandoned(
         assert 10 <= trio.current_time() - start <= 12
     sample = app.metrics.registry.get_sample_value
     assert sample("websocket_connections_closed_total", {"cause": "write_timeout"}) == 1
+
+
+async def test_a_head_that_comes_in_parts_on_a_real_socket_is_read_whole(pair: Pair) -> None:
+    """The front door reads what is there when the task starts, and waits
+    (with its deadline, among the heads being read) only for the rest."""
+    app = memory_app()
+    client, server_side = pair
+    head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n").encode()
+    async with running(app) as nursery:
+        await client.send_all(head[:20])
+        nursery.start_soon(frontdoor.handle, app, server_side)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(app.pending_heads) == 1  # waiting for the rest, counted
+        await client.send_all(head[20:])
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await client.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 101")
+        assert not app.pending_heads
+        assert app.hub.active_connections == 1
+        await client.aclose()

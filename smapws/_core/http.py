@@ -9,6 +9,7 @@ careful parser with bounds.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Final
@@ -21,9 +22,11 @@ from smapws._errors import SmapwsError
 MAX_HEAD_BYTES: Final = 16 * 1024
 MAX_HEADERS: Final = 100
 
-_TOKEN_CHARS: Final = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-)
+#: RFC 9110's ``token`` (methods, header names), and what a request target
+#: may not hold (controls, space, DEL). Regular expressions: a check per
+#: character in Python was a tenth of parsing a browser's head.
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_IN_TARGET: Final = re.compile(r"[\x00-\x20\x7f]")
 
 
 class HttpError(SmapwsError):
@@ -86,20 +89,20 @@ def parse_head(data: bytes) -> RequestHead:
     if len(parts) != 3:
         raise HttpError(400, "bad request line")
     method, target, version = parts
-    if not method or not all(ord(c) in _TOKEN_CHARS for c in method):
+    if not _TOKEN.fullmatch(method):
         raise HttpError(400, "bad method")
     if version not in ("HTTP/1.1", "HTTP/1.0"):
         if version.startswith("HTTP/"):
             raise HttpError(505, "HTTP version not supported")
         raise HttpError(400, "bad request line")
-    if not target.startswith("/") or any(c <= " " or c == "\x7f" for c in target):
+    if not target.startswith("/") or _NOT_IN_TARGET.search(target):
         raise HttpError(400, "bad request target")
     if len(lines) - 1 > MAX_HEADERS:
         raise HttpError(431, "too many headers")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, sep, value = line.partition(":")
-        if not sep or not name or not all(ord(c) in _TOKEN_CHARS for c in name):
+        if not sep or not _TOKEN.fullmatch(name):
             raise HttpError(400, "bad header line")
         if "\n" in value or "\r" in value or "\x00" in value:
             raise HttpError(400, "bad header value")

@@ -424,6 +424,20 @@ class App:
             self.channels.release(user_id)  # register() holds it next
         self._maybe_empty()
 
+    def upgrade_waits(self, user_id: str, resume: Resume | None) -> bool:
+        """Whether an upgrade of ``user_id`` may have to wait before its 101:
+        in user mode for the subscription (:meth:`until_subscribed`), or
+        for the fleet's log (:meth:`prepare_resume`). False: both return at
+        once, and the front door writes the 101 without a deadline."""
+        if self.channels is not None and self.broker.status == "connected":
+            return True
+        return (
+            resume is not None
+            and self.history is not None
+            and self.fleet is not None
+            and self.routing.needs_fleet(user_id, resume, trio.current_time())
+        )
+
     async def until_subscribed(self, user_id: str, deadline: float) -> None:
         """User mode: until Redis has confirmed ``user_id``'s subscription,
         so that the tab receives everything published after its upgrade.

@@ -230,16 +230,25 @@ async def _front(
     # bare CancelScope: fail_after's context-manager wrapper was a tenth of
     # the cost of a handshake.)
     deadline = trio.current_time() + cfg.handshake_timeout
-    end = -1
+    # A browser sends its head as soon as it connects: by the time this task
+    # runs, it is usually all there. Then no deadline, no waiting, and no
+    # entry in the table of heads being read (nothing else runs meanwhile).
+    first = sockio.receive_now(fd, _RECEIVE_BYTES)
+    if first is not None:
+        if not first:
+            return None
+        buf += first
+    end = head_end(buf)
     try:
-        with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope, fd):
-            while (end := head_end(buf)) < 0:
-                if len(buf) > MAX_HEAD_BYTES:
-                    raise HttpError(431, "request head too large")
-                chunk = await sockio.receive_some(stream, fd, _RECEIVE_BYTES)
-                if not chunk:
-                    return None
-                buf += chunk
+        if end < 0:
+            with trio.CancelScope(deadline=deadline) as scope, app.reading_head(scope, fd):
+                while (end := head_end(buf)) < 0:
+                    if len(buf) > MAX_HEAD_BYTES:
+                        raise HttpError(431, "request head too large")
+                    chunk = await sockio.receive_some(stream, fd, _RECEIVE_BYTES)
+                    if not chunk:
+                        return None
+                    buf += chunk
         if end < 0:
             if trio.current_time() < deadline:  # evicted by a newer socket
                 _reject_log(app, "head_evicted", 408, remote)
@@ -385,19 +394,26 @@ async def _accept(
     expiry = now + (upgrade.expires_at - time.time())
     app.upgrade_started(upgrade.user_id)
     accepted = False
+    # The head is not parsed a second time (by h11 inside wsproto): the
+    # front door's checks are the handshake.
+    answer = handshake_response(upgrade.key)
     try:
-        with trio.CancelScope(deadline=upgrade.deadline):
-            # User mode: the 101 waits for the user's subscription (at
-            # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
-            left = upgrade.deadline - now
-            await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
-            # A tab resuming with an id this hub does not hold: what the
-            # fleet's log has after it, read before the 101.
-            upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
-            # The head is not parsed a second time (by h11 inside wsproto):
-            # the front door's checks are the handshake.
-            await sockio.send_all(stream, fd, handshake_response(upgrade.key))
-            accepted = True
+        # Nothing to wait for (the common case): the 101 goes out now,
+        # without a deadline, if the socket takes it whole.
+        waits = app.upgrade_waits(upgrade.user_id, upgrade.resume)
+        sent = 0 if waits else sockio.send_now(fd, answer)
+        accepted = sent == len(answer)
+        if not accepted:
+            with trio.CancelScope(deadline=upgrade.deadline):
+                # User mode: the 101 waits for the user's subscription (at
+                # most SMAPWS_REDIS_TIMEOUT, and half the handshake's time).
+                left = upgrade.deadline - now
+                await app.until_subscribed(upgrade.user_id, now + min(cfg.redis_timeout, left / 2))
+                # A tab resuming with an id this hub does not hold: what the
+                # fleet's log has after it, read before the 101.
+                upgrade.resume = await app.prepare_resume(upgrade.user_id, upgrade.resume)
+                await sockio.send_all(stream, fd, answer[sent:])
+                accepted = True  # (not when the deadline came first)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:

@@ -56,6 +56,32 @@ async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> byte
         await trio.lowlevel.wait_readable(fd)
 
 
+def receive_now(fd: int, max_bytes: int) -> bytes | None:
+    """What the socket ``fd`` holds now (b"" at its end), or None when it
+    holds nothing yet or ``fd`` is -1; never waits."""
+    if fd < 0:
+        return None
+    try:
+        return os.read(fd, max_bytes)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise _mapped(exc) from exc
+
+
+def send_now(fd: int, data: bytes) -> int:
+    """Write what the socket ``fd`` takes of ``data`` now: how many bytes
+    (0 when ``fd`` is -1 or the socket is full); never waits."""
+    if fd < 0:
+        return 0
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        raise _mapped(exc) from exc
+
+
 async def send_all(stream: trio.abc.Stream, fd: int, data: bytes | bytearray) -> None:
     """``stream.send_all(data)``, written to ``fd`` (:func:`fd_of`) when it
     is >= 0. The caller is the socket's one writer meanwhile."""

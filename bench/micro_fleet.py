@@ -4,7 +4,8 @@ each message and ``FleetLog.run``'s pipelines (building and packing the
 commands, redis-py, the asyncio bridge, the replies), as the hub's CPU time
 (the process's, so not Redis's). Batches of ``--batch`` entries (120: a hub
 routing 12,000 messages/s sends a pipeline every 10 ms) to ``--users``
-users' logs, each entry following its user's last.
+users' logs, each entry following its user's last; and ``append_nowait``
+alone.
 
 With ``--against REV``, smapws as of git revision ``REV`` runs beside the
 working tree (:mod:`bench.against`), rounds alternated, and the ratio of the
@@ -34,20 +35,11 @@ import trio_asyncio
 from redis.asyncio.connection import Connection as RedisConnection
 
 import smapws
+from bench.micro_route import notification
 from bench.procs import free_port, start_redis, stop
 
 USERS = 2000
 BATCHES = 20
-
-
-def notification(n: int) -> bytes:
-    """~200 B, as the profiled workload's."""
-    text = "Your project has new mentions to review in the dashboard." + " " * (n % 3)
-    return (
-        b'{"type":"notification","payload":{"title":"Crawl finished %d","message":"%s",'
-        b'"level":"info","project_id":"proj_%d","count":%d}}'
-        % (n % 97, text.encode(), n % 7, n % 1000)
-    )
 
 
 class Side:
@@ -60,13 +52,20 @@ class Side:
         metrics = importlib.import_module(package.__name__ + ".metrics")
         self.fleet = fleet
         self.metrics = metrics.Metrics()
-        self.log = fleetlog.FleetLog(
-            redis_io.PublishClient(url, timeout=5.0),
-            ttl=300.0,
-            per_user=100,
-            max_bytes=1 << 28,
-            metrics=self.metrics,
-        )
+        client = redis_io.PublishClient(url, timeout=5.0)
+
+        def new_log(queue: int = 65536) -> Any:
+            return fleetlog.FleetLog(
+                client,
+                ttl=300.0,
+                per_user=100,
+                max_bytes=1 << 28,
+                metrics=self.metrics,
+                queue=queue,
+            )
+
+        self.new_log = new_log
+        self.log = new_log()
         #: The old append_nowait took the ids besides the entry.
         self.with_ids = len(inspect.signature(self.log.append_nowait).parameters) == 4
         self.channels = [b"user_noti:%s-%d" % (name.encode(), u) for u in range(USERS)]
@@ -118,6 +117,27 @@ async def appends(sides: dict[str, Side], batch: int, rounds: int) -> dict[str, 
         others = {r: side.appended(r) for r in ("duplicate", "off_chain", "failed", "dropped")}
         assert side.appended("written") == side.n and not any(others.values()), (name, others)
     return results
+
+
+def queueing(sides: dict[str, Side], rounds: int) -> dict[str, float]:
+    """Nanoseconds per ``append_nowait`` alone (what the router pays), each
+    round on a new log of each side, never run."""
+    count = 50_000
+    entry = b"0123456789abcdef----------------0000000000000" + notification(0)
+    channel = b"user_noti:u1"
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            log = side.new_log(queue=count)
+            append = log.append_nowait
+            args = (channel, entry[:16], entry[16:32], entry) if side.with_ids else (channel, entry)
+            gc.disable()
+            start = time.thread_time()
+            for _ in range(count):
+                append(*args)
+            times[name].append((time.thread_time() - start) / count * 1e9)
+            gc.enable()
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def packing(batch: int, rounds: int) -> dict[str, float]:
@@ -195,6 +215,16 @@ def main() -> None:
             f"new/{args.against}: {medians['new'] / medians[args.against]:.2f}x "
             f"(median of per-round ratios {statistics.median(ratios):.2f}x)"
         )
+    queued = queueing(sides, args.rounds)
+    print(
+        "append_nowait alone: "
+        + ", ".join(f"{name} {ns:.0f} ns" for name, ns in queued.items())
+        + (
+            f" (new/{args.against} {queued['new'] / queued[args.against]:.2f}x)"
+            if args.against
+            else ""
+        )
+    )
     packed = packing(args.batch, args.rounds)
     print(
         f"packing {args.batch} appends: one call each {packed['per entry']:.2f} us/entry, "

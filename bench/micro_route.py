@@ -9,17 +9,30 @@ in the same run, the envelope alone: framed once with its id (``parse(...,
 message_id=)``) against the way it was built before, framed, then the id
 spliced in and framed again (:func:`framed_twice`, a copy of the old code).
 
-    .venv/bin/python -m bench.micro_route
+With ``--against REV``, instead: the profiled workload (Redis mode with the
+fleet log, the default configuration: 2,000 users with 2 tabs each, ~200 B
+notifications, each message's append queued for the log) routed by the
+working tree and by smapws as of git revision ``REV`` imported beside it
+(:mod:`bench.against`), rounds alternated (thread CPU time, the collector
+off within a round)::
+
+    .venv/bin/python -m bench.micro_route [--against HEAD~1 [--rounds 41]]
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
+import importlib
 import json
 import statistics
 import time
+from types import ModuleType
+from typing import Any
 
 import trio
 
+import smapws
 from smapws import load_config
 from smapws._core.envelope import Envelope, parse
 from smapws._core.frames import text_frame
@@ -30,6 +43,11 @@ from smapws._io.connection import Connection
 USERS = 100
 MESSAGES = 20_000
 ROUNDS = 7
+
+#: The fleet workload (``--against``): users, tabs each, messages per round.
+FLEET_USERS = 2000
+FLEET_TABS = 2
+FLEET_MESSAGES = 4000
 
 
 def progress(i: int) -> bytes:
@@ -43,6 +61,23 @@ def progress(i: int) -> bytes:
                 "done": i % 1000,
                 "errors": 2,
                 "progress_percent": (i % 1000) / 10,
+            },
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def notification(i: int) -> bytes:
+    """~180 B, as the profiled workload's."""
+    return json.dumps(
+        {
+            "type": "notification",
+            "payload": {
+                "title": f"Crawl finished {i % 97}",
+                "message": "Your project has new mentions to review in the dashboard.",
+                "level": "info",
+                "project_id": f"proj_{i % 7}",
+                "count": i % 1000,
             },
         },
         separators=(",", ":"),
@@ -120,5 +155,88 @@ async def main() -> None:
         )
 
 
+class FleetHub:
+    """One version's App in Redis mode with a fleet log (never run: after
+    each round the router's appends are dropped with the log, for a new
+    one), its users' tabs registered as the front door does."""
+
+    def __init__(self, package: ModuleType) -> None:
+        def module(name: str) -> Any:
+            return importlib.import_module(f"{package.__name__}.{name}")
+
+        config = package.load_config({"JWT_SECRET": "x" * 32, "REDIS_URL": "redis://127.0.0.1:1/0"})
+        metrics = module("metrics").Metrics()
+        client = module("_io.brokers.redis").PublishClient(config.redis_url, timeout=1.0)
+        fleet_log = module("_io.fleetlog").FleetLog
+
+        def new_fleet() -> Any:
+            return fleet_log(
+                client,
+                ttl=config.history_ttl,
+                per_user=config.history_per_user,
+                max_bytes=1 << 30,
+                metrics=metrics,
+                queue=FLEET_MESSAGES + 1,
+            )
+
+        self.new_fleet = new_fleet
+        broker = module("_io.brokers.memory").MemoryBroker()
+        self.app = module("_io.app").App(config, broker, metrics=metrics, fleet=new_fleet())
+        self.conns = []
+        for u in range(FLEET_USERS):
+            for _ in range(FLEET_TABS):
+                conn = module("_io.connection").Connection(
+                    self.app, f"u{u}", expires_at=None, remote="-", now=0.0
+                )
+                self.app.routing.register(conn.user_id, conn, None, 0.0)
+                self.conns.append(conn)
+
+    def taken(self) -> None:
+        """What a round queued is gone: the tabs' queues and the appends."""
+        for conn in self.conns:
+            conn.outbox.take_all()
+        self.app.fleet = self.new_fleet()
+
+
+async def against(rev: str, rounds: int) -> None:
+    from bench.against import smapws_as
+
+    hubs = {rev: FleetHub(smapws_as(rev)), "new": FleetHub(smapws)}
+    data = [notification(i) for i in range(FLEET_MESSAGES)]
+    channels = [f"user_noti:u{i % FLEET_USERS}".encode() for i in range(FLEET_MESSAGES)]
+    results: dict[str, list[float]] = {name: [] for name in hubs}
+    order = list(hubs.items())
+    for r in range(rounds + 2):  # two rounds to warm up (the windows fill)
+        for name, hub in order if r % 2 else order[::-1]:
+            route = hub.app.route
+            wall, now = time.time(), trio.current_time()
+            gc.collect()
+            gc.disable()
+            start = time.thread_time()
+            for channel, raw in zip(channels, data, strict=True):
+                route(channel, raw, wall_time=wall, now=now)
+            spent = time.thread_time() - start
+            gc.enable()
+            hub.taken()
+            if r >= 2:
+                results[name].append(spent / FLEET_MESSAGES * 1e6)
+    base, new = results[rev], results["new"]
+    ratios = [n / b for b, n in zip(base, new, strict=True)]
+    print(
+        f"route() of a {len(data[0])} B notification to {FLEET_TABS} tabs, fleet log on: "
+        f"{rev} {statistics.median(base):.2f} us/message, new {statistics.median(new):.2f} "
+        f"(new/{rev} {statistics.median(new) / statistics.median(base):.3f}x; median of "
+        f"per-round ratios {statistics.median(ratios):.3f}x; of the minimums "
+        f"{min(new) / min(base):.3f}x)"
+    )
+
+
 if __name__ == "__main__":
-    trio.run(main)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", metavar="REV", help="the fleet workload against REV")
+    parser.add_argument("--rounds", type=int, default=41)
+    args = parser.parse_args()
+    if args.against:
+        trio.run(against, args.against, args.rounds)
+    else:
+        trio.run(main)

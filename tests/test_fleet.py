@@ -273,6 +273,17 @@ async def test_the_append_queue_is_bounded_in_bytes_while_redis_lags(
     )
     assert dropped == 64 - 16
     await log.aclose()
+    # And in entries (its queue argument).
+    client = PublishClient(redis_server.url, timeout=5.0)
+    log = FleetLog(client, ttl=300.0, per_user=100, max_bytes=1 << 24, metrics=metrics, queue=8)
+    for n in range(10):
+        log.append_nowait(b"user_noti:f8", encode_entry(f"{n:016x}", GENESIS, 0, b"{}"))
+    assert log.outstanding == 8
+    dropped = metrics.registry.get_sample_value(
+        "websocket_fleet_log_appends_total", {"result": "dropped"}
+    )
+    assert dropped == 64 - 16 + 2
+    await log.aclose()
 
 
 async def append_all(log: FleetLog, items: list[tuple[bytes, bytes]]) -> list[bytes]:

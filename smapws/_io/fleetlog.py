@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
@@ -180,7 +181,13 @@ class FleetLog:
         self._dropped = appends.labels("dropped")
         self._failed_appends = appends.labels("failed")
         self._results = tuple(appends.labels(result) for result in _APPEND_RESULTS)
-        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes]](queue)
+        #: What waits to be sent, (channel, entry) oldest first, at most
+        #: ``queue``; a plain deque (a trio channel cost each append its
+        #: checks and statistics), and a lot :meth:`run` waits in while
+        #: it is empty.
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._queue = queue
+        self._arrived = trio.lowlevel.ParkingLot()
         #: Appends queued or in a pipeline not answered yet (:meth:`flush`):
         #: a plain count, and a lot :meth:`flush` waits in, woken after each
         #: pipeline (an observable value cost every append its observers' walk).
@@ -204,16 +211,15 @@ class FleetLog:
         ``max_bytes``) drops it (counted): the log then lacks a link, which
         resuming tabs see as a gap."""
         size = len(entry)
-        if self._queued + size > self._max_bytes:
+        pending = self._pending
+        if self._queued + size > self._max_bytes or len(pending) >= self._queue:
             self._dropped.inc()
             return
-        try:
-            self._send.send_nowait((channel, entry))
-        except trio.WouldBlock:
-            self._dropped.inc()
-            return
+        pending.append((channel, entry))
         self._queued += size
         self._outstanding += 1
+        if len(pending) == 1:  # run() may be waiting for it
+            self._arrived.unpark_all()
 
     async def flush(self) -> None:
         """Until every append queued so far has been answered (or failed):
@@ -231,19 +237,16 @@ class FleetLog:
     ) -> None:
         """Send the queued appends, a pipeline at a time, until cancelled."""
         task_status.started()
-        receive = self._receive
+        pending = self._pending
         sent_at = -math.inf
-        async for first in receive:
+        while True:
+            while not pending:
+                await self._arrived.park()
             wait = sent_at + APPEND_GATHER - trio.current_time()
-            if wait > 0 and receive.statistics().current_buffer_used < APPEND_BATCH - 1:
+            if wait > 0 and len(pending) < APPEND_BATCH:
                 await trio.sleep(wait)
             sent_at = trio.current_time()
-            batch = [first]
-            while len(batch) < APPEND_BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
+            batch = [pending.popleft() for _ in range(min(len(pending), APPEND_BATCH))]
             self._queued -= sum(len(entry) for _, entry in batch)
             calls = self._calls(batch)
             try:

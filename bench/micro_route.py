@@ -14,7 +14,8 @@ fleet log, the default configuration: 2,000 users with 2 tabs each, ~200 B
 notifications, each message's append queued for the log) routed by the
 working tree and by smapws as of git revision ``REV`` imported beside it
 (:mod:`bench.against`), rounds alternated (thread CPU time, the collector
-off within a round)::
+off within a round); and, the same way, the sans-IO parts of it alone,
+``Router.route`` and ``parse``::
 
     .venv/bin/python -m bench.micro_route [--against HEAD~1 [--rounds 41]]
 """
@@ -198,37 +199,73 @@ class FleetHub:
         self.app.fleet = self.new_fleet()
 
 
+#: Messages routed with one clock reading, as the router task does a batch
+#: (ROUTER_BATCH at most; fewer when the broker's queue holds fewer).
+FLEET_BATCH = 16
+
+
+def stages(hub: FleetHub, package: ModuleType) -> dict[str, Any]:
+    """What is timed of one version: ``App.route`` (the whole), and its
+    sans-IO parts on their own: ``Router.route`` (the same work but the
+    offers and the append's queueing) and ``parse``."""
+    parse = importlib.import_module(f"{package.__name__}._core.envelope").parse
+    routing = hub.app.routing
+
+    def app_route(channel: bytes, raw: bytes, wall: float, now: float) -> None:
+        hub.app.route(channel, raw, wall_time=wall, now=now)
+
+    def router_route(channel: bytes, raw: bytes, wall: float, now: float) -> None:
+        routing.route(channel, raw, wall=wall, now=now)
+
+    def parse_only(channel: bytes, raw: bytes, wall: float, now: float) -> None:
+        parse(raw, wall_time=wall, received_at=now, message_id="0123456789abcdef")
+
+    return {"App.route": app_route, "Router.route": router_route, "parse": parse_only}
+
+
 async def against(rev: str, rounds: int) -> None:
     from bench.against import smapws_as
 
-    hubs = {rev: FleetHub(smapws_as(rev)), "new": FleetHub(smapws)}
+    packages = {rev: smapws_as(rev), "new": smapws}
+    hubs = {name: FleetHub(package) for name, package in packages.items()}
+    timed = {name: stages(hubs[name], package) for name, package in packages.items()}
     data = [notification(i) for i in range(FLEET_MESSAGES)]
     channels = [f"user_noti:u{i % FLEET_USERS}".encode() for i in range(FLEET_MESSAGES)]
-    results: dict[str, list[float]] = {name: [] for name in hubs}
-    order = list(hubs.items())
+    batches = [
+        list(zip(channels[i : i + FLEET_BATCH], data[i : i + FLEET_BATCH], strict=True))
+        for i in range(0, FLEET_MESSAGES, FLEET_BATCH)
+    ]
+    results: dict[tuple[str, str], list[float]] = {}
+    order = list(hubs)
     for r in range(rounds + 2):  # two rounds to warm up (the windows fill)
-        for name, hub in order if r % 2 else order[::-1]:
-            route = hub.app.route
-            wall, now = time.time(), trio.current_time()
-            gc.collect()
-            gc.disable()
-            start = time.thread_time()
-            for channel, raw in zip(channels, data, strict=True):
-                route(channel, raw, wall_time=wall, now=now)
-            spent = time.thread_time() - start
-            gc.enable()
-            hub.taken()
-            if r >= 2:
-                results[name].append(spent / FLEET_MESSAGES * 1e6)
-    base, new = results[rev], results["new"]
-    ratios = [n / b for b, n in zip(base, new, strict=True)]
+        for stage in timed["new"]:
+            for name in order if r % 2 else order[::-1]:
+                run = timed[name][stage]
+                gc.collect()
+                gc.disable()
+                start = time.thread_time()
+                for batch in batches:
+                    wall, now = time.time(), trio.current_time()
+                    for channel, raw in batch:
+                        run(channel, raw, wall, now)
+                spent = time.thread_time() - start
+                gc.enable()
+                hubs[name].taken()
+                if r >= 2:
+                    results.setdefault((stage, name), []).append(spent / FLEET_MESSAGES * 1e6)
     print(
-        f"route() of a {len(data[0])} B notification to {FLEET_TABS} tabs, fleet log on: "
-        f"{rev} {statistics.median(base):.2f} us/message, new {statistics.median(new):.2f} "
-        f"(new/{rev} {statistics.median(new) / statistics.median(base):.3f}x; median of "
-        f"per-round ratios {statistics.median(ratios):.3f}x; of the minimums "
-        f"{min(new) / min(base):.3f}x)"
+        f"a {len(data[0])} B notification to {FLEET_TABS} tabs, fleet log on, "
+        f"{FLEET_BATCH} messages per clock reading:"
     )
+    for stage in timed["new"]:
+        base, new = results[stage, rev], results[stage, "new"]
+        ratios = [n / b for b, n in zip(base, new, strict=True)]
+        print(
+            f"  {stage + '()':14} {rev} {statistics.median(base):6.2f} us/message, new "
+            f"{statistics.median(new):6.2f}: new/{rev} {statistics.median(ratios):.3f}x "
+            f"(median of per-round ratios; of the medians "
+            f"{statistics.median(new) / statistics.median(base):.3f}x)"
+        )
 
 
 if __name__ == "__main__":

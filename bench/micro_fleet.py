@@ -130,7 +130,11 @@ def queueing(sides: dict[str, Side], rounds: int) -> dict[str, float]:
         for name, side in sides.items():
             log = side.new_log(queue=count)
             append = log.append_nowait
-            args = (channel, entry[:16], entry[16:32], entry) if side.with_ids else (channel, entry)
+            args = (
+                (channel, entry[:16].decode(), entry[16:32].decode(), entry)
+                if side.with_ids
+                else (channel, entry)
+            )
             gc.disable()
             start = time.thread_time()
             for _ in range(count):

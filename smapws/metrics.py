@@ -241,11 +241,13 @@ class Metrics:
             "Valid broker messages dropped because the router's queue was full.",
             registry=r,
         )
-        self.messages_unrouted = Counter(
+        # Per message in pattern mode, where a hub of a fleet holds few of
+        # the users it receives: a plain add, as broker_received.
+        self.messages_unrouted = FastCounter(
             "websocket_messages_unrouted",
             "Valid messages for a user with no connection on this node.",
-            registry=r,
         )
+        r.register(self.messages_unrouted)
         self.delivery_latency = FastHistogram(
             "websocket_delivery_latency_seconds",
             "Time from broker receipt to the socket write that carried the message.",

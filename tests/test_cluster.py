@@ -460,3 +460,50 @@ async def test_a_standalone_redis_named_as_a_cluster_says_so(
         while "cluster support disabled" not in ((await subscriber(hub))["last_error"] or ""):
             await trio.sleep(0.05)
     assert (await http(hub.port, "GET", "/ready")).status == 503
+
+
+async def test_fleet_log_appends_of_one_call_share_a_slot(cluster: Cluster) -> None:
+    """The append script takes many entries per call; on a cluster the keys
+    of one call must share a slot (redis-py refuses the call otherwise, and
+    every append of the pipeline would fail): users on every master, two
+    entries each in one batch, are all written, in order."""
+    import trio_asyncio
+
+    from smapws._core.fleet import GENESIS, encode_entry, log_key
+    from smapws._io.brokers.redis import ClusterTarget, PublishClient
+    from smapws._io.fleetlog import FleetLog
+    from smapws.metrics import Metrics
+
+    metrics = Metrics()
+    target = ClusterTarget(tuple(("127.0.0.1", p) for p in cluster.ports[:2]))
+    log = FleetLog(
+        PublishClient(target, timeout=5.0),
+        ttl=300.0,
+        per_user=100,
+        max_bytes=1 << 24,
+        metrics=metrics,
+    )
+    users = [f"slots{time.monotonic_ns()}-{n}" for n in range(200)]
+    owners = {cluster.owner(user) for user in users}
+    assert len(owners) == 3
+    first, second = "1" * 16, "2" * 16
+    entries = {
+        user: [encode_entry(first, GENESIS, 0, b"a"), encode_entry(second, first, 0, b"b")]
+        for user in users
+    }
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(log.run, lambda channel: None)
+        for k in range(2):
+            for user in users:
+                log.append_nowait(channel(user), entries[user][k])
+        with trio.fail_after(10):
+            await log.flush()
+        nursery.cancel_scope.cancel()
+        await log.aclose()
+    name = "websocket_fleet_log_appends_total"
+    assert metrics.registry.get_sample_value(name, {"result": "written"}) == 2 * len(users)
+    assert metrics.registry.get_sample_value(name, {"result": "failed"}) == 0
+    startup = [ClusterNode("127.0.0.1", p) for p in cluster.ports[:2]]
+    with RedisCluster(startup_nodes=startup) as c:
+        for user in users:
+            assert c.lrange(log_key(channel(user)), 0, -1) == entries[user]

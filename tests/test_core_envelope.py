@@ -43,6 +43,24 @@ def test_keeps_a_publisher_timestamp_untouched() -> None:
     assert env.text == raw
 
 
+def test_each_wall_time_stamps_its_own_timestamp() -> None:
+    # parse keeps the last wall time's field (the router stamps a batch with
+    # one): a message stamped at another time, before or after, has its own.
+    raw = b'{"type":"alert","payload":{}}'
+    walls = [WALL, WALL, WALL + 0.25, WALL + 86_400, WALL, 0.0]
+    stamps = [
+        json.loads(parse(raw, wall_time=w, received_at=0, message_id="0" * 16).text)["timestamp"]
+        for w in walls
+    ]
+    assert stamps == [rfc3339_ms(w) for w in walls]
+    assert len(set(stamps)) == 4
+    assert json.loads(parse(raw, wall_time=WALL + 1, received_at=0).text) == {
+        "type": "alert",
+        "payload": {},
+        "timestamp": rfc3339_ms(WALL + 1),
+    }
+
+
 def test_timestamp_format_is_rfc3339_utc_milliseconds() -> None:
     assert rfc3339_ms(0.0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339_ms(1_795_000_000.1239) == "2026-11-18T11:06:40.123Z"

@@ -100,6 +100,23 @@ def test_entries_round_trip_and_foreign_data_is_refused() -> None:
             decode_entry(bad)
 
 
+def test_ids_and_entries_are_what_every_version_of_the_hub_computes() -> None:
+    # Hubs of two versions share a fleet during a rolling update: an id is
+    # the module docstring's formula, an entry its layout, whatever the
+    # implementation (each wall time, before or after another, its own).
+    from hashlib import blake2b
+
+    data = b'{"type":"x","payload":{}}'
+    # (What hubs computed when this test pinned it.)
+    assert chain_id(CH, data, GENESIS) == "00123e31eccc84da"
+    mid = chain_id(CH, data, GENESIS)
+    formula = blake2b(mid.encode() + b"\0" + CH + b"\0" + data, digest_size=8).hexdigest()
+    assert chain_id(CH, data, mid) == formula
+    for wall_ms in (1_700_000_000_123, 1_700_000_000_123, 5, 1_700_000_000_124):
+        entry = encode_entry(mid, GENESIS, wall_ms, data)
+        assert entry == mid.encode() + GENESIS.encode() + b"%013d" % wall_ms + data
+
+
 def test_the_log_key_is_in_the_channels_cluster_slot() -> None:
     from redis.crc import key_slot
 

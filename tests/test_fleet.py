@@ -14,7 +14,7 @@ import trio
 import trio.testing
 import trio_asyncio
 
-from smapws._core.fleet import log_key
+from smapws._core.fleet import GENESIS, HEADER_LEN, encode_entry, log_key
 from smapws._io.brokers.redis import PublishClient
 from smapws._io.fleetlog import FleetLog
 from smapws._io.server import Server, serve
@@ -251,30 +251,96 @@ async def test_a_resume_from_the_log_includes_what_this_hub_routed_before_it_rea
     assert first["type"] == "notification" and first["payload"]["n"] == 1
 
 
+def fleet_log(redis: RedisServer, metrics: Metrics, max_bytes: int = 1 << 24) -> FleetLog:
+    """A fleet log on ``redis`` as a hub's (100 entries a user, 300 s)."""
+    client = PublishClient(redis.url, timeout=5.0)
+    return FleetLog(client, ttl=300.0, per_user=100, max_bytes=max_bytes, metrics=metrics)
+
+
 async def test_the_append_queue_is_bounded_in_bytes_while_redis_lags(
     redis_server: RedisServer,
 ) -> None:
     # While Redis answers appends slower than messages arrive (here: the
     # task that sends them has not run), the queue may not hold more than
     # SMAPWS_HISTORY_MAX_BYTES of entries; 65536 entries of 64 KiB were 4 GiB.
-    from smapws._io.brokers.redis import PublishClient
-
     metrics = Metrics()
-    log = FleetLog(
-        PublishClient(redis_server.url, timeout=5.0),
-        ttl=300.0,
-        per_user=100,
-        max_bytes=1024 * 1024,
-        metrics=metrics,
-    )
-    entry = b"x" * 64 * 1024
+    log = fleet_log(redis_server, metrics, max_bytes=1024 * 1024)
     for n in range(64):
-        log.append_nowait(b"user_noti:f8", f"{n:016x}", "-" * 16, entry)
+        entry = encode_entry(f"{n:016x}", GENESIS, 0, b"x" * (64 * 1024 - HEADER_LEN))
+        log.append_nowait(b"user_noti:f8", entry)
     dropped = metrics.registry.get_sample_value(
         "websocket_fleet_log_appends_total", {"result": "dropped"}
     )
     assert dropped == 64 - 16
     await log.aclose()
+    # And in entries (its queue argument).
+    client = PublishClient(redis_server.url, timeout=5.0)
+    log = FleetLog(client, ttl=300.0, per_user=100, max_bytes=1 << 24, metrics=metrics, queue=8)
+    for n in range(10):
+        log.append_nowait(b"user_noti:f8", encode_entry(f"{n:016x}", GENESIS, 0, b"{}"))
+    assert log.outstanding == 8
+    dropped = metrics.registry.get_sample_value(
+        "websocket_fleet_log_appends_total", {"result": "dropped"}
+    )
+    assert dropped == 64 - 16 + 2
+    await log.aclose()
+
+
+async def append_all(log: FleetLog, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """Queue ``items`` (channel, entry), run ``log`` until Redis has answered
+    them all, close it, and return the channels it found off chain."""
+    off: list[bytes] = []
+    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+        await nursery.start(log.run, off.append)
+        for channel, entry in items:
+            log.append_nowait(channel, entry)
+        assert log.outstanding == len(items)
+        with trio.fail_after(5):
+            await log.flush()
+        nursery.cancel_scope.cancel()
+        await log.aclose()
+    return off
+
+
+async def test_each_append_of_a_call_has_its_own_outcome(redis_server: RedisServer) -> None:
+    """The script appends many entries per call (APPEND_PER_CALL): each is
+    still counted on its own, one whose key is not a log fails alone, the
+    channel of one that lands off chain is reported, and a Redis that does
+    not know the script (SCRIPT FLUSH: a restart) gets it again."""
+    from smapws._io.fleetlog import APPEND_PER_CALL
+
+    metrics = Metrics()
+    log = fleet_log(redis_server, metrics)
+    tag = b"%d" % time.monotonic_ns()
+    good, foreign, off = (b"user_noti:each%s-%s" % (tag, name) for name in (b"g", b"f", b"o"))
+    with redis_server.client() as c:
+        c.script_flush()
+        c.set(log_key(foreign), b"not a list")
+    ids = [f"{n:016x}" for n in range(2 * APPEND_PER_CALL)]
+    chain = [encode_entry(ids[0], GENESIS, 0, b"0")]
+    chain += [encode_entry(ids[n], ids[n - 1], 0, b"%d" % n) for n in range(1, len(ids))]
+    items = [(good, e) for e in chain[:APPEND_PER_CALL]]
+    items += [(foreign, chain[0]), (good, chain[1]), (off, chain[1])]  # failed, duplicate, off
+    items += [(good, e) for e in chain[APPEND_PER_CALL:]]
+    assert await append_all(log, items) == [off]
+
+    def appends(result: str) -> float | None:
+        name = "websocket_fleet_log_appends_total"
+        return metrics.registry.get_sample_value(name, {"result": result})
+
+    assert [appends(r) for r in ("written", "duplicate", "off_chain", "failed")] == [
+        2 * APPEND_PER_CALL,
+        1,
+        1,
+        1,
+    ]
+    errors = metrics.registry.get_sample_value("websocket_fleet_log_errors_total", {"op": "append"})
+    assert errors == 1
+    with redis_server.client() as c:
+        assert c.lrange(log_key(good), 0, -1) == chain[-100:]
+        assert c.lrange(log_key(off), 0, -1) == [chain[1]]
+        assert c.get(log_key(foreign)) == b"not a list"
+        assert 0 < c.pttl(log_key(good)) <= 300_000
 
 
 async def test_appends_gather_unless_a_whole_batch_waits(
@@ -286,21 +352,15 @@ async def test_appends_gather_unless_a_whole_batch_waits(
     clock stands still here (waits for Redis are in real time, in a
     thread): whole batches go at once, a lone append right after a pipeline
     only once the clock has moved by APPEND_GATHER."""
-    from smapws._core.fleet import GENESIS
     from smapws._io.fleetlog import APPEND_BATCH, APPEND_GATHER
 
     metrics = Metrics()
-    log = FleetLog(
-        PublishClient(redis_server.url, timeout=5.0),
-        ttl=300.0,
-        per_user=100,
-        max_bytes=1 << 24,
-        metrics=metrics,
-    )
+    log = fleet_log(redis_server, metrics)
     tag = b"%d" % time.monotonic_ns()
 
     def append(n: int) -> None:
-        log.append_nowait(b"user_noti:gather%s-%d" % (tag, n), f"{n:016x}", GENESIS, b"e")
+        entry = encode_entry(f"{n:016x}", GENESIS, 0, b"e")
+        log.append_nowait(b"user_noti:gather%s-%d" % (tag, n), entry)
 
     async def until_written(count: int) -> None:
         for _ in range(500):
@@ -342,7 +402,7 @@ async def test_a_resume_reads_at_most_history_per_user_entries_of_a_longer_list(
     # larger one, or anyone who can write to Redis) is read from its end
     # only: a resume is one bounded LRANGE, never a whole list decoded and
     # parsed on the hub's event loop.
-    from smapws._core.fleet import GENESIS, chain_id, encode_entry
+    from smapws._core.fleet import chain_id
 
     channel = b"user_noti:f9"
     prev, ids, entries = GENESIS, [], []
@@ -374,7 +434,7 @@ async def test_a_resume_reads_at_most_history_per_user_entries_of_a_longer_list(
 async def test_a_message_the_log_had_before_this_hub_routed_it_reaches_the_tab_once(
     nursery: trio.Nursery, own_redis: RedisServer
 ) -> None:
-    from smapws._core.fleet import chain_id, encode_entry
+    from smapws._core.fleet import chain_id
 
     b, last = await late_hub(nursery, own_redis, "f10")
     # Hub a received n1 and appended it before b received it (b lags).
@@ -430,7 +490,6 @@ async def test_a_log_entry_whose_id_is_not_an_id_is_not_replayed(
     # Anyone who can write to Redis can write to the list; an entry's id is
     # spliced into the frame as it stands, so one that is not 16 hex
     # characters could add fields to what the browser parses (or break it).
-    from smapws._core.fleet import GENESIS, encode_entry
 
     since = "1" * 16
     forged = ('","evil":"' + "x" * 16)[:16]

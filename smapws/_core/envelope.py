@@ -14,6 +14,7 @@ fixed ``reason`` suitable for a metric label.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -101,6 +102,20 @@ def rfc3339_ms(epoch_seconds: float) -> str:
     return f"{prefix}{millis:03d}Z"
 
 
+_stamp_cache: tuple[float, bytes] = (math.nan, b"")
+
+
+def _timestamp_field(wall_time: float) -> bytes:
+    """``,"timestamp":"<rfc3339_ms(wall_time)>"``. The router stamps a whole
+    batch of messages with one wall time: the last one's field is kept."""
+    global _stamp_cache
+    at, field = _stamp_cache
+    if at != wall_time:
+        field = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"'
+        _stamp_cache = (wall_time, field)
+    return field
+
+
 def parse(
     raw: bytes,
     *,
@@ -131,7 +146,7 @@ def parse(
     key: str | None = None
     if kind != OTHER:
         project = payload.get("project_id")
-        if isinstance(project, str | int) and not isinstance(project, bool):
+        if isinstance(project, (str, int)) and not isinstance(project, bool):
             key = str(project)
         else:
             kind = OTHER  # without a project id there is nothing to conflate on
@@ -141,20 +156,16 @@ def parse(
     # order, number format) and the cost is one copy. ``body`` ends with "}"
     # because it parsed as an object, and it is not empty because it has a
     # "type".
-    tail = b"}"
-    if "timestamp" not in obj:
-        tail = b',"timestamp":"' + rfc3339_ms(wall_time).encode("ascii") + b'"}'
-    if message_id is not None:
+    stamp = b"" if "timestamp" in obj else _timestamp_field(wall_time)
+    if message_id is None:
+        text = (body[:-1] + stamp + b"}") if stamp else body
+    elif "id" in obj:
         # (The key as parsed, not its bytes: ``"\\u0069d"`` is an ``id`` too,
         # and a browser keeps the last of two.)
-        if "id" in obj:
-            body = _replace_id(body[:-1] + tail, message_id)
-            tail = b""
-        else:
-            tail = tail[:-1] + b',"id":"' + message_id.encode("ascii") + b'"}'
-    if tail:
-        body = body[:-1] + tail
-    return Envelope(type=mtype, kind=kind, key=key, frame=text_frame(body), received_at=received_at)
+        text = _replace_id(body[:-1] + stamp + b"}", message_id)
+    else:
+        text = b"".join((body[:-1], stamp, b',"id":"', message_id.encode("ascii"), b'"}'))
+    return Envelope(mtype, kind, key, text_frame(text), received_at)
 
 
 def _replace_id(text: bytes, message_id: str) -> bytes:

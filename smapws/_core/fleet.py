@@ -56,9 +56,15 @@ SUBSCRIBE_MARGIN: Final = 1.0
 CONSULT_ENTRIES: Final = 32
 
 
+#: A fresh hash of the ids' parameters: copying it is cheaper than parsing
+#: ``digest_size`` for every message.
+_ID_HASH: Final = blake2b(digest_size=ID_LEN // 2)
+
+
 def chain_id(channel: bytes, raw: bytes, prev: str) -> str:
     """The id of the message ``raw`` on ``channel`` that follows ``prev``."""
-    h = blake2b(prev.encode("ascii") + b"\0" + channel + b"\0" + raw, digest_size=ID_LEN // 2)
+    h = _ID_HASH.copy()
+    h.update(prev.encode("ascii") + b"\0" + channel + b"\0" + raw)
     return h.hexdigest()
 
 
@@ -124,8 +130,16 @@ class LogEntry(NamedTuple):
     raw: bytes
 
 
+_ms_cache: tuple[int, bytes] = (-1, b"")
+
+
 def encode_entry(mid: str, prev: str, wall_ms: int, raw: bytes) -> bytes:
-    return b"%s%s%013d%s" % (mid.encode("ascii"), prev.encode("ascii"), wall_ms, raw)
+    global _ms_cache
+    ms, field = _ms_cache
+    if ms != wall_ms:  # (the router gives a whole batch one wall time)
+        field = b"%013d" % wall_ms
+        _ms_cache = (wall_ms, field)
+    return (mid + prev).encode("ascii") + field + raw
 
 
 def decode_header(data: bytes) -> Header:
@@ -255,12 +269,15 @@ class Chains:
         link = self._links.get(user)
         return GENESIS if link is None else link.mid
 
-    def advance(self, user: str, mid: str, now: float) -> None:
+    def advance(self, user: str, mid: str, now: float) -> bool:
+        """``user``'s chain goes on with ``mid``; True when the table has
+        one link more (the user had none)."""
         link = self._links.get(user)
         if link is None:
             self._links[user] = _Link(mid, now)
-        else:
-            link.mid, link.at = mid, now
+            return True
+        link.mid, link.at = mid, now
+        return False
 
     def floor_ms(self, user: str) -> int:
         """Wall ms before which no log entry of ``user`` can be a message

@@ -185,8 +185,7 @@ class Router(Generic[C]):
         if recent is not None:
             del self._consulted[user]
             written = any(h.mid == mid for h in recent)
-        chains.advance(user, mid, now)
-        if len(chains) > self._chain_trim_at:
+        if chains.advance(user, mid, now) and len(chains) > self._chain_trim_at:
             self._trim_chains()
         if self.history is not None:
             self.history.record(user, mid, prev, env, now)
@@ -195,7 +194,8 @@ class Router(Generic[C]):
             append = encode_entry(mid, prev, int(wall * 1000), data)
         if env.kind and self.snapshots is not None:
             self.snapshots.observe(user, env, now)
-        return Routed(user, env, tuple(self.hub.connections(user)), append, mid, prev)
+        conns = self.hub.connections(user)
+        return Routed(user, env, tuple(conns) if conns else (), append, mid, prev)
 
     def _trim_chains(self) -> None:
         """Keep the chain table in proportion to what uses it: the users the

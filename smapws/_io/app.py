@@ -580,7 +580,7 @@ class App:
             self._log_invalid(exc.reason, channel, len(data), now)
             return 0
         if routed.append is not None and self.fleet is not None:
-            self.fleet.append_nowait(channel, routed.mid, routed.prev, routed.append)
+            self.fleet.append_nowait(channel, routed.append)
         conns = routed.conns
         if not conns:
             m.messages_unrouted.inc()

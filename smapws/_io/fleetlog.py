@@ -6,8 +6,9 @@ Three operations, each one pipeline with a deadline:
 
 - **append** (every routed message, batched by a task of its own, never in
   the router's way, at most one pipeline per :data:`APPEND_GATHER`): a
-  script that drops an id already in the log, pushes the entry, trims the
-  list to ``SMAPWS_HISTORY_PER_USER`` entries and sets its expiry to
+  script, called once for up to :data:`APPEND_PER_CALL` entries, that for
+  each drops an id already in its log, pushes the entry, trims the list to
+  ``SMAPWS_HISTORY_PER_USER`` entries and sets its expiry to
   ``SMAPWS_HISTORY_TTL``;
 - **consult** (a hub's first message on a channel since it subscribed, or
   after its chain went stale): the headers of the log's last entries;
@@ -24,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import redis.exceptions
 import trio
-from trio_util import AsyncValue
 
 from smapws._core.fleet import (
     CONSULT_ENTRIES,
@@ -38,6 +39,7 @@ from smapws._core.fleet import (
     LogEntry,
     decode_entry,
     decode_header,
+    key_slot,
     log_key,
 )
 from smapws._io.brokers import BrokerError
@@ -47,31 +49,52 @@ from smapws.metrics import Metrics
 
 logger = logging.getLogger("smapws.fleetlog")
 
-#: KEYS[1] the log; ARGV id, previous id, entry, max entries, ttl ms.
-#: Returns 0 (the id was there), 1 (appended after its predecessor) or 2
-#: (appended, but after another entry: this hub's chain is off the log's).
+#: KEYS the logs; ARGV[1] max entries, ARGV[2] ttl ms, ARGV[2 + i] the entry
+#: for KEYS[i] (its id and previous id are its first 32 bytes: see
+#: :func:`smapws._core.fleet.encode_entry`). Returns each entry's status: 0
+#: (the id was there), 1 (appended after its predecessor), 2 (appended, but
+#: after another entry: this hub's chain is off the log's), or the error
+#: Redis answered one with (the other entries are appended all the same).
+#: One call per batch of entries rather than per entry: each call of its
+#: own cost redis-py 9 arguments to pack and a reply to parse per message.
 APPEND: Final = b"""
-local key = KEYS[1]
-local id = ARGV[1]
-local tail = redis.call('LINDEX', key, -1)
-local status = 1
-if tail then
-  local tid = string.sub(tail, 1, 16)
-  if tid == id then return 0 end
-  if tid ~= ARGV[2] then
-    local recent = redis.call('LRANGE', key, -tonumber(ARGV[4]), -2)
-    for i = 1, #recent do
-      if string.sub(recent[i], 1, 16) == id then return 0 end
+local keep = tonumber(ARGV[1])
+local ttl = ARGV[2]
+local function append(key, entry)
+  local id = string.sub(entry, 1, 16)
+  local prev = string.sub(entry, 17, 32)
+  local tail = redis.call('LINDEX', key, -1)
+  local status = 1
+  if tail then
+    local tid = string.sub(tail, 1, 16)
+    if tid == id then return 0 end
+    if tid ~= prev then
+      local recent = redis.call('LRANGE', key, -keep, -2)
+      for i = 1, #recent do
+        if string.sub(recent[i], 1, 16) == id then return 0 end
+      end
+      status = 2
     end
+  elseif prev ~= '----------------' then
     status = 2
   end
-elseif ARGV[2] ~= '----------------' then
-  status = 2
+  redis.call('RPUSH', key, entry)
+  redis.call('LTRIM', key, -keep, -1)
+  redis.call('PEXPIRE', key, ttl)
+  return status
 end
-redis.call('RPUSH', key, ARGV[3])
-redis.call('LTRIM', key, -tonumber(ARGV[4]), -1)
-redis.call('PEXPIRE', key, ARGV[5])
-return status
+local out = {}
+for i = 1, #KEYS do
+  local ok, status = pcall(append, KEYS[i], ARGV[i + 2])
+  if ok then
+    out[i] = status
+  elseif type(status) == 'table' and status.err then
+    out[i] = status
+  else
+    out[i] = redis.error_reply(tostring(status))
+  end
+end
+return out
 """
 
 #: KEYS[1] the log; ARGV how many. The headers of its last entries.
@@ -89,6 +112,11 @@ _HEADERS_SHA: Final = hashlib.sha1(HEADERS).hexdigest()
 
 #: Appends sent in one pipeline at most.
 APPEND_BATCH: Final = 512
+#: Entries in one call of the script at most (:data:`APPEND`): Redis runs a
+#: call whole, so a backlog's pipeline of 512 keeps other clients waiting
+#: between calls, never for all 512 at once (at ~200 B, 64 entries are about
+#: 13 KB to pack and a few hundred microseconds of Redis).
+APPEND_PER_CALL: Final = 64
 #: Seconds at least between two append pipelines: what comes meanwhile
 #: gathers for the next. Sending as soon as one was queued gave pipelines of
 #: one or two appends (the router queues a batch's at a time): at 3,600
@@ -110,7 +138,8 @@ CONCURRENT_READS: Final = 4
 #: Seconds between two log lines about the same failing operation.
 _LOG_EVERY: Final = 10.0
 
-_APPEND_RESULTS: Final = {0: "duplicate", 1: "written", 2: "off_chain"}
+#: The script's statuses (:data:`APPEND`), as ``websocket_fleet_log_appends_total``'s results.
+_APPEND_RESULTS: Final = ("duplicate", "written", "off_chain")
 
 
 class _SharedRead:
@@ -147,9 +176,23 @@ class FleetLog:
         self._ttl_ms = max(1, int(ttl * 1000))
         self._per_user = per_user
         self._metrics = metrics
-        self._send, self._receive = trio.open_memory_channel[tuple[bytes, bytes, bytes]](queue)
-        #: Appends queued or in a pipeline not answered yet (:meth:`flush`).
-        self.outstanding = AsyncValue(0)
+        #: ``websocket_fleet_log_appends_total``'s series, looked up once.
+        appends = metrics.fleet_appends
+        self._dropped = appends.labels("dropped")
+        self._failed_appends = appends.labels("failed")
+        self._results = tuple(appends.labels(result) for result in _APPEND_RESULTS)
+        #: What waits to be sent, (channel, entry) oldest first, at most
+        #: ``queue``; a plain deque (a trio channel cost each append its
+        #: checks and statistics), and a lot :meth:`run` waits in while
+        #: it is empty.
+        self._pending: deque[tuple[bytes, bytes]] = deque()
+        self._queue = queue
+        self._arrived = trio.lowlevel.ParkingLot()
+        #: Appends queued or in a pipeline not answered yet (:meth:`flush`):
+        #: a plain count, and a lot :meth:`flush` waits in, woken after each
+        #: pipeline (an observable value cost every append its observers' walk).
+        self._outstanding = 0
+        self._answered = trio.lowlevel.ParkingLot()
         self._readers = trio.CapacityLimiter(CONCURRENT_READS)
         #: Reads in flight, by channel: a second resume of the same user
         #: waits for the first one's answer instead of reading it again
@@ -157,27 +200,34 @@ class FleetLog:
         self._reading: dict[bytes, _SharedRead] = {}
         self._log = RateLimitedLog(_LOG_EVERY)
 
-    def append_nowait(self, channel: bytes, mid: str, prev: str, entry: bytes) -> None:
-        """Queue an append; a full queue (``queue`` entries or ``max_bytes``)
-        drops it (counted): the log then lacks a link, which resuming tabs
-        see as a gap."""
+    @property
+    def outstanding(self) -> int:
+        """Appends queued or in a pipeline not answered yet."""
+        return self._outstanding
+
+    def append_nowait(self, channel: bytes, entry: bytes) -> None:
+        """Queue an append of ``entry`` (:func:`~smapws._core.fleet.encode_entry`)
+        to ``channel``'s log; a full queue (``queue`` entries or
+        ``max_bytes``) drops it (counted): the log then lacks a link, which
+        resuming tabs see as a gap."""
         size = len(entry)
-        if self._queued + size > self._max_bytes:
-            self._metrics.fleet_appends.labels("dropped").inc()
+        pending = self._pending
+        if self._queued + size > self._max_bytes or len(pending) >= self._queue:
+            self._dropped.inc()
             return
-        try:
-            self._send.send_nowait((channel, mid.encode("ascii") + prev.encode("ascii"), entry))
-        except trio.WouldBlock:
-            self._metrics.fleet_appends.labels("dropped").inc()
-            return
+        pending.append((channel, entry))
         self._queued += size
-        self.outstanding.value += 1
+        self._outstanding += 1
+        if len(pending) == 1:  # run() may be waiting for it
+            self._arrived.unpark_all()
 
     async def flush(self) -> None:
         """Until every append queued so far has been answered (or failed):
         a hub that stops at the end of its drain sends what it routed last
         instead of dropping it (the caller bounds the wait)."""
-        await self.outstanding.wait_value(0)
+        while self._outstanding:
+            await self._answered.park()
+        await trio.lowlevel.checkpoint()
 
     async def run(
         self,
@@ -187,50 +237,89 @@ class FleetLog:
     ) -> None:
         """Send the queued appends, a pipeline at a time, until cancelled."""
         task_status.started()
-        receive = self._receive
-        appends = self._metrics.fleet_appends
+        pending = self._pending
         sent_at = -math.inf
-        async for first in receive:
+        while True:
+            while not pending:
+                await self._arrived.park()
             wait = sent_at + APPEND_GATHER - trio.current_time()
-            if wait > 0 and receive.statistics().current_buffer_used < APPEND_BATCH - 1:
+            if wait > 0 and len(pending) < APPEND_BATCH:
                 await trio.sleep(wait)
             sent_at = trio.current_time()
-            batch = [first]
-            while len(batch) < APPEND_BATCH:
-                try:
-                    batch.append(receive.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            self._queued -= sum(len(entry) for _, _, entry in batch)
-            commands = [
-                (
-                    "EVALSHA",
-                    _APPEND_SHA,
-                    1,
-                    log_key(channel),
-                    ids[:16],
-                    ids[16:],
-                    entry,
-                    self._per_user,
-                    self._ttl_ms,
-                )
-                for channel, ids, entry in batch
-            ]
+            batch = [pending.popleft() for _ in range(min(len(pending), APPEND_BATCH))]
+            self._queued -= sum(len(entry) for _, entry in batch)
+            calls = self._calls(batch)
             try:
-                replies = await self._scripted("append", commands, APPEND)
+                replies = await self._scripted("append", [command for command, _ in calls], APPEND)
             finally:
-                self.outstanding.value -= len(batch)
+                self._outstanding -= len(batch)
+                self._answered.unpark_all()
             if replies is None:
-                appends.labels("failed").inc(len(batch))
+                self._failed_appends.inc(len(batch))
                 continue
-            for (channel, _, _), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, Exception):
-                    appends.labels("failed").inc()
-                    self._failed("append", reply)
-                    continue
-                appends.labels(_APPEND_RESULTS.get(int(reply), "failed")).inc()
-                if reply == 2:
-                    on_off_chain(channel)
+            self._count(calls, replies, on_off_chain)
+
+    def _calls(self, batch: list[tuple[bytes, bytes]]) -> list[tuple[tuple[Any, ...], list[bytes]]]:
+        """The script calls that append ``batch``, each with the channel of
+        each of its entries. One call per :data:`APPEND_PER_CALL` entries;
+        on a cluster, per slot as well (the keys of one call must share
+        one: a user's entries of a batch do)."""
+        head = ("EVALSHA", _APPEND_SHA)
+        tail = (self._per_user, self._ttl_ms)
+        if self._client.cluster:
+            groups: dict[int, list[tuple[bytes, bytes]]] = {}
+            for item in batch:
+                key = log_key(item[0])
+                groups.setdefault(key_slot(key), []).append(item)
+            parts = [
+                g[i : i + APPEND_PER_CALL]
+                for g in groups.values()
+                for i in range(0, len(g), APPEND_PER_CALL)
+            ]
+        else:
+            parts = [batch[i : i + APPEND_PER_CALL] for i in range(0, len(batch), APPEND_PER_CALL)]
+        calls = []
+        for part in parts:
+            channels = [channel for channel, _ in part]
+            command = (
+                *head,
+                len(part),
+                *[log_key(channel) for channel in channels],
+                *tail,
+                *[entry for _, entry in part],
+            )
+            calls.append((command, channels))
+        return calls
+
+    def _count(
+        self,
+        calls: list[tuple[tuple[Any, ...], list[bytes]]],
+        replies: list[Any],
+        on_off_chain: Callable[[bytes], object],
+    ) -> None:
+        """Count each entry's answer (``websocket_fleet_log_appends_total``),
+        and tell ``on_off_chain`` the channels whose append was off chain."""
+        tally = [0, 0, 0]
+        failed = 0
+        for (_, channels), reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):  # the whole call
+                failed += len(channels)
+                self._failed("append", reply, len(channels))
+                continue
+            for channel, status in zip(channels, reply, strict=True):
+                if status.__class__ is int and 0 <= status <= 2:
+                    tally[status] += 1
+                    if status == 2:
+                        on_off_chain(channel)
+                else:  # an error (a foreign key of the log's name, Redis out of memory)
+                    failed += 1
+                    if isinstance(status, Exception):
+                        self._failed("append", status)
+        for series, n in zip(self._results, tally, strict=True):
+            if n:
+                series.inc(n)
+        if failed:
+            self._failed_appends.inc(failed)
 
     async def consult(self, channels: Sequence[bytes]) -> dict[bytes, list[Header]] | None:
         """The headers of the last :data:`CONSULT_ENTRIES` entries of each
@@ -310,8 +399,8 @@ class FleetLog:
             self._failed(op, exc)
             return None
 
-    def _failed(self, op: str, exc: BaseException) -> None:
-        self._metrics.fleet_errors.labels(op).inc()
+    def _failed(self, op: str, exc: BaseException, count: int = 1) -> None:
+        self._metrics.fleet_errors.labels(op).inc(count)
         suppressed = self._log.allow(op, trio.current_time())
         if suppressed is not None:
             logger.warning(

@@ -309,6 +309,12 @@ class PublishClient:
         self._command = "spublish" if sharded else "publish"
         self._clients: Clients | None = None
 
+    @property
+    def cluster(self) -> bool:
+        """Whether it talks to a Redis Cluster (the keys of one command
+        must then share a slot)."""
+        return isinstance(self._target, ClusterTarget)
+
     def _new(self) -> Clients:
         target = self._target
         if not isinstance(target, ClusterTarget):

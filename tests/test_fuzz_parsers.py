@@ -484,19 +484,27 @@ _names = st.text(
 )
 
 
+_values = st.text(
+    alphabet=st.one_of(st.sampled_from(" \t\x00a:"), st.characters(max_codepoint=0xFF)), max_size=12
+).filter(lambda v: "\r" not in v and "\n" not in v)
+
+
 @FUZZ
-@given(method=_names, name=_names, target=_names)
-@example(method="\xe9", name="a", target="")  # a letter, not a tchar
-@example(method="GET", name="\xb2", target="")  # a digit to Unicode, not a tchar
-@example(method="GET", name="a", target="\x7f")
-@example(method="GET", name="a", target="\x85")  # (not a control for the target rule)
+@given(method=_names, name=_names, target=_names, value=_values)
+@example(method="\xe9", name="a", target="", value="v")  # a letter, not a tchar
+@example(method="GET", name="\xb2", target="", value="v")  # a digit to Unicode, not a tchar
+@example(method="GET", name="a", target="\x7f", value="v")
+@example(method="GET", name="a", target="\x85", value="v")  # (not a control for the target rule)
+@example(method="GET", name="a", target="", value=" \t v \t ")
+@example(method="GET", name="a", target="", value="v\x00")
 def test_methods_names_and_targets_are_checked_character_by_character(
-    method: str, name: str, target: str
+    method: str, name: str, target: str, value: str
 ) -> None:
     """A head is taken iff its method and header name are non-empty runs of
-    tchars and its target holds no control, space or DEL (the rules as
-    written per character; parse_head checks them with expressions)."""
-    data = f"{method} /{target} HTTP/1.1\r\n{name}: v\r\nHost: h\r\n\r\n".encode(
+    tchars, its target holds no control, space or DEL and the value no NUL
+    (the rules as written per character; parse_head checks them with
+    expressions); the value is kept without its leading and trailing blanks."""
+    data = f"{method} /{target} HTTP/1.1\r\n{name}:{value}\r\nHost: h\r\n\r\n".encode(
         "latin-1", "replace"
     )
     text = data.decode("latin-1")
@@ -506,14 +514,17 @@ def test_methods_names_and_targets_are_checked_character_by_character(
         bool(method) and set(method) <= TCHARS
         and bool(name) and set(name) <= TCHARS
         and not any(c <= " " or c == "\x7f" for c in target)
+        and "\x00" not in value
         and text.split("\r\n")[0].count(" ") == 2  # (the request line in three parts)
     )  # fmt: skip
     try:
-        parse_head(data)
+        head = parse_head(data)
     except HttpError as exc:
         assert not expected, exc
     else:
         assert expected
+        if name.lower() != "host":
+            assert head.headers[name.lower()] == value.strip(" \t")
 
 
 @pytest.mark.parametrize("target", [b"//[", b"//[abc]/", b"//[::1/x", b"//[1.2.3.4]"])

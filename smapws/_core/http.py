@@ -27,6 +27,9 @@ MAX_HEADERS: Final = 100
 #: character in Python was a tenth of parsing a browser's head.
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_IN_TARGET: Final = re.compile(r"[\x00-\x20\x7f]")
+#: A header line: a token, a colon, the value without its leading blanks
+#: (no CR, LF or NUL in it); the caller strips the trailing ones.
+_HEADER_LINE: Final = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)")
 
 
 class HttpError(SmapwsError):
@@ -100,14 +103,17 @@ def parse_head(data: bytes) -> RequestHead:
     if len(lines) - 1 > MAX_HEADERS:
         raise HttpError(431, "too many headers")
     headers: dict[str, str] = {}
+    header_line = _HEADER_LINE.fullmatch
     for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not _TOKEN.fullmatch(name):
-            raise HttpError(400, "bad header line")
-        if "\n" in value or "\r" in value or "\x00" in value:
+        match = header_line(line)
+        if match is None:
+            name, sep, value = line.partition(":")
+            if not sep or not _TOKEN.fullmatch(name):
+                raise HttpError(400, "bad header line")
             raise HttpError(400, "bad header value")
+        name, value = match.groups()
         key = name.lower()
-        value = value.strip(" \t")
+        value = value.rstrip(" \t")
         if key in headers:
             joiner = "; " if key == "cookie" else ", "
             headers[key] = headers[key] + joiner + value

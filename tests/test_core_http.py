@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from smapws._core.http import (
@@ -126,3 +128,18 @@ def test_same_host_origin_needs_the_scheme_the_browser_used(
         lines.append(b"X-Forwarded-Proto: " + forwarded.encode())
     head = parse_head(b"\r\n".join(lines) + b"\r\n\r\n")
     assert origin_allowed(origin, head.header("host"), (), request_scheme(head)) is ok
+
+
+@pytest.mark.parametrize("bad", [b"\x00", b"\n"])
+def test_a_head_of_blanks_before_a_bad_byte_is_refused_in_linear_time(bad: bytes) -> None:
+    """A peer's 16 KB header value of blanks ending in a byte no value may
+    hold: refused after one scan. (An expression that could split the
+    blanks between the separator and the value tried every split: 1.2 s of
+    the event loop per such request, with no await in it.)"""
+    raw = b"GET /ws HTTP/1.1\r\nX:" + b" \t" * 8000 + bad + b"\r\n\r\n"
+    start = time.perf_counter()
+    with pytest.raises(HttpError) as info:
+        parse_head(raw)
+    elapsed = time.perf_counter() - start
+    assert info.value.status == 400
+    assert elapsed < 0.05  # linear: well under a millisecond; quadratic: ~1 s

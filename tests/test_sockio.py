@@ -12,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from smapws import Server, serve
 from smapws._io import frontdoor, sockio
-from tests.conftest import token
+from tests.conftest import http, make_config, token
 from tests.test_websocket import UPGRADE_HEAD, memory_app, route, running
 
 Pair = tuple[trio.SocketStream, trio.SocketStream]
@@ -171,3 +172,22 @@ async def test_a_head_that_comes_in_parts_on_a_real_socket_is_read_whole(pair: P
         assert not app.pending_heads
         assert app.hub.active_connections == 1
         await client.aclose()
+
+
+async def test_the_accept_loop_never_waits_in_the_kernel_whatever_the_default_timeout() -> None:
+    """A process that set ``socket.setdefaulttimeout`` (a library, the
+    application embedding the hub): the listener's descriptor is still
+    accepted on without blocking. (A stdlib socket made on it took that
+    timeout: accept() then waited in poll(), the whole event loop with it,
+    and raised TimeoutError out of serve when no client came.)"""
+    socket.setdefaulttimeout(0.5)
+    try:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(serve, make_config())
+            start = trio.current_time()
+            for _ in range(3):
+                assert (await http(server.port, "GET", "/health")).status == 200
+            assert trio.current_time() - start < 0.4  # never half a second in poll()
+            nursery.cancel_scope.cancel()
+    finally:
+        socket.setdefaulttimeout(None)

@@ -28,8 +28,11 @@ MAX_HEADERS: Final = 100
 _TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_IN_TARGET: Final = re.compile(r"[\x00-\x20\x7f]")
 #: A header line: a token, a colon, the value without its leading blanks
-#: (no CR, LF or NUL in it); the caller strips the trailing ones.
-_HEADER_LINE: Final = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\x00\r\n]*)")
+#: (no CR, LF or NUL in it); the caller strips the trailing ones. The
+#: blanks are taken possessively (``*+``): a value that fails (a NUL after
+#: 16 KB of them) would otherwise be tried once per way of splitting them
+#: between the two, a quadratic scan of what a peer sent.
+_HEADER_LINE: Final = re.compile(r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*+([^\x00\r\n]*)")
 
 
 class HttpError(SmapwsError):

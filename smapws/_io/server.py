@@ -464,6 +464,11 @@ async def _accept_loop(
         # it (detached below): trio's socket keeps owning it.
         raw = socket.socket(sock.family, sock.type, sock.proto, fileno=fd)
         try:
+            # A timeout of 0, whatever socket.setdefaulttimeout() says: with
+            # one, accept() would wait in poll() (the whole event loop with
+            # it) and raise TimeoutError. (The descriptor is non-blocking
+            # already; this only sets the object's mode.)
+            raw.setblocking(False)
             burst = 0  # sockets accepted since this task last yielded
             while True:
                 if burst >= ACCEPT_BURST:

@@ -485,6 +485,7 @@ async def _accept_loop(
                     continue
                 except OSError as exc:
                     if exc.errno in ACCEPT_RETRY_ERRNOS:
+                        burst += 1  # (a stream of them still lets others run)
                         continue
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from smapws._core.http import (
@@ -131,15 +129,14 @@ def test_same_host_origin_needs_the_scheme_the_browser_used(
 
 
 @pytest.mark.parametrize("bad", [b"\x00", b"\n"])
-def test_a_head_of_blanks_before_a_bad_byte_is_refused_in_linear_time(bad: bytes) -> None:
+def test_a_head_of_blanks_before_a_bad_byte_is_refused(bad: bytes) -> None:
     """A peer's 16 KB header value of blanks ending in a byte no value may
-    hold: refused after one scan. (An expression that could split the
-    blanks between the separator and the value tried every split: 1.2 s of
-    the event loop per such request, with no await in it.)"""
+    hold: 400. (review7: a header-line expression whose blanks and value
+    overlapped took 1.2 s of the event loop to refuse this, retrying every
+    split of the blanks. Values are scanned by ``in`` and ``strip`` since,
+    a fixed number of passes: no timing is asserted here, the cost is
+    bounded by construction.)"""
     raw = b"GET /ws HTTP/1.1\r\nX:" + b" \t" * 8000 + bad + b"\r\n\r\n"
-    start = time.perf_counter()
     with pytest.raises(HttpError) as info:
         parse_head(raw)
-    elapsed = time.perf_counter() - start
     assert info.value.status == 400
-    assert elapsed < 0.05  # linear: well under a millisecond; quadratic: ~1 s

@@ -184,10 +184,12 @@ async def test_the_accept_loop_never_waits_in_the_kernel_whatever_the_default_ti
     try:
         async with trio.open_nursery() as nursery:
             server: Server = await nursery.start(serve, make_config())
-            start = trio.current_time()
             for _ in range(3):
                 assert (await http(server.port, "GET", "/health")).status == 200
-            assert trio.current_time() - start < 0.4  # never half a second in poll()
+                # The backlog is empty now: the accept loop waits for the
+                # next client in trio, not in poll() (which ended in a
+                # TimeoutError out of serve, failing this test).
+                await trio.testing.wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
     finally:
         socket.setdefaulttimeout(None)

@@ -24,6 +24,7 @@ socket was closed meanwhile.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 
@@ -41,21 +42,6 @@ def fd_of(stream: trio.abc.Stream) -> int:
         return -1
 
 
-async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> bytes | bytearray:
-    """What ``stream.receive_some(max_bytes)`` returns (b"" at the end of
-    the stream), read from ``fd`` (:func:`fd_of`) when it is >= 0."""
-    if fd < 0:
-        return await stream.receive_some(max_bytes)
-    while True:
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise _mapped(exc) from exc
-        await trio.lowlevel.wait_readable(fd)
-
-
 def receive_now(fd: int, max_bytes: int) -> bytes | None:
     """What the socket ``fd`` holds now (b"" at its end), or None when it
     holds nothing yet or ``fd`` is -1; never waits."""
@@ -69,7 +55,17 @@ def receive_now(fd: int, max_bytes: int) -> bytes | None:
         raise _mapped(exc) from exc
 
 
-def send_now(fd: int, data: bytes) -> int:
+async def receive_some(stream: trio.abc.Stream, fd: int, max_bytes: int) -> bytes | bytearray:
+    """What ``stream.receive_some(max_bytes)`` returns (b"" at the end of
+    the stream), read from ``fd`` (:func:`fd_of`) when it is >= 0."""
+    if fd < 0:
+        return await stream.receive_some(max_bytes)
+    while (data := receive_now(fd, max_bytes)) is None:
+        await trio.lowlevel.wait_readable(fd)
+    return data
+
+
+def send_now(fd: int, data: bytes | memoryview) -> int:
     """Write what the socket ``fd`` takes of ``data`` now: how many bytes
     (0 when ``fd`` is -1 or the socket is full); never waits."""
     if fd < 0:
@@ -91,12 +87,11 @@ async def send_all(stream: trio.abc.Stream, fd: int, data: bytes | bytearray) ->
     view = memoryview(data)
     try:
         while view:
-            try:
-                view = view[os.write(fd, view) :]
-            except BlockingIOError:
+            sent = send_now(fd, view)
+            if sent:
+                view = view[sent:]
+            else:
                 await trio.lowlevel.wait_writable(fd)
-            except OSError as exc:
-                raise _mapped(exc) from exc
     finally:
         view.release()
 
@@ -117,6 +112,6 @@ async def send_eof(stream: trio.abc.Stream, fd: int) -> None:
 
 def _mapped(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     """The stream's exception for what a system call on its socket raised."""
-    if isinstance(exc, OSError) and exc.errno == 9:  # EBADF: closed meanwhile
+    if exc.errno == errno.EBADF:  # closed meanwhile
         return trio.ClosedResourceError("the socket was closed")
     return trio.BrokenResourceError(f"socket error: {exc.strerror or type(exc).__name__}")

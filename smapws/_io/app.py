@@ -429,8 +429,16 @@ class App:
         in user mode for the subscription (:meth:`until_subscribed`), or
         for the fleet's log (:meth:`prepare_resume`). False: both return at
         once, and the front door writes the 101 without a deadline."""
-        if self.channels is not None and self.broker.status == "connected":
-            return True
+        return self._subscription_waits() or self._resume_waits(user_id, resume)
+
+    def _subscription_waits(self) -> bool:
+        """User mode with the subscriber connected: a new tab's subscription
+        is to be confirmed before its 101."""
+        return self.channels is not None and self.broker.status == "connected"
+
+    def _resume_waits(self, user_id: str, resume: Resume | None) -> bool:
+        """``resume`` asks for an id this hub's window does not hold, and
+        the fleet's log may: it is read before the 101."""
         return (
             resume is not None
             and self.history is not None
@@ -449,7 +457,7 @@ class App:
         without one too: a pass through the scheduler per step was most of
         a handshake's cost, see :mod:`smapws._io.sockio`)."""
         channels = self.channels
-        if channels is None or self.broker.status != "connected":
+        if channels is None or not self._subscription_waits():
             return
         with trio.move_on_at(deadline):
             await channels.wait_subscribed(user_id)
@@ -728,13 +736,9 @@ class App:
         when this hub's window does not hold that id (at most
         :data:`CONSULT_TIMEOUT`; then :meth:`register` answers a gap)."""
         history, fleet = self.history, self.fleet
-        if (
-            resume is None
-            or history is None
-            or fleet is None
-            or not self.routing.needs_fleet(user, resume, trio.current_time())
-        ):
+        if not self._resume_waits(user, resume):
             return resume  # (at once, no checkpoint: see until_subscribed)
+        assert resume is not None and history is not None and fleet is not None
         epoch = history.epoch
         entries = None
         with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:

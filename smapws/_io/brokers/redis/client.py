@@ -210,7 +210,7 @@ def clients_for(target: str | SentinelTarget, timeout: float) -> Clients:
         return Clients(aioredis.Redis.from_url(target, **common), None)
     # Asking every Sentinel in turn must fit the connect deadline.
     per_sentinel = timeout / max(1, len(target.sentinels))
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         list(target.sentinels),
         sentinel_kwargs={
             "socket_timeout": per_sentinel,
@@ -419,7 +419,7 @@ async def _close(
     try:
         try:
             if pubsub is not None:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
         finally:
             try:
                 await client.aclose()

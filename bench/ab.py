@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.ab smapws@HEAD~1 smapws --rounds 5
     .venv/bin/python -m bench.ab smapws baseline go node floor --rounds 3
+    .venv/bin/python -m bench.ab smapws smapws+SMAPWS_HISTORY_TTL=0 go centrifuge --rounds 3
 
 Runs the hubs in turn, ``--rounds`` times (A B A B ...), each time: start it,
 open the connections (2,000 users x 2 tabs: W4, the connect storm, whose
@@ -28,7 +29,9 @@ from bench.run import FULL, HubBench, _choose_cpus, _raise_fd_limit
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab")
-    parser.add_argument("hubs", nargs="+", help="hub names (smapws@REV allowed)")
+    parser.add_argument(
+        "hubs", nargs="+", help="hub names (smapws@REV and smapws+SMAPWS_X=V allowed)"
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=int, default=24000)
     parser.add_argument("--seconds", type=float, default=5.0)

@@ -147,8 +147,29 @@ def install_node() -> str:
 
 
 def valid_name(name: str) -> bool:
-    """Whether ``--hubs`` accepts ``name``: one of :data:`HUBS`, or ``smapws@REV``."""
-    return name in HUBS or (name.startswith("smapws@") and len(name) > len("smapws@"))
+    """Whether ``--hubs`` accepts ``name``: one of :data:`HUBS`, or
+    ``smapws@REV``; either smapws may carry settings (:func:`settings_of`)."""
+    try:
+        base, _ = settings_of(name)
+    except ValueError:
+        return False
+    return base in HUBS or (base.startswith("smapws@") and len(base) > len("smapws@"))
+
+
+def settings_of(name: str) -> tuple[str, dict[str, str]]:
+    """``(hub, settings)`` of a hub name with settings appended, each as
+    ``+SMAPWS_NAME=value``: ``smapws+SMAPWS_HISTORY_TTL=0`` is smapws with its
+    replay windows off, so that it does what the peers do (they keep none).
+    Raises ValueError for settings of another hub than smapws, or not of
+    that form."""
+    base, *pairs = name.split("+")
+    settings: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.startswith("SMAPWS_") or not base.startswith("smapws"):
+            raise ValueError(f"bad setting {pair!r} in hub name {name!r}")
+        settings[key] = value
+    return base, settings
 
 
 def smapws_at(rev: str, into: Path) -> Path:
@@ -172,8 +193,15 @@ def prepare(name: str, workdir: Path | None = None) -> tuple[list[str], dict[str
     ``workdir`` and run with ``cwd`` and ``PYTHONPATH`` there (the extra
     environment's ``BENCH_CWD`` names the directory to start it in).
 
+    With settings (``smapws+SMAPWS_X=v``, :func:`settings_of`) the hub
+    runs with them in its environment.
+
     Raises :class:`PeerError` when it cannot be installed or built.
     """
+    base, settings = settings_of(name)
+    if settings:
+        argv, extra = prepare(base, workdir)
+        return argv, {**extra, **settings}
     if name == "smapws":
         return [sys.executable, "-m", "smapws", "serve"], {}
     if name.startswith("smapws@"):

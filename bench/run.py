@@ -774,8 +774,9 @@ def format_table(table: dict[str, dict[str, Any]], hubs: Sequence[str]) -> str:
     """A plain-text table: one row per figure, one column per hub, then the ratios;
     then CPU per delivery over the floor's and what limited each throughput figure."""
     ratios = [r for r in RATIOS if {r[1], r[2]} <= set(hubs)]
-    if "smapws" in hubs:  # before/after runs: smapws against smapws@REV
-        ratios += [(f"smapws/{h}", "smapws", h) for h in hubs if h.startswith("smapws@")]
+    if "smapws" in hubs:  # before/after runs, variants: smapws against smapws@REV, smapws+...
+        others = [h for h in hubs if h.startswith(("smapws@", "smapws+"))]
+        ratios += [(f"smapws/{h}", "smapws", h) for h in others]
     cols = [*hubs, *(label for label, _, _ in ratios)]
     width = max(len(label) for _, label, _ in SUMMARY_ROWS)
     lines = [f"{'figure':<{width}}  better" + "".join(f"{c:>16}" for c in cols)]
@@ -984,7 +985,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--quick", action="store_true", help="smoke size: 20 connections, seconds")
     parser.add_argument("--hubs", default=",".join(peers.HUBS),
                         help="comma list of: " + ", ".join(peers.HUBS) +
-                        "; smapws@REV is smapws as of git revision REV")  # fmt: skip
+                        "; smapws@REV is smapws as of git revision REV; smapws+SMAPWS_X=V "
+                        "runs smapws with that setting")  # fmt: skip
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results", help="output folder")
     parser.add_argument("--users", type=int, help="override the number of users")
     parser.add_argument("--tabs", type=int, help="override connections per user")

@@ -114,6 +114,22 @@ def test_a_failed_step_names_what_limited_it() -> None:
     assert limited_by({"hub_cpu_pct": 10.0, "core1_busy_pct": 20.0}) == "unclear"
 
 
+def test_a_hub_name_may_carry_smapws_settings() -> None:
+    """``smapws+SMAPWS_X=V`` runs smapws with that setting (to measure it
+    doing what a peer does); settings of another kind, or on a peer, are
+    refused rather than ignored."""
+    from bench import peers
+
+    argv, env = peers.prepare("smapws+SMAPWS_HISTORY_TTL=0+SMAPWS_FLEET_HISTORY=off")
+    assert argv[1:] == ["-m", "smapws", "serve"]
+    assert env == {"SMAPWS_HISTORY_TTL": "0", "SMAPWS_FLEET_HISTORY": "off"}
+    assert peers.valid_name("smapws@HEAD~1+SMAPWS_HISTORY_TTL=0")
+    for bad in ("go+SMAPWS_HISTORY_TTL=0", "smapws+JWT_SECRET=x", "smapws+SMAPWS_X", "nope"):
+        assert not peers.valid_name(bad), bad
+    with pytest.raises(ValueError):
+        peers.prepare("smapws+PATH=/tmp")
+
+
 # -- the load generator's sans-IO pieces (no sockets, no hub) ----------------------
 
 

@@ -236,3 +236,27 @@ def test_a_resume_the_window_cannot_answer_is_joined_to_the_fleets_log() -> None
     bad = [entries[0], LogEntry(mid, since, wall_ms, b"not json")]
     with pytest.raises(InvalidMessage):
         r.with_fleet(resume, bad, 0, WALL, 0.0)
+
+
+def test_the_users_of_channels_are_remembered_within_a_bound_and_bad_ones_never() -> None:
+    """``user_of`` saves the second check of each message's channel (a fleet
+    log reads it in to_consult, then in route): the same answers as
+    user_from_channel, a bad channel refused every time, the memory bounded."""
+    from smapws._core.router import CHANNEL_USERS
+
+    r = router(fleet_log=True)
+    for _ in range(2):
+        assert r.user_of(channel("u1")) == "u1"
+        with pytest.raises(InvalidMessage):
+            r.user_of(b"user_noti:bad\x01id")
+        with pytest.raises(InvalidMessage):
+            r.user_of(b"other:u1")
+    assert r.to_consult([channel("u2"), b"other:u1", channel("u2")], now=1.0) == {
+        "u2": channel("u2")
+    }
+    for n in range(3 * CHANNEL_USERS):
+        assert r.user_of(channel(f"user-{n}")) == f"user-{n}"
+    assert len(r._channel_users) <= CHANNEL_USERS
+    # What route decides is unchanged: a bad channel is still refused.
+    with pytest.raises(InvalidMessage):
+        r.route(b"user_noti:", note(1), wall=WALL, now=1.0)

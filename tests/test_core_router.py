@@ -260,3 +260,46 @@ def test_the_users_of_channels_are_remembered_within_a_bound_and_bad_ones_never(
     # What route decides is unchanged: a bad channel is still refused.
     with pytest.raises(InvalidMessage):
         r.route(b"user_noti:", note(1), wall=WALL, now=1.0)
+
+
+def test_what_a_fleet_replay_sent_ahead_of_this_hub_is_not_sent_live_again() -> None:
+    """The log may hold messages this hub routes only later (another hub
+    appended them first). A tab replayed from it gets each once: this hub
+    skips that tab for those ids when they come live, until the first live
+    message the replay did not hold; its other tabs get them as usual."""
+    r = router(fleet_log=True)
+    since, wall_ms = "c" * 16, int(WALL * 1000)
+    entries, chain, prev = [LogEntry(since, GENESIS, wall_ms, note(6))], [], since
+    for raw in (note(7), note(8)):
+        mid = chain_id(channel("u1"), raw, prev)
+        chain.append((raw, mid))
+        entries.append(LogEntry(mid, prev, wall_ms, raw))
+        prev = mid
+    r.chains.advance("u1", since, 0.5)  # this hub routed n6 (since), not n7, n8
+    joined = r.with_fleet(Resume(since), entries, 0, WALL + 1.0, 0.0)
+    assert joined is not None
+    # A tab that leaves takes its lead with it.
+    r.register("u1", "gone", joined, 1.0)
+    assert "gone" in r._ahead
+    r.unregister("u1", "gone", 1.0)
+    assert "gone" not in r._ahead
+    r.register("u1", "other", None, 1.0)
+    welcome = r.register("u1", "tab", joined, 1.0)
+    assert [obj(e.text)["id"] for e in welcome.replayed] == [mid for _, mid in chain]
+    for raw, mid in chain:  # now they come live: the replayed tab is skipped
+        routed = r.route(channel("u1"), raw, wall=WALL, now=2.0)
+        assert routed.mid == mid and routed.conns == ("other",)
+    after = r.route(channel("u1"), note(9), wall=WALL, now=3.0)
+    assert sorted(after.conns) == ["other", "tab"]
+    assert sorted(r.route(channel("u1"), note(8), wall=WALL, now=3.0).conns) == ["other", "tab"]
+    # A lead the hub never routes ends at the first message it does route.
+    r.register("u2", "t2", None, 1.0)
+    log2 = [
+        LogEntry("e" * 16, GENESIS, wall_ms, note(1)),
+        LogEntry("f" * 16, "e" * 16, wall_ms, note(2)),
+    ]
+    joined2 = r.with_fleet(Resume("e" * 16), log2, 0, WALL + 1.0, 0.0)
+    assert joined2 is not None
+    r.register("u2", "t3", joined2, 1.0)
+    assert sorted(r.route(channel("u2"), note(3), wall=WALL, now=2.0).conns) == ["t2", "t3"]
+    assert sorted(r.route(channel("u2"), note(4), wall=WALL, now=2.0).conns) == ["t2", "t3"]

@@ -425,12 +425,6 @@ async def test_a_resume_reads_at_most_history_per_user_entries_of_a_longer_list(
     assert [m["payload"]["n"] for m in missed] == [26, 27, 28, 29]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a fleet replay may hold messages this hub routes only later (the log is "
-    "ahead of it); they are sent again live. Fix: the connection drops a live message "
-    "whose id the replay sent, until the first one it did not (as the bundled client does).",
-)
 async def test_a_message_the_log_had_before_this_hub_routed_it_reaches_the_tab_once(
     nursery: trio.Nursery, own_redis: RedisServer
 ) -> None:

@@ -151,6 +151,10 @@ class Router(Generic[C]):
         self._chain_trim_at = 2 * CHAINS_FLOOR
         #: channel -> user, of the channels of recent messages (see :meth:`user_of`).
         self._channel_users: dict[bytes, str] = {}
+        #: Tabs replayed from the fleet's log further than this hub has
+        #: routed -> the ids of that lead: sent already, not to be sent live
+        #: again (see :meth:`_not_replayed`).
+        self._ahead: dict[C, set[str]] = {}
         #: A message was dropped before the router: every tab is owed a
         #: resync (see :meth:`dropped`).
         self._resync_pending = False
@@ -202,7 +206,29 @@ class Router(Generic[C]):
         if env.kind and self.snapshots is not None:
             self.snapshots.observe(user, env, now)
         conns = self.hub.connections(user)
-        return Routed(user, env, tuple(conns) if conns else (), append, mid, prev)
+        targets = tuple(conns) if conns else ()
+        if self._ahead and targets:
+            targets = self._not_replayed(targets, mid)
+        return Routed(user, env, targets, append, mid, prev)
+
+    def _not_replayed(self, conns: tuple[C, ...], mid: str) -> tuple[C, ...]:
+        """``conns`` without the tabs a fleet replay already sent ``mid``
+        (the log was ahead of this hub: it had messages this hub routes only
+        later). A tab's lead ends at its first live message the replay did
+        not hold: from there on, everything is new to it."""
+        ahead = self._ahead
+        out = []
+        for conn in conns:
+            ids = ahead.get(conn)
+            if ids is not None:
+                if mid in ids:
+                    ids.discard(mid)
+                    if not ids:
+                        del ahead[conn]
+                    continue
+                del ahead[conn]
+            out.append(conn)
+        return tuple(out)
 
     def _trim_chains(self) -> None:
         """Keep the chain table in proportion to what uses it: the users the
@@ -335,10 +361,12 @@ class Router(Generic[C]):
                 held.hold(user)
         if resume is None:
             return Welcome(None, [], False, self._current_state(user, now))
-        outcome, missed = self._missed(user, resume, now)
+        outcome, missed, lead = self._missed(user, resume, now)
         if missed is not None and not self._fits(missed, self.limits.resume_max_bytes):
             missed, outcome = None, "too_large"
         if missed is not None:
+            if lead:
+                self._ahead[conn] = lead
             return Welcome(outcome, missed, False, [])
         return Welcome(outcome, [], True, self._current_state(user, now))
 
@@ -346,6 +374,7 @@ class Router(Generic[C]):
         """Remove ``conn``; return whether ``user`` has other tabs here (when
         not, the user's window and state are no longer held)."""
         has_others = self.hub.remove(user, conn)
+        self._ahead.pop(conn, None)
         if not has_others:
             for held in (self.history, self.snapshots):
                 if held is not None:
@@ -390,24 +419,28 @@ class Router(Generic[C]):
         links = tuple((e.mid, e.prev) for e in chain)
         return dataclasses.replace(resume, fleet=FleetReplay(envelopes, links, epoch))
 
-    def _missed(self, user: str, resume: Resume, now: float) -> tuple[str, list[Envelope] | None]:
+    def _missed(
+        self, user: str, resume: Resume, now: float
+    ) -> tuple[str, list[Envelope] | None, set[str]]:
         """What a resuming tab missed: from this hub's window (``replayed``)
         or from the fleet's log joined to this hub's window (``fleet``);
-        None when neither can tell."""
+        None when neither can tell. Then the ids of the log's messages that
+        this hub has not routed yet (its lead), which will come live too."""
         history = self.history
         if history is None:
-            return "gap", None
+            return "gap", None, set()
         local = history.after(user, resume, now)
         if local is not None:
-            return "replayed", local
+            return "replayed", local, set()
         fleet = resume.fleet
         if fleet is None or fleet.epoch != history.epoch:
-            return "gap", None
+            return "gap", None, set()
         routed = history.chain(user, now)
         keep = splice(fleet.links, resume.since, [(mid, prev) for mid, prev, _ in routed])
         if keep is None:
-            return "gap", None
-        return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)])
+            return "gap", None, set()
+        lead = {mid for mid, _ in fleet.links}.difference(mid for mid, _, _ in routed)
+        return "fleet", conflate([*fleet.envelopes, *(routed[i][2] for i in keep)]), lead
 
     def _fits(self, envs: list[Envelope], budget: int) -> bool:
         """Whether ``envs`` fit ``budget`` bytes and half a new tab's send

@@ -352,7 +352,7 @@ async def test_appends_gather_unless_a_whole_batch_waits(
     clock stands still here (waits for Redis are in real time, in a
     thread): whole batches go at once, a lone append right after a pipeline
     only once the clock has moved by APPEND_GATHER."""
-    from smapws._io.fleetlog import APPEND_BATCH, APPEND_GATHER
+    from smapws._io.fleetlog import APPEND_BATCH, APPEND_GATHER, HURRY_GATHER
 
     metrics = Metrics()
     log = fleet_log(redis_server, metrics)
@@ -391,6 +391,20 @@ async def test_appends_gather_unless_a_whole_batch_waits(
             mock_clock.jump(APPEND_GATHER)
             append(2 * APPEND_BATCH + 1)
             await until_written(2 * APPEND_BATCH + 2)
+            # Right after a pipeline an append gathers, for HURRY_GATHER
+            # only once the hub hurries it (a user's last tab closed: it may
+            # resume elsewhere, from the log).
+            append(2 * APPEND_BATCH + 2)
+            await trio.to_thread.run_sync(time.sleep, 0.2)
+            written = metrics.registry.get_sample_value(name, {"result": "written"})
+            assert written == 2 * APPEND_BATCH + 2
+            log.hurry()
+            await trio.to_thread.run_sync(time.sleep, 0.2)
+            written = metrics.registry.get_sample_value(name, {"result": "written"})
+            assert written == 2 * APPEND_BATCH + 2  # (the clock has not moved)
+            assert HURRY_GATHER < APPEND_GATHER
+            mock_clock.jump(HURRY_GATHER)  # (not enough for APPEND_GATHER)
+            await until_written(2 * APPEND_BATCH + 3)
             nursery.cancel_scope.cancel()
         await log.aclose()
 

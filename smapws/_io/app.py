@@ -500,6 +500,8 @@ class App:
 
     def unregister(self, conn: Connection) -> None:
         has_others = self.routing.unregister(conn.user_id, conn, trio.current_time())
+        if not has_others and self.fleet is not None and self.fleet.outstanding:
+            self.fleet.hurry()  # the tab may be resuming elsewhere, from the log
         if self.channels is not None:
             self.channels.release(conn.user_id)
         unsent = len(conn.outbox)

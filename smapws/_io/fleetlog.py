@@ -5,7 +5,8 @@ reads, so that a tab resumes without loss on any hub (see
 Three operations, each one pipeline with a deadline:
 
 - **append** (every routed message, batched by a task of its own, never in
-  the router's way, at most one pipeline per :data:`APPEND_GATHER`): a
+  the router's way, at most one pipeline per :data:`APPEND_GATHER`, or per
+  :data:`HURRY_GATHER` once a user's last tab on the hub closed): a
   script, called once for up to :data:`APPEND_PER_CALL` entries, that for
   each drops an id already in its log, pushes the entry, trims the list to
   ``SMAPWS_HISTORY_PER_USER`` entries and sets its expiry to
@@ -128,6 +129,12 @@ APPEND_PER_CALL: Final = 64
 #: docs/design/recovery.rst), and so does a whole batch already queued (a
 #: backlog after Redis lagged: waiting would cap appends at 51,200 a second).
 APPEND_GATHER: Final = 0.01
+#: Seconds at least between two append pipelines once :meth:`FleetLog.hurry`
+#: was called (a user's last tab on this hub closed: it may be resuming on
+#: another hub, from the log). Not zero: when thousands of tabs close at once
+#: under load, pipelines of one router batch each would cost a quarter of the
+#: hub's CPU again (see APPEND_GATHER); at most 500 a second.
+HURRY_GATHER: Final = 0.002
 #: Resumes reading the log at once, at most (each reads up to
 #: SMAPWS_HISTORY_PER_USER messages): a thousand tabs coming back from a
 #: drain wait their turn instead of holding a thousand lists in memory.
@@ -193,6 +200,10 @@ class FleetLog:
         #: pipeline (an observable value cost every append its observers' walk).
         self._outstanding = 0
         self._answered = trio.lowlevel.ParkingLot()
+        #: :meth:`hurry` was called: the next pipeline gathers for
+        #: HURRY_GATHER only.
+        self._hurried = False
+        self._hurry = trio.lowlevel.ParkingLot()
         self._readers = trio.CapacityLimiter(CONCURRENT_READS)
         #: Reads in flight, by channel: a second resume of the same user
         #: waits for the first one's answer instead of reading it again
@@ -221,6 +232,15 @@ class FleetLog:
         if len(pending) == 1:  # run() may be waiting for it
             self._arrived.unpark_all()
 
+    def hurry(self) -> None:
+        """Send what is queued after :data:`HURRY_GATHER` rather than
+        :data:`APPEND_GATHER`. The hub calls it when a user's last tab here
+        closes: that tab may be resuming on another hub, which reads the log
+        for what it missed, and what this hub still holds back is not in it
+        (the tab would miss it without being told; docs/design/recovery.rst)."""
+        self._hurried = True
+        self._hurry.unpark_all()
+
     async def flush(self) -> None:
         """Until every append queued so far has been answered (or failed):
         a hub that stops at the end of its drain sends what it routed last
@@ -242,9 +262,14 @@ class FleetLog:
         while True:
             while not pending:
                 await self._arrived.park()
-            wait = sent_at + APPEND_GATHER - trio.current_time()
-            if wait > 0 and len(pending) < APPEND_BATCH:
-                await trio.sleep(wait)
+            while len(pending) < APPEND_BATCH:
+                gather = HURRY_GATHER if self._hurried else APPEND_GATHER
+                wait = sent_at + gather - trio.current_time()
+                if wait <= 0:
+                    break
+                with trio.move_on_after(wait):
+                    await self._hurry.park()  # woken early by hurry(): again
+            self._hurried = False
             sent_at = trio.current_time()
             batch = [pending.popleft() for _ in range(min(len(pending), APPEND_BATCH))]
             self._queued -= sum(len(entry) for _, entry in batch)

@@ -170,7 +170,7 @@ class Router(Generic[C]):
 
         Raises :class:`InvalidMessage` (a bad channel, or any reason of
         :func:`~smapws._core.envelope.parse`) and then changes nothing."""
-        user = self._channel_users.get(channel) or self.user_of(channel)
+        user = self._channel_users.get(channel) or self._learn_user(channel)
         chains = self.chains
         recent = None
         prev = chains.prev(user, now)
@@ -254,14 +254,18 @@ class Router(Generic[C]):
         (raises :class:`InvalidMessage` alike), remembered for the last
         :data:`CHANNEL_USERS` channels: with a fleet log each message's
         channel is read twice (:meth:`to_consult`, then :meth:`route`), and
-        checking it costs more than the lookup (~0.5 µs against ~0.06)."""
+        checking it costs more than the lookup (~0.5 µs against ~0.06).
+        (The hot paths inline the lookup and call :meth:`_learn_user` on a
+        miss.)"""
+        return self._channel_users.get(channel) or self._learn_user(channel)
+
+    def _learn_user(self, channel: bytes) -> str:
+        """Check ``channel`` (:func:`user_from_channel`) and remember its user."""
+        user = user_from_channel(channel, self.prefix)
         users = self._channel_users
-        user = users.get(channel)
-        if user is None:
-            user = user_from_channel(channel, self.prefix)
-            if len(users) >= CHANNEL_USERS:
-                users.clear()  # all at once: cheaper than an LRU's bookkeeping
-            users[channel] = user
+        if len(users) >= CHANNEL_USERS:
+            users.clear()  # all at once: cheaper than an LRU's bookkeeping
+        users[channel] = user
         return user
 
     def to_consult(self, channels: Iterable[bytes], now: float) -> dict[str, bytes]:
@@ -273,7 +277,7 @@ class Router(Generic[C]):
         users = self._channel_users
         for channel in channels:
             try:
-                user = users.get(channel) or self.user_of(channel)
+                user = users.get(channel) or self._learn_user(channel)
             except InvalidMessage:
                 continue
             if user not in wanted and self.chains.prev(user, now) is None:

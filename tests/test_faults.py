@@ -374,6 +374,31 @@ async def test_a_write_cut_short_leaves_no_socket_open(
     assert [str(w.message) for w in caught] == []
 
 
+async def test_a_command_waits_for_the_hubs_redis_timeout_not_redis_pys(
+    nursery: trio.Nursery, redis_server: RedisServer, mock_clock: Any
+) -> None:
+    """redis-py 8 made its socket timeout 5 s by default (it was none): a
+    command Redis was slow to answer failed at 5 s whatever
+    SMAPWS_REDIS_TIMEOUT said ("TimeoutError", from redis-py, instead of
+    the hub's own deadline's "TooSlowError")."""
+    import trio_asyncio
+
+    from smapws._io.brokers import BrokerError
+    from smapws._io.brokers.redis import PublishClient
+
+    proxy: TcpProxy = await nursery.start(TcpProxy(redis_server.port).run)
+    client = PublishClient(proxy.url, timeout=8)
+    async with trio_asyncio.open_loop():
+        assert await client.pipeline([("PING",)]) == [True]
+        proxy.freeze()
+        mock_clock.autojump_threshold = 0
+        start = trio.current_time()
+        with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
+            await client.pipeline([("PING",)])
+        assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
+        await client.aclose()
+
+
 def test_every_client_kind_drops_unsent_bytes_and_keeps_its_connection_class() -> None:
     """What the test above proves for a URL's client holds for each kind of
     client the hub makes, and each keeps the connection class redis-py chose

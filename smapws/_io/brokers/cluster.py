@@ -269,8 +269,11 @@ class ShardedBroker:
                 host=host,
                 port=port,
                 password=self._target.password,
-                socket_timeout=per_node,
-                **{**client_options(self._timeout), "socket_connect_timeout": per_node},
+                **{
+                    **client_options(self._timeout),
+                    "socket_connect_timeout": per_node,
+                    "socket_timeout": per_node,
+                },
             )
             clients = Clients(client, None)  # before it connects (see Clients)
             try:

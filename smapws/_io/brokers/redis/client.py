@@ -70,9 +70,13 @@ def client_options(timeout: float) -> dict[str, Any]:
     deliveries/s. And no ``CLIENT SETINFO`` on connect: Redis before 7.2
     (Debian 12's 7.0) answers it with an error, which redis-py swallows,
     leaving a reference cycle (the error's traceback) and a round trip per
-    new connection."""
+    new connection. And the command deadline as the socket's: redis-py 8
+    made its default 5 s (it was none), which cut every command at 5 s
+    whatever ``SMAPWS_REDIS_TIMEOUT`` said (pub/sub's blocking reads are
+    not bound by it)."""
     return {
         "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": False,
         "protocol": 2,
@@ -322,7 +326,6 @@ class PublishClient:
         client = RedisCluster(
             startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
             password=target.password,
-            socket_timeout=self._timeout,
             **client_options(self._timeout),
         )
         return Clients(client, None)

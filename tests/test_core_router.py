@@ -130,6 +130,53 @@ def test_with_a_fleet_log_an_unknown_users_first_message_is_placed_by_the_log() 
     assert r.to_consult(batch, 1.0) == {}  # both chains known now
 
 
+def test_a_user_asked_about_is_held_and_nobody_else_waits() -> None:
+    """Review of the consult (issue 15's xfail): the router waited for the
+    log's answer with every other user's messages behind it. Now only the
+    users asked about wait, and their later messages queue behind them."""
+    r = router(fleet_log=True)
+    r.route(channel("known"), note(0), wall=WALL, now=1.0)
+    first = [(channel("u1"), note(1)), (channel("known"), note(2)), (b"bad", note(3))]
+    now, wanted = r.hold(first, 1.0, ask=True)
+    assert wanted == {"u1": channel("u1")}
+    assert now == first[1:]  # known's goes on; the bad one is route()'s to refuse
+    # The next batch: u1's message joins the first (not asked again), u2 is new.
+    second = [(channel("u1"), note(4)), (channel("u2"), note(5)), (channel("known"), note(6))]
+    now, wanted = r.hold(second, 1.0, ask=True)
+    assert wanted == {"u2": channel("u2")} and now == second[2:]
+    assert (r.holding.messages, r.holding.waiting) == (3, 2)
+    assert r.take(64) == []  # no answer yet
+    # u2's answer comes first: its message goes first, placed by the log.
+    r.holding.answer({"u2": [Header("b" * 16, GENESIS, int(WALL * 1000))]})
+    assert r.take(64) == [(channel("u2"), note(5))]
+    assert r.route(channel("u2"), note(5), wall=WALL, now=1.0).prev == "b" * 16
+    r.batch_done()
+    # u1's answer: its messages in the order they came, a chunk at a time,
+    # and a message meanwhile still joins them (it must not overtake).
+    r.holding.answer({"u1": [Header("a" * 16, GENESIS, int(WALL * 1000))]})
+    assert r.take(1) == [(channel("u1"), note(1))]
+    assert r.route(channel("u1"), note(1), wall=WALL, now=1.0).prev == "a" * 16
+    now, wanted = r.hold([(channel("u1"), note(7))], 1.0, ask=True)
+    assert (now, wanted) == ([], {})
+    assert r.take(64) == [(channel("u1"), note(4)), (channel("u1"), note(7))]
+    assert r.holding.messages == r.holding.bytes == 0 and "u1" not in r.holding
+    now, _ = r.hold([(channel("u1"), note(8))], 1.0, ask=True)
+    assert now == [(channel("u1"), note(8))]  # held no more
+
+
+def test_a_hold_given_up_routes_on_the_hubs_own_chain_and_is_bounded() -> None:
+    r = router(fleet_log=True, hold_messages=2, hold_bytes=1 << 20)
+    batch = [(channel("u1"), note(n)) for n in range(3)]
+    _, wanted = r.hold(batch, 1.0, ask=True)
+    assert wanted == {"u1": channel("u1")} and r.holding.over
+    r.holding.give_up()
+    r.holding.answer({"u1": [Header("a" * 16, GENESIS, int(WALL * 1000))]})  # too late
+    assert r.take(64) == batch
+    assert r.route(*batch[0], wall=WALL, now=1.0).prev == GENESIS
+    # Not asking (the log failed lately): nobody is held.
+    assert r.hold([(channel("u3"), note(9))], 1.0, ask=False) == ([(channel("u3"), note(9))], {})
+
+
 def test_without_an_answer_from_the_log_a_user_carries_on_its_own_chain() -> None:
     r = router(fleet_log=True)
     first = r.route(channel("u1"), note(1), wall=WALL, now=1.0)

@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Final, Generic, NamedTuple, TypeVar
 
+from smapws._core.consult import Holding, Item
 from smapws._core.envelope import (
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -118,6 +119,11 @@ class RouterLimits:
     send_queue_messages: int
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    #: Messages held while the fleet's log is asked (:meth:`Router.hold`), at
+    #: most: the broker's queue bounds (``SMAPWS_INGEST_QUEUE`` / ``_BYTES``),
+    #: of which the hold is the continuation.
+    hold_messages: int = 65536
+    hold_bytes: int = 16 * 1024 * 1024
 
 
 class Router(Generic[C]):
@@ -148,6 +154,9 @@ class Router(Generic[C]):
         #: The log's last entries for users whose chain this hub asked for,
         #: given by the shell (:meth:`consulted`) before it routes a batch.
         self._consulted: dict[str, Sequence[Header]] = {}
+        #: The messages of users whose place in the chain the log is asked
+        #: for (see :meth:`hold`).
+        self.holding = Holding(limits.hold_messages, limits.hold_bytes)
         self._chain_trim_at = 2 * CHAINS_FLOOR
         #: channel -> user, of the channels of recent messages (see :meth:`user_of`).
         self._channel_users: dict[bytes, str] = {}
@@ -283,6 +292,45 @@ class Router(Generic[C]):
             if user not in wanted and self.chains.prev(user, now) is None:
                 wanted[user] = channel
         return wanted
+
+    def hold(
+        self, batch: list[Item], now: float, *, ask: bool
+    ) -> tuple[list[Item], dict[str, bytes]]:
+        """Split a batch: the messages to route now, and the users to ask the
+        fleet's log for (:meth:`to_consult`, when ``ask``), each with its
+        channel. Their messages are held (:attr:`holding`), and so is every
+        message of a user still held: it must not overtake the first. The
+        shell gives the answers to :attr:`holding` and routes what
+        :meth:`take` gives back."""
+        holding = self.holding
+        wanted = self.to_consult((channel for channel, _ in batch), now) if ask else {}
+        if not wanted and not holding.messages:
+            return batch, wanted
+        for user in [user for user in wanted if user in holding]:
+            del wanted[user]  # asked already
+        out = []
+        users = self._channel_users
+        for item in batch:
+            channel = item[0]
+            try:
+                user = users.get(channel) or self._learn_user(channel)
+            except InvalidMessage:
+                out.append(item)  # route() refuses it
+                continue
+            if user in holding:
+                holding.hold(user, item)
+            elif user in wanted:
+                holding.wait(user, item)
+            else:
+                out.append(item)
+        return out, wanted
+
+    def take(self, n: int) -> list[Item]:
+        """Up to ``n`` held messages whose answer came (or was given up on),
+        to route now, in this order, before the next :meth:`batch_done`."""
+        items, answers = self.holding.take(n)
+        self._consulted.update(answers)
+        return items
 
     def consulted(self, user: str, recent: Sequence[Header]) -> None:
         """The log's last entries of ``user`` (oldest first), for the

@@ -10,6 +10,7 @@ into one :class:`App`, all on the trio thread.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import select
@@ -59,13 +60,18 @@ INVALID_LOG_INTERVAL = 1.0
 #: once ``SMAPWS_MAX_PENDING_REQUESTS`` is reached, before a new one evicts it.
 HEAD_EVICT_AGE = 2.0
 
-#: Seconds the router waits for the fleet's log to place a batch's first
-#: messages, and a resuming tab for its replay, before carrying on without.
+#: Seconds a resuming tab waits for the fleet's log to give what it missed,
+#: before carrying on without (a ``resync``).
 CONSULT_TIMEOUT = 1.0
 
-#: Seconds without asking the fleet's log after it failed to answer in time
-#: (the router does not wait a second per batch while Redis is slow).
+#: Seconds without asking the fleet's log where a user's messages go after it
+#: failed to answer within ``SMAPWS_REDIS_TIMEOUT``: meanwhile, new users'
+#: messages are not held, and go on this hub's own chain.
 CONSULT_BACKOFF = 5.0
+
+#: Users asked about in one consult at most (one pipeline): a hub that
+#: starts under load may have thousands to ask about at once.
+CONSULT_BATCH = 512
 
 #: Most messages the router handles between two checkpoints (so that a
 #: burst cannot keep other tasks, the writers included, waiting long).
@@ -225,6 +231,8 @@ class App:
                 send_queue_messages=config.send_queue_messages,
                 max_message_bytes=config.max_message_bytes,
                 max_json_depth=config.max_json_depth,
+                hold_messages=config.ingest_queue,
+                hold_bytes=config.ingest_queue_bytes,
             ),
             hub=self.hub,
             history=self.history,
@@ -232,6 +240,12 @@ class App:
             fleet_log=self.fleet is not None,
         )
         self._consult_after = 0.0
+        #: Users whose messages are held for :meth:`_consulting` to ask
+        #: the log about, with their channel; a lot it waits in.
+        self._to_ask: dict[str, bytes] = {}
+        self._consult_wake = trio.lowlevel.ParkingLot()
+        #: The consult in flight (cancelled when the hub gives up waiting).
+        self._consult_scope = trio.CancelScope()
         self._draining = AsyncBool(False)
         #: The broker's status and the drain flag as one observable value:
         #: the systemd notifier and a worker's reports wait on its changes
@@ -684,54 +698,110 @@ class App:
         Messages that arrived together are routed together, up to
         :data:`ROUTER_BATCH`, with one clock reading and one checkpoint:
         they were received in the same instant. With a fleet log, the
-        users of a batch whose chain this hub does not know are looked up
-        in it first, in one round trip (:meth:`_consult`)."""
-        route = self.route
+        messages of a user whose chain this hub does not know are held
+        while a task of the router's asks the log (:meth:`_consulting`),
+        and the rest of the batch goes on."""
         receive_nowait = receive.receive_nowait
         give = (lambda n: None) if queued is None else queued.give
-        async for item in receive:
-            give(len(item[1]))
-            batch = [item]
-            for _ in range(ROUTER_BATCH):
-                try:
-                    batch.append(receive_nowait())
-                except trio.WouldBlock:
-                    break
-                give(len(batch[-1][1]))
+        async with trio.open_nursery() as nursery:
             if self.fleet is not None:
-                await self._consult(batch)
-            wall, now = time.time(), trio.current_time()
-            self._resync_if_dropped(now)
-            for channel, data in batch:
-                route(channel, data, wall_time=wall, now=now)
-            self.routing.batch_done()
+                nursery.start_soon(self._consulting)
+            async for item in receive:
+                give(len(item[1]))
+                batch = [item]
+                for _ in range(ROUTER_BATCH):
+                    try:
+                        batch.append(receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                    give(len(batch[-1][1]))
+                if self.fleet is not None:
+                    batch = self._hold(batch)
+                self._route_batch(batch)
+            # The broker is gone: what is held goes on this hub's chain.
+            self.routing.holding.give_up()
+            while batch := self.routing.take(ROUTER_BATCH):
+                self._route_batch(batch)
+            nursery.cancel_scope.cancel()
 
-    async def _consult(self, batch: list[Item]) -> None:
-        """Ask the fleet's log for the last entries of each user of
-        ``batch`` whose chain this hub does not know (at most
-        :data:`CONSULT_TIMEOUT`: on failure those users' messages carry on
-        this hub's own chain). A barrier, like :meth:`route`."""
-        fleet = self.fleet
-        assert fleet is not None
+    def _route_batch(self, batch: list[Item]) -> None:
+        """Route ``batch``, received in one instant (one clock reading)."""
+        route = self.route
+        wall, now = time.time(), trio.current_time()
+        self._resync_if_dropped(now)
+        for channel, data in batch:
+            route(channel, data, wall_time=wall, now=now)
+        self.routing.batch_done()
+
+    def _hold(self, batch: list[Item]) -> list[Item]:
+        """What of ``batch`` to route now: the messages of users whose chain
+        this hub does not know are held (:meth:`Router.hold`) for
+        :meth:`_consulting` to ask the fleet's log about, unless it failed
+        to answer in the last :data:`CONSULT_BACKOFF`. When more is held
+        than the broker's queue may hold, nobody waits any longer (counted
+        as a failed consult). A barrier, like :meth:`route`."""
+        routing = self.routing
         try:
             now = trio.current_time()
-            if now < self._consult_after:
-                return
-            wanted = self.routing.to_consult((channel for channel, _ in batch), now)
-            if not wanted:
-                return
-            found = None
-            with trio.move_on_after(min(CONSULT_TIMEOUT, self.config.redis_timeout)) as scope:
-                found = await fleet.consult(list(wanted.values()))
-            if scope.cancelled_caught:
+            batch, wanted = routing.hold(batch, now, ask=now >= self._consult_after)
+            if wanted:
+                self._to_ask.update(wanted)
+                self._consult_wake.unpark_all()
+            if routing.holding.over and routing.holding.waiting:
                 self.metrics.fleet_errors.labels("consult").inc()
-            if found is None:
-                self._consult_after = trio.current_time() + CONSULT_BACKOFF
-            else:
-                for user, channel in wanted.items():
-                    self.routing.consulted(user, found[channel])
+                self._give_up_consulting()
         except Exception as exc:
             self.internal_error("route", exc)
+        return batch
+
+    def _give_up_consulting(self) -> None:
+        """Route every held message on this hub's own chain, and ask the log
+        nothing for :data:`CONSULT_BACKOFF`."""
+        self._consult_after = trio.current_time() + CONSULT_BACKOFF
+        self._to_ask.clear()
+        self.routing.holding.give_up()
+        self._consult_scope.cancel()
+        self._consult_wake.unpark_all()
+
+    async def _consulting(self) -> None:
+        """The router's helper task with a fleet log: ask the log for the
+        last entries of each user :meth:`_hold` names, all that came
+        meanwhile in one round trip (:data:`CONSULT_BATCH` users at most),
+        within ``SMAPWS_REDIS_TIMEOUT`` (then every held message goes on
+        this hub's own chain, and the log is not asked for
+        :data:`CONSULT_BACKOFF`); route the held messages whose answer
+        came, :data:`ROUTER_BATCH` at a time. A barrier, like
+        :meth:`route`."""
+        fleet, routing, holding = self.fleet, self.routing, self.routing.holding
+        assert fleet is not None
+        while True:
+            while not self._to_ask and not holding.ready:
+                await self._consult_wake.park()
+            try:
+                if self._to_ask:
+                    await self._ask(fleet)
+                while batch := routing.take(ROUTER_BATCH):
+                    self._route_batch(batch)
+                    await trio.lowlevel.checkpoint()
+            except Exception as exc:
+                self.internal_error("route", exc)
+                self._give_up_consulting()
+
+    async def _ask(self, fleet: FleetLog) -> None:
+        """One consult of the users :meth:`_hold` named (see :meth:`_consulting`)."""
+        asked = dict(itertools.islice(self._to_ask.items(), CONSULT_BATCH))
+        for user in asked:
+            del self._to_ask[user]
+        found = None
+        with trio.CancelScope() as self._consult_scope:
+            with trio.move_on_after(self.config.redis_timeout) as deadline:
+                found = await fleet.consult(list(asked.values()))
+            if deadline.cancelled_caught:
+                self.metrics.fleet_errors.labels("consult").inc()
+        if found is None:
+            self._give_up_consulting()
+        else:
+            self.routing.holding.answer({user: found[ch] for user, ch in asked.items()})
 
     async def prepare_resume(self, user: str, resume: Resume | None) -> Resume | None:
         """``resume`` with what the fleet's log holds after its ``since``,

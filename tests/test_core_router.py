@@ -177,6 +177,26 @@ def test_a_hold_given_up_routes_on_the_hubs_own_chain_and_is_bounded() -> None:
     assert r.hold([(channel("u3"), note(9))], 1.0, ask=False) == ([(channel("u3"), note(9))], {})
 
 
+def test_the_logs_answer_outlasts_an_invalid_first_message_taken_alone() -> None:
+    """Review of the hold: the answer went with the chunk of the user's
+    first held message only, so when that message was invalid and the
+    chunk ended with it (more than a chunk was ready), the user's next
+    message went on this hub's own chain, with another id than on the hubs
+    that placed it by the log (which :meth:`route` keeps the answer for)."""
+    r = router(fleet_log=True)
+    batch = [(channel("u1"), b"not json"), (channel("u1"), note(1))]
+    r.hold(batch, 1.0, ask=True)
+    r.holding.answer({"u1": [Header("a" * 16, GENESIS, int(WALL * 1000))]})
+    assert r.take(1) == batch[:1]
+    with pytest.raises(InvalidMessage):
+        r.route(*batch[0], wall=WALL, now=1.0)
+    r.batch_done()
+    assert r.take(64) == batch[1:]
+    assert r.route(*batch[1], wall=WALL, now=1.0).prev == "a" * 16
+    r.batch_done()
+    assert "u1" not in r.holding and not r.holding._answers
+
+
 def test_without_an_answer_from_the_log_a_user_carries_on_its_own_chain() -> None:
     r = router(fleet_log=True)
     first = r.route(channel("u1"), note(1), wall=WALL, now=1.0)

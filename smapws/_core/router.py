@@ -338,8 +338,15 @@ class Router(Generic[C]):
         self._consulted[user] = recent
 
     def batch_done(self) -> None:
-        """The batch is routed: what the log said is stale from now on."""
-        self._consulted.clear()
+        """The batch is routed: what the log said is stale from now on, but
+        for a user still held (:meth:`take` gave a chunk that ended with
+        their first messages, all invalid): it places their next one."""
+        consulted = self._consulted
+        if consulted:
+            holding = self.holding
+            kept = [(user, recent) for user, recent in consulted.items() if user in holding]
+            consulted.clear()
+            consulted.update(kept)
 
     # -- outages -----------------------------------------------------------
 

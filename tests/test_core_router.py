@@ -197,6 +197,23 @@ def test_the_logs_answer_outlasts_an_invalid_first_message_taken_alone() -> None
     assert "u1" not in r.holding and not r.holding._answers
 
 
+def test_a_user_whose_held_messages_keep_coming_does_not_keep_the_others_waiting() -> None:
+    """Review of the hold: take() routed the first ready user until their
+    messages ran out, and a user whose messages kept coming meanwhile (they
+    join the held ones) kept every user ready after them held."""
+    r = router(fleet_log=True)
+    hot = [(channel("hot"), note(n)) for n in range(3)]
+    r.hold([*hot, (channel("cold"), note(9))], 1.0, ask=True)
+    r.holding.answer({"hot": [], "cold": []})
+    assert r.take(2) == hot[:2]
+    r.batch_done()
+    r.hold([(channel("hot"), note(3))], 1.0, ask=True)  # joins hot's
+    assert r.take(2) == [(channel("cold"), note(9)), hot[2]]
+    r.batch_done()
+    assert r.take(2) == [(channel("hot"), note(3))]
+    assert not r.holding.messages and "hot" not in r.holding
+
+
 def test_without_an_answer_from_the_log_a_user_carries_on_its_own_chain() -> None:
     r = router(fleet_log=True)
     first = r.route(channel("u1"), note(1), wall=WALL, now=1.0)

@@ -116,7 +116,9 @@ class Holding:
         """Up to ``n`` ready messages, oldest first for each user, and the
         answers for the users whose first message is among them (to give
         the router before it routes them). A user stays held until their
-        last message is taken."""
+        last message is taken; one whose messages fill a chunk goes behind
+        the other ready users (whose messages keep coming must not keep
+        theirs waiting)."""
         out: list[Item] = []
         answers: dict[str, Sequence[Header]] = {}
         ready, held = self._ready, self._held
@@ -133,5 +135,7 @@ class Holding:
             if not queue:
                 del held[user]
                 ready.popleft()
+            else:  # the chunk is full: the next one starts with the next user
+                ready.rotate(-1)
         self.messages -= len(out)
         return out, answers

@@ -542,6 +542,56 @@ async def test_more_held_than_the_queue_may_hold_is_routed_at_once(
     assert metric(a, "websocket_broker_messages_dropped_total") == 0
 
 
+async def test_a_user_streaming_through_the_hold_neither_starves_consults_nor_passes_its_bound(
+    own_redis: RedisServer,
+) -> None:
+    """Review of the hold: the router's helper routed what was ready until
+    nothing was, and asked the log only then. A user whose messages kept
+    coming while theirs were routed (65 a batch in, 64 a chunk out) kept
+    it routing: a new user's consult waited for the stream to end, and what
+    was held grew past the bound with nobody waiting (so nothing gave up)."""
+    from smapws._io.app import ROUTER_BATCH, App
+    from smapws._io.brokers.memory import MemoryBroker
+
+    metrics = Metrics()
+    bound = 400
+    config = make_config(REDIS_URL=own_redis.url, SMAPWS_INGEST_QUEUE=bound)
+    fleet = fleet_log(own_redis, metrics)
+    app = App(config, MemoryBroker(), metrics, fleet)
+    holding = app.routing.holding
+    send, receive = trio.open_memory_channel[tuple[bytes, bytes]](100_000)
+    hot, cold = b"user_noti:stream-hot", b"user_noti:stream-cold"
+    data = json.dumps(note(0, "hot")).encode()
+    peak, cold_out = 0, None
+    async with trio_asyncio.open_loop():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app.router, receive)
+            for _ in range(200):  # the first waits for the log, the rest behind it
+                send.send_nowait((hot, data))
+            with trio.fail_after(5):
+                while holding.waiting or "stream-hot" not in holding:
+                    await trio.lowlevel.checkpoint()
+            # The log answered: from now on, a batch of hot's a round.
+            for n in range(1500):
+                for _ in range(ROUTER_BATCH + 1):
+                    send.send_nowait((hot, data))
+                if n == 10:
+                    send.send_nowait((cold, data))
+                await trio.lowlevel.checkpoint()
+                peak = max(peak, holding.messages)
+                if n > 10 and cold_out is None and "stream-cold" not in holding:
+                    cold_out = n
+            assert "stream-hot" in holding  # (it streamed through the hold throughout)
+            nursery.cancel_scope.cancel()
+        await fleet.aclose()
+    assert cold_out is not None  # cold's consult did not wait for the stream to end
+    errors = metrics.registry.get_sample_value(
+        "websocket_fleet_log_errors_total", {"op": "consult"}
+    )
+    assert errors in (None, 0)  # answered, not given up on
+    assert peak <= bound + ROUTER_BATCH + 1
+
+
 async def test_a_log_entry_whose_id_is_not_an_id_is_not_replayed(
     nursery: trio.Nursery, own_redis: RedisServer
 ) -> None:

@@ -244,6 +244,8 @@ class App:
         #: the log about, with their channel; a lot it waits in.
         self._to_ask: dict[str, bytes] = {}
         self._consult_wake = trio.lowlevel.ParkingLot()
+        #: Where :meth:`_routing_held` waits for held messages to be ready.
+        self._ready_wake = trio.lowlevel.ParkingLot()
         #: The consult in flight (cancelled when the hub gives up waiting).
         self._consult_scope = trio.CancelScope()
         self._draining = AsyncBool(False)
@@ -705,7 +707,8 @@ class App:
         give = (lambda n: None) if queued is None else queued.give
         async with trio.open_nursery() as nursery:
             if self.fleet is not None:
-                nursery.start_soon(self._consulting)
+                nursery.start_soon(self._consulting, self.fleet)
+                nursery.start_soon(self._routing_held)
             async for item in receive:
                 give(len(item[1]))
                 batch = [item]
@@ -739,17 +742,25 @@ class App:
         :meth:`_consulting` to ask the fleet's log about, unless it failed
         to answer in the last :data:`CONSULT_BACKOFF`. When more is held
         than the broker's queue may hold, nobody waits any longer (counted
-        as a failed consult). A barrier, like :meth:`route`."""
+        as a failed consult), and what is over the bound is routed here and
+        now. A barrier, like :meth:`route`."""
         routing = self.routing
+        holding = routing.holding
         try:
             now = trio.current_time()
             batch, wanted = routing.hold(batch, now, ask=now >= self._consult_after)
             if wanted:
                 self._to_ask.update(wanted)
                 self._consult_wake.unpark_all()
-            if routing.holding.over and routing.holding.waiting:
-                self.metrics.fleet_errors.labels("consult").inc()
-                self._give_up_consulting()
+            if holding.over:
+                if holding.waiting:
+                    self.metrics.fleet_errors.labels("consult").inc()
+                    self._give_up_consulting()
+                # A user whose messages keep coming stays held, waiting for
+                # nothing, and the helper routes a chunk a round while the
+                # router holds a batch: the router keeps the bound itself.
+                while holding.over and (ready := routing.take(ROUTER_BATCH)):
+                    self._route_batch(ready)
         except Exception as exc:
             self.internal_error("route", exc)
         return batch
@@ -761,31 +772,40 @@ class App:
         self._to_ask.clear()
         self.routing.holding.give_up()
         self._consult_scope.cancel()
-        self._consult_wake.unpark_all()
+        self._ready_wake.unpark_all()
 
-    async def _consulting(self) -> None:
-        """The router's helper task with a fleet log: ask the log for the
-        last entries of each user :meth:`_hold` names, all that came
+    async def _consulting(self, fleet: FleetLog) -> None:
+        """A helper task of the router's with a fleet log: ask the log for
+        the last entries of each user :meth:`_hold` names, all that came
         meanwhile in one round trip (:data:`CONSULT_BATCH` users at most),
         within ``SMAPWS_REDIS_TIMEOUT`` (then every held message goes on
         this hub's own chain, and the log is not asked for
-        :data:`CONSULT_BACKOFF`); route the held messages whose answer
-        came, :data:`ROUTER_BATCH` at a time. A barrier, like
-        :meth:`route`."""
-        fleet, routing, holding = self.fleet, self.routing, self.routing.holding
-        assert fleet is not None
+        :data:`CONSULT_BACKOFF`). Not the task that routes what was
+        answered (:meth:`_routing_held`): a user whose messages keep coming
+        would keep it from asking. A barrier, like :meth:`route`."""
         while True:
-            while not self._to_ask and not holding.ready:
+            while not self._to_ask:
                 await self._consult_wake.park()
             try:
-                if self._to_ask:
-                    await self._ask(fleet)
-                while batch := routing.take(ROUTER_BATCH):
-                    self._route_batch(batch)
-                    await trio.lowlevel.checkpoint()
+                await self._ask(fleet)
             except Exception as exc:
                 self.internal_error("route", exc)
                 self._give_up_consulting()
+
+    async def _routing_held(self) -> None:
+        """The other helper: route the held messages whose answer came (or
+        was given up on), :data:`ROUTER_BATCH` at a time, a checkpoint
+        after each. A barrier, like :meth:`route`."""
+        routing, holding = self.routing, self.routing.holding
+        while True:
+            while not holding.ready:
+                await self._ready_wake.park()
+            try:
+                self._route_batch(routing.take(ROUTER_BATCH))
+            except Exception as exc:
+                self.internal_error("route", exc)
+                self._give_up_consulting()
+            await trio.lowlevel.checkpoint()
 
     async def _ask(self, fleet: FleetLog) -> None:
         """One consult of the users :meth:`_hold` named (see :meth:`_consulting`)."""
@@ -802,6 +822,7 @@ class App:
             self._give_up_consulting()
         else:
             self.routing.holding.answer({user: found[ch] for user, ch in asked.items()})
+            self._ready_wake.unpark_all()
 
     async def prepare_resume(self, user: str, resume: Resume | None) -> Resume | None:
         """``resume`` with what the fleet's log holds after its ``since``,

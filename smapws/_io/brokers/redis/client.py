@@ -73,7 +73,7 @@ def client_options(timeout: float) -> dict[str, Any]:
     new connection. And the command deadline as the socket's: redis-py 8
     made its default 5 s (it was none), which cut every command at 5 s
     whatever ``SMAPWS_REDIS_TIMEOUT`` said (pub/sub's blocking reads are
-    not bound by it)."""
+    not bound by it from redis-py 8.1 on, hence the hub's pin)."""
     return {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import quote, urlsplit
 
-from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig
+from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig, usable_key
 from smapws._core.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_MESSAGE_BYTES
 from smapws._core.history import HistoryLimits
 from smapws._core.outbox import OutboxLimits
@@ -814,6 +814,11 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
                 f"JWT_SECRET: too short for {'/'.join(algorithms)}: at least {need} bytes "
                 "are required (RFC 7518 §3.2); generate one with `openssl rand -hex 32`"
             )
+        if not usable_key(algorithms, secret):
+            raise ConfigError(
+                "JWT_SECRET: PyJWT refuses it as an HMAC secret (it reads as a public key, "
+                "a certificate, an SSH key or a JWK); generate one with `openssl rand -hex 32`"
+            )
     else:
         path = v["jwt_public_key_file"]
         if not path:
@@ -826,6 +831,10 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
             raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from exc
         if b"PRIVATE KEY" in key:
             raise ConfigError("JWT_PUBLIC_KEY_FILE: holds a private key; give the public key")
+        if not usable_key(algorithms, key):
+            raise ConfigError(
+                f"JWT_PUBLIC_KEY_FILE: {path} is not a PEM public key for {'/'.join(algorithms)}"
+            )
     return AuthConfig(
         algorithms=algorithms,
         key=key,

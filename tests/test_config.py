@@ -131,6 +131,34 @@ def test_public_key_file(tmp_path: Path) -> None:
         load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(priv)})
 
 
+def test_a_key_pyjwt_would_refuse_at_every_upgrade_is_refused_at_start_up(
+    tmp_path: Path,
+) -> None:
+    """PyJWT refuses, at each verification, an HMAC secret that reads as a
+    public key (or an SSH key, a JWK) and a public key it cannot load for
+    the algorithm: each upgrade then failed as an internal error (500)
+    instead of the hub refusing to start. The message hides the secret."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ssh = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": ssh})
+    assert str(info.value).startswith("JWT_SECRET: PyJWT refuses it as an HMAC secret")
+    assert "AAAAC3" not in str(info.value)
+    rsa_pem = tmp_path / "rsa.pem"
+    rsa_pem.write_bytes(rsa.generate_private_key(65537, 2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    assert load({"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY_FILE": str(rsa_pem)}).auth is not None
+    for algorithms, path in (("ES256", rsa_pem), ("RS256,ES256", rsa_pem)):
+        with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY_FILE: .* is not a PEM public key"):
+            load({"JWT_ALGORITHMS": algorithms, "JWT_PUBLIC_KEY_FILE": str(path)})
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY_FILE: .* is not a PEM public key"):
+        load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(garbage)})
+
+
 def test_redact_url() -> None:
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"

@@ -7,7 +7,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from smapws._core.auth import AuthConfig, AuthError, mint, token_key, verify
+from smapws._core.auth import AuthConfig, AuthError, mint, token_key, usable_key, verify
 
 KEY = "k" * 64
 NOW = 1_800_000_000.0
@@ -143,3 +143,36 @@ def test_remembered_tokens_cost_the_same_whatever_their_length() -> None:
         assert tokens.verify(long_token, now=NOW + 1).user_id == "u"  # remembered
     assert len(tokens) == 100
     assert all(len(key) == 16 for key in tokens._cache)
+
+
+def test_a_key_prepared_once_still_tells_keys_apart() -> None:
+    """Each algorithm remembers the key it prepared last (PyJWT prepares it
+    on every verification, a third of the cost): a token signed with
+    another key, or a key that must not be an HMAC secret, is still refused
+    every time, whichever key came before."""
+    other = "o" * 64
+    mine = mint("u1", key=KEY, now=NOW, ttl=60)
+    theirs = mint("u1", key=other, now=NOW, ttl=60)
+    other_cfg = AuthConfig(algorithms=("HS256",), key=other)
+    for _ in range(2):
+        assert verify(mine, CFG, now=NOW).user_id == "u1"
+        with pytest.raises(AuthError) as info:
+            verify(theirs, CFG, now=NOW)
+        assert info.value.reason == "bad_signature"
+        assert verify(theirs, other_cfg, now=NOW).user_id == "u1"
+        with pytest.raises(AuthError) as info:
+            verify(mine, other_cfg, now=NOW)
+        assert info.value.reason == "bad_signature"
+    # A public key given as an HMAC secret is refused (PyJWT's check of the
+    # secret; the configuration refuses it before: usable_key), the second
+    # time too.
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    pem_cfg = AuthConfig(algorithms=("HS256",), key=pem)
+    assert not usable_key(("HS256",), pem) and usable_key(("HS256",), KEY)
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            verify(mine, pem_cfg, now=NOW)

@@ -319,7 +319,11 @@ class History:
         """``user`` has a tab open here: its window goes last for the total
         bound (after every window of a user not held) until :meth:`release`
         and ``ttl`` more."""
-        self._held[user] = math.inf
+        held = self._held
+        if user in held:  # none of its entries is cold (record, _expire_holds)
+            held[user] = math.inf
+            return
+        held[user] = math.inf
         window = self._users.get(user)
         if window is not None:
             for entry in window.entries:

@@ -159,6 +159,23 @@ def test_a_key_pyjwt_would_refuse_at_every_upgrade_is_refused_at_start_up(
         load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(garbage)})
 
 
+def test_a_public_key_on_a_curve_cryptography_does_not_know_is_a_config_error(
+    tmp_path: Path,
+) -> None:
+    """cryptography raises its own UnsupportedAlgorithm (not a ValueError)
+    for an EC key on a curve it cannot load: a ConfigError, not a traceback
+    at start-up. (secp112r1, made with openssl ecparam -name secp112r1.)"""
+    pem = tmp_path / "secp112r1.pem"
+    pem.write_text(
+        "-----BEGIN PUBLIC KEY-----\n"
+        "MDIwEAYHKoZIzj0CAQYFK4EEAAYDHgAEAmkJq096DtrRFm25jQIZQ6h1KKanb69c\n"
+        "GyU4Fw==\n"
+        "-----END PUBLIC KEY-----\n"
+    )
+    with pytest.raises(ConfigError, match=r"^JWT_PUBLIC_KEY_FILE: .* is not a PEM public key"):
+        load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(pem)})
+
+
 def test_redact_url() -> None:
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"

@@ -176,3 +176,19 @@ def test_a_key_prepared_once_still_tells_keys_apart() -> None:
     for _ in range(2):
         with pytest.raises(jwt.InvalidKeyError):
             verify(mine, pem_cfg, now=NOW)
+
+
+def test_a_key_prepared_once_copies() -> None:
+    """The wrapper in PyJWT's registry survives copy and deepcopy (which
+    make it without __init__: its attribute lookup recursed until a
+    RecursionError), and the copy verifies like the original."""
+    import copy
+
+    algorithm = jwt.get_algorithm_by_name("HS256")
+    token = mint("u1", key=KEY, now=NOW, ttl=60)
+    signing_input, _, signature = token.rpartition(".")
+    sig = jwt.utils.base64url_decode(signature)
+    for made in (copy.copy(algorithm), copy.deepcopy(algorithm)):
+        key = made.prepare_key(KEY)
+        assert made.verify(signing_input.encode(), key, sig)
+        assert not made.verify(signing_input.encode() + b"x", key, sig)

@@ -73,6 +73,11 @@ class _KeyPreparedOnce(jwt.algorithms.Algorithm):
         return self._inner.from_jwk(jwk)
 
     def __getattr__(self, name: str) -> Any:
+        # Only what is not found on the wrapper comes here; a copy made
+        # without __init__ (copy.copy, pickle) asks for _inner before it has
+        # one, which must fail, not recurse.
+        if name in ("_inner", "_last"):
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
 
@@ -98,11 +103,14 @@ def usable_key(algorithms: tuple[str, ...], key: str | bytes) -> bool:
     """Whether PyJWT takes ``key`` for each of ``algorithms`` (it refuses,
     at every verification, an HMAC secret that reads as a public key, a
     certificate, an SSH key or a JWK, and a public key it cannot load): for
-    the configuration to say so at start-up, not each upgrade."""
+    the configuration to say so at start-up, not each upgrade. Any
+    exception is a no: the key loaders raise more than PyJWT's own (e.g.
+    cryptography's ``UnsupportedAlgorithm`` for an EC key on a curve it
+    does not know)."""
     for name in algorithms:
         try:
             jwt.get_algorithm_by_name(name).prepare_key(key)
-        except (jwt.InvalidKeyError, NotImplementedError, ValueError, TypeError):
+        except Exception:
             return False
     return True
 

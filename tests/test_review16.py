@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from smapws import Server, serve
+from smapws._core.envelope import INVALID_REASONS
 
 from .conftest import RedisServer, connect, make_config, metric, wait_connections, wait_ready
 
@@ -26,9 +27,17 @@ async def test_a_flood_to_distinct_user_ids_keeps_the_chain_table_bounded(
         user = f"{i:08d}" * 32  # 256 characters, the longest id a token may carry
         await hub.app.broker.publish(b"user_noti:" + user.encode(), data)
     await trio.testing.wait_all_tasks_blocked()
+    # Every message of the flood was routed (none refused, none dropped):
+    # the bounds below hold of a hub that placed 20,000 users' messages,
+    # not of one that never took them in.
+    assert metric(hub, "websocket_broker_messages_received_total") == 20_000
+    assert metric(hub, "websocket_broker_messages_dropped_total") == 0
+    for reason in INVALID_REASONS:
+        assert metric(hub, "websocket_broker_messages_invalid_total", {"reason": reason}) == 0
     assert hub.app.history is not None
     held = len(hub.app.history)
-    assert metric(hub, "websocket_history_bytes") <= 256 * 1024
+    assert held > 0  # the window is full, not empty
+    assert 128 * 1024 < metric(hub, "websocket_history_bytes") <= 256 * 1024
     # What the chains hold is bounded like the window they serve.
     assert len(hub.app.chains) <= max(4 * held, 1000), (len(hub.app.chains), held)
 

@@ -122,5 +122,14 @@ def test_serve_on_a_busy_port_is_one_line_and_exit_1() -> None:
 
 def test_no_token_in_a_log_line_even_when_a_call_site_passes_one() -> None:
     tok = token("u1")
-    out = _emit("text", lambda: logger.info("x", extra=fields(access_token=tok, note=tok)))
-    assert tok not in out
+    for fmt in ("text", "json"):
+        out = _emit(fmt, lambda: logger.info("x", extra=fields(access_token=tok, note=tok)))
+        assert tok not in out
+        # The record is written, each field there and redacted (a line
+        # dropped whole would hold no token either).
+        assert out.count("\n") == 1, out
+        if fmt == "json":
+            record = json.loads(out)
+            assert (record["access_token"], record["note"]) == ("[redacted]", "[redacted]")
+        else:
+            assert " access_token=[redacted] note=[redacted]" in out

@@ -97,6 +97,10 @@ def test_one_users_state_is_capped_and_cannot_evict_others() -> None:
     for i in range(100):  # 6 MB of one user's progress, 100 projects
         snaps.observe("mallory", envelope(progress(f"p{i}", PAD)), now=1.0 + i)
     assert snaps.user_bytes("mallory") <= 512 * 1024
+    # Capped, not refused: mallory keeps her newest projects, up to her share.
+    kept = [json.loads(e.text)["payload"]["project_id"] for e in snaps.for_user("mallory", 200.0)]
+    assert kept and kept == [f"p{i}" for i in range(100 - len(kept), 100)], kept
+    assert snaps.user_bytes("mallory") > 512 * 1024 - 2 * PAD
     assert snaps.for_user("bystander", 200.0) == [bystander]
 
 
@@ -154,6 +158,12 @@ def test_one_users_flood_cannot_take_the_others_windows() -> None:
     for i in range(100):  # 6 MB to one user
         w.route("mallory", progress(f"p{i}", PAD), 1.0 + i * 0.01)
     assert w.history.user_bytes("mallory") <= 1024 * 1024
+    # Capped, not refused: her window holds her newest messages, up to her share.
+    kept = [
+        json.loads(e.text)["payload"]["project_id"] for _, _, e in w.history.chain("mallory", 3.0)
+    ]
+    assert kept and kept == [f"p{i}" for i in range(100 - len(kept), 100)], kept
+    assert w.history.user_bytes("mallory") > 1024 * 1024 - 2 * PAD
     assert w.after("bystander", first, 3.0) == [1]
 
 

@@ -244,6 +244,9 @@ async def test_websocket_lingering_closes_count_against_their_address(
         for _ in range(20):
             peak = max(peak, len(app.lingering), app.pending_by_address.held(FLOOD_ADDRESS))
             await trio.sleep(0.01)
-        assert peak <= per_address, f"{peak} lingering sockets from one address"
+        # The address's bound, and no more: its first sockets linger (the
+        # clients never close, so for the whole 2 s), the rest close at once.
+        # (At most the bound alone held as well when nothing lingered.)
+        assert peak == per_address, f"{peak} lingering sockets from one address"
     finally:
         await _close_all(held)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import subprocess
 import time
@@ -396,6 +397,12 @@ async def test_a_command_waits_for_the_hubs_redis_timeout_not_redis_pys(
         with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
             await client.pipeline([("PING",)])
         assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
+        # The cut call's connection is not used again (its reply would
+        # answer the next command): the next call, on a link that works,
+        # gets its own answer.
+        proxy.thaw()
+        mock_clock.autojump_threshold = math.inf
+        assert await client.pipeline([("ECHO", b"after")]) == [b"after"]
         await client.aclose()
 
 

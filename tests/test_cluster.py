@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -43,6 +44,7 @@ from .conftest import (
     wait_connections,
     wait_ready,
 )
+from .tcpproxy import TcpProxy
 from .test_faults import ONCE, report, resyncs, wait_delivery
 
 #: Short, so that a failover takes a second or two, not 15 (Redis's default).
@@ -507,3 +509,73 @@ async def test_fleet_log_appends_of_one_call_share_a_slot(cluster: Cluster) -> N
     with RedisCluster(startup_nodes=startup) as c:
         for user in users:
             assert c.lrange(log_key(channel(user)), 0, -1) == entries[user]
+
+
+@pytest.mark.parametrize("cut_by", ["its deadline", "a cancellation", "a frozen seed"])
+async def test_a_cluster_call_cut_short_leaves_no_reply_for_the_next_one(
+    nursery: trio.Nursery, cluster: Cluster, mock_clock: Any, monkeypatch: Any, cut_by: str
+) -> None:
+    """The cluster variant of test_faults' frozen-link tests (the publishing
+    client has no socket timeout inside redis-py since fd992b7): through a
+    proxy per node (the client is told to reach each node the cluster names
+    through its proxy), a node whose link froze fails the call at
+    SMAPWS_REDIS_TIMEOUT exactly; so does the first call's topology
+    discovery when the seeds' links are frozen; and a call cancelled by its
+    caller keeps the client, whose next call, once the link moves, gets its
+    own answer, not the cut command's (a ClusterNode's connection
+    disconnects on the cancellation as a plain one does)."""
+    import trio_asyncio
+
+    from smapws._io.brokers import BrokerError
+    from smapws._io.brokers.redis import ClusterTarget, PublishClient
+    from smapws._io.brokers.redis import client as client_module
+
+    proxies: dict[int, TcpProxy] = {}
+    for port in cluster.ports:
+        proxies[port] = await nursery.start(TcpProxy(port).run)
+    by_proxy = {proxy.port: proxy for proxy in proxies.values()}
+
+    def through_proxy(address: tuple[str, int]) -> tuple[str, int]:
+        host, port = address
+        return (host, proxies[port].port) if port in proxies else address
+
+    class ThroughProxies(client_module.RedisCluster):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, address_remap=through_proxy, **kwargs)
+
+    monkeypatch.setattr(client_module, "RedisCluster", ThroughProxies)
+    seeds = tuple(("127.0.0.1", proxies[port].port) for port in cluster.ports[:2])
+    client = PublishClient(ClusterTarget(seeds), timeout=8)
+    key = f"cut{time.monotonic_ns()}"
+
+    def echo(word: bytes) -> list[tuple[Any, ...]]:
+        return [("EVAL", "return ARGV[1]", 1, key, word)]
+
+    async with trio_asyncio.open_loop():
+        if cut_by == "a frozen seed":
+            for proxy in by_proxy.values():
+                proxy.freeze()
+        else:
+            assert await client.pipeline(echo(b"zeroth")) == [b"zeroth"]
+            for proxy in by_proxy.values():
+                proxy.freeze_existing()  # new connections work
+        kept = client._clients
+        mock_clock.autojump_threshold = 0
+        start = trio.current_time()
+        if cut_by == "a cancellation":
+            with trio.move_on_after(1) as scope:
+                await client.pipeline(echo(b"first"))
+            assert scope.cancelled_caught
+            assert trio.current_time() - start == pytest.approx(1, abs=0.1)  # virtual time
+            assert client._clients is kept  # a cancellation is no link error
+        else:
+            with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
+                await client.pipeline(echo(b"first"))
+            assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
+            assert client._clients is None  # replaced
+        mock_clock.autojump_threshold = math.inf
+        for proxy in by_proxy.values():
+            proxy.thaw()
+        assert await client.pipeline(echo(b"second")) == [b"second"]
+        assert await client.pipeline(echo(b"third")) == [b"third"]
+        await client.aclose()

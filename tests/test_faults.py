@@ -397,12 +397,58 @@ async def test_a_command_waits_for_the_hubs_redis_timeout_not_redis_pys(
         with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
             await client.pipeline([("PING",)])
         assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
-        # The cut call's connection is not used again (its reply would
-        # answer the next command): the next call, on a link that works,
-        # gets its own answer.
+        # The client that timed out is replaced: the next call, on a link
+        # that works, gets its own answer. (That says nothing of redis-py's
+        # disconnect of the cut connection, whose client is gone: see
+        # test_a_call_cancelled_from_outside_leaves_no_reply_for_the_next_one.)
         proxy.thaw()
         mock_clock.autojump_threshold = math.inf
         assert await client.pipeline([("ECHO", b"after")]) == [b"after"]
+        await client.aclose()
+
+
+@pytest.mark.parametrize("cut", ["mid-read", "mid-write"])
+async def test_a_call_cancelled_from_outside_leaves_no_reply_for_the_next_one(
+    nursery: trio.Nursery, redis_server: RedisServer, mock_clock: Any, cut: str
+) -> None:
+    """A call cut by a cancellation of the caller's, not by the client's
+    own deadline, is no link error: the client is kept. It is how a frozen
+    link cuts the fleet log's consults and reads: App._ask and
+    App.prepare_resume bound them by SMAPWS_REDIS_TIMEOUT themselves, a
+    deadline set before the client's and so never later (and a tab that
+    closes, an HTTP publish whose client leaves, cancel theirs). Nothing but
+    redis-py's disconnect of the cut connection on the CancelledError (in
+    ``send_packed_command`` and ``read_response``) then stops the next call
+    from reading the cut command's reply once the link moves again, there
+    being no socket timeout inside redis-py (fd992b7). The frozen link holds
+    the cut ECHO: thawed, Redis answers it first, and a connection used
+    again would answer the next ECHO with it (as it does with redis-py's
+    disconnect made a no-op). The cancellation reaches the asyncio task at
+    once: the call ends at the caller's deadline, virtual time."""
+    import trio_asyncio
+
+    from smapws._io.brokers.redis import PublishClient
+
+    proxy: TcpProxy = await nursery.start(TcpProxy(redis_server.port).run)
+    client = PublishClient(proxy.url, timeout=8)
+    # Mid-write: more than the loopback sockets' buffers, so the write waits.
+    first = b"first" * (1_000_000 if cut == "mid-write" else 1)
+    async with trio_asyncio.open_loop():
+        assert await client.pipeline([("PING",)]) == [True]
+        kept = client._clients
+        proxy.freeze_existing()  # a new connection works
+        mock_clock.autojump_threshold = 0
+        start = trio.current_time()
+        with trio.move_on_after(1) as scope:
+            await client.pipeline([("ECHO", first)])
+        assert scope.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(1, abs=0.1)  # virtual time
+        assert client._clients is kept  # not replaced: a cancellation is no link error
+        mock_clock.autojump_threshold = math.inf
+        proxy.thaw()
+        assert await client.pipeline([("ECHO", b"second")]) == [b"second"]
+        assert await client.pipeline([("ECHO", b"third")]) == [b"third"]
+        assert client._clients is kept
         await client.aclose()
 
 
@@ -707,6 +753,68 @@ async def poll(check: Callable[[], bool], timeout: float, what: str) -> None:
                 await trio.sleep(0.05)
     except trio.TooSlowError:
         raise AssertionError(f"not within {timeout:g} s: {what}") from None
+
+
+@pytest.mark.parametrize("cut_by", ["its deadline", "a cancellation"])
+async def test_a_sentinel_found_masters_call_cut_short_leaves_no_reply_for_the_next_one(
+    nursery: trio.Nursery, tmp_path: Path, mock_clock: Any, cut_by: str
+) -> None:
+    """The Sentinel variant of the two tests above (the publishing client
+    has no socket timeout inside redis-py since fd992b7): a master whose
+    link froze fails the call at SMAPWS_REDIS_TIMEOUT exactly, redis-py's
+    own deadline being none; a call cancelled by its caller keeps the
+    client, and the next call, once the link moves, gets its own answer,
+    not the cut command's (redis-py's SentinelManagedConnection disconnects
+    on the cancellation as a plain connection does). One Sentinel, whose
+    quorum of 2 it cannot reach alone: the master is never failed over."""
+    import trio_asyncio
+
+    from smapws._io.brokers import BrokerError
+    from smapws._io.brokers.redis import PublishClient
+
+    master, sentinel = free_port(), free_port()
+    procs = Processes(tmp_path)
+    try:
+        procs.start_server(master)
+        proxy: TcpProxy = await nursery.start(TcpProxy(master).run)
+        procs.start_sentinel(sentinel, proxy.port)  # names the proxy as the master
+
+        def wait_sentinel() -> None:  # real time: the mock clock does not run
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(redis.RedisError), redis.Redis(port=sentinel, **ONCE) as s:
+                    if s.sentinel_get_master_addr_by_name(MASTER_NAME):
+                        return
+                time.sleep(0.05)
+            raise AssertionError("the Sentinel did not start")
+
+        await trio.to_thread.run_sync(wait_sentinel)
+        target = SentinelTarget((("127.0.0.1", sentinel),), MASTER_NAME, password=MASTER_PASSWORD)
+        client = PublishClient(target, timeout=8)
+        async with trio_asyncio.open_loop():
+            assert await client.pipeline([("PING",)]) == [True]
+            kept = client._clients
+            proxy.freeze_existing()  # a new connection to the master works
+            mock_clock.autojump_threshold = 0
+            start = trio.current_time()
+            if cut_by == "its deadline":
+                with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
+                    await client.pipeline([("ECHO", b"first")])
+                assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
+                assert client._clients is None  # replaced
+            else:
+                with trio.move_on_after(1) as scope:
+                    await client.pipeline([("ECHO", b"first")])
+                assert scope.cancelled_caught
+                assert trio.current_time() - start == pytest.approx(1, abs=0.1)
+                assert client._clients is kept  # a cancellation is no link error
+            mock_clock.autojump_threshold = math.inf
+            proxy.thaw()
+            assert await client.pipeline([("ECHO", b"second")]) == [b"second"]
+            assert await client.pipeline([("ECHO", b"third")]) == [b"third"]
+            await client.aclose()
+    finally:
+        procs.kill_all()
 
 
 async def test_sentinel_failover(

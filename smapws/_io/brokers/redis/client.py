@@ -81,9 +81,13 @@ def client_options(timeout: float, *, bounded: bool = False) -> dict[str, Any]:
     ``asyncio.wait_for`` (a task and a timer per write) and reads each
     reply under a timer: the fleet log's appends cost 0.83x the hub's CPU
     per message without it (``bench.micro_fleet --against``, 13.43 -> 11.21
-    us, 120 appends a pipeline). A call cut by the trio deadline
-    disconnects its connection (redis-py's own handling of a cancelled read
-    or write), and the client is replaced."""
+    us, 120 appends a pipeline). A call cut by the trio deadline is a link
+    error: the client is replaced. One cancelled by its caller is not, and
+    the client is kept (the fleet log's consults and reads on a frozen
+    link: their callers' deadlines come first): what keeps the next call
+    from reading the cut command's reply is redis-py's disconnect of the
+    cut connection on the cancellation, in its writes and reads (pinned by
+    test_faults and test_cluster, for a URL, Sentinel and a cluster)."""
     return {
         "socket_connect_timeout": timeout,
         "socket_timeout": None if bounded else timeout,

@@ -633,3 +633,48 @@ async def test_a_hub_that_drains_sends_the_appends_it_still_holds(own_redis: Red
     assert appended(hub) == 20
     with own_redis.client() as c:
         assert c.llen(log_key(b"user_noti:d1")) == 20
+
+
+async def test_replies_no_redis_gives_are_failures_not_a_crash(nursery: trio.Nursery) -> None:
+    """A failure of the fleet log never stops the hub, and that includes a
+    reply Redis never gives: from a server that is not Redis, or a link an
+    attacker tampers with, an integer where the scripts and LRANGE answer
+    arrays. consult and read raised the decoders' TypeError (``for h in
+    reply``), and the append task died of it (the strict zip over the
+    script's statuses), taking the hub's root nursery with it. Each is now
+    a counted failure: consult answers an empty log, read None, the
+    appends are counted failed. The server here answers every command
+    with ``:5``."""
+
+    async def integers(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                # One reply per command: each starts a line with "*<argc>".
+                count = data.count(b"\r\n*") + data.startswith(b"*")
+                await stream.send_all(b":5\r\n" * count)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    nursery.start_soon(trio.serve_listeners, integers, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    metrics = Metrics()
+    log = FleetLog(
+        PublishClient(f"redis://127.0.0.1:{port}/0", timeout=5),
+        ttl=60,
+        per_user=10,
+        max_bytes=1 << 20,
+        metrics=metrics,
+    )
+    channel = b"user_noti:tampered"
+    async with trio_asyncio.open_loop(), trio.open_nursery() as inner:
+        assert await log.consult([channel]) == {channel: []}
+        assert await log.read(channel) is None
+        await inner.start(log.run, lambda ch: None)
+        log.append_nowait(channel, encode_entry("1" * 16, GENESIS, 0, b"x"))
+        with trio.fail_after(5):
+            await log.flush()
+        inner.cancel_scope.cancel()
+        await log.aclose()
+    sample = metrics.registry.get_sample_value
+    assert sample("websocket_fleet_log_appends_total", {"result": "failed"}) == 1
+    for op in ("consult", "read", "append"):
+        assert sample("websocket_fleet_log_errors_total", {"op": op}) == 1, op

@@ -149,6 +149,19 @@ _LOG_EVERY: Final = 10.0
 _APPEND_RESULTS: Final = ("duplicate", "written", "off_chain")
 
 
+def _byte_strings(reply: Any) -> list[bytes]:
+    """``reply`` if it is a list of byte strings, as LRANGE and the headers
+    script answer; raises the error Redis answered, or
+    :class:`redis.exceptions.InvalidResponse` for anything else (a server
+    that is not Redis, a tampered link), which the decoders would meet as a
+    TypeError or an AttributeError and the hub as a crash."""
+    if isinstance(reply, Exception):
+        raise reply
+    if not isinstance(reply, list) or not all(e.__class__ is bytes for e in reply):
+        raise redis.exceptions.InvalidResponse("not a list of byte strings")
+    return reply
+
+
 class _SharedRead:
     """One read of a log, awaited by every resume of its user meanwhile."""
 
@@ -327,7 +340,12 @@ class FleetLog:
         tally = [0, 0, 0]
         failed = 0
         for (_, channels), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, Exception):  # the whole call
+            if not isinstance(reply, list) or len(reply) != len(channels):
+                # The whole call: an error, or what the script never answers
+                # (a server that is not Redis, a tampered link): not a crash
+                # of the task (the zip below is strict).
+                if not isinstance(reply, Exception):
+                    reply = redis.exceptions.InvalidResponse("not one status per entry")
                 failed += len(channels)
                 self._failed("append", reply, len(channels))
                 continue
@@ -356,9 +374,7 @@ class FleetLog:
         out: dict[bytes, list[Header]] = {}
         for channel, reply in zip(channels, replies, strict=True):
             try:
-                if isinstance(reply, Exception):
-                    raise reply
-                out[channel] = [decode_header(h) for h in reply]
+                out[channel] = [decode_header(h) for h in _byte_strings(reply)]
             except (ValueError, redis.exceptions.RedisError) as exc:
                 # Not ours (a WRONGTYPE key of that name, a foreign entry):
                 # as if the log were empty, so the chain starts afresh.
@@ -392,9 +408,7 @@ class FleetLog:
             return None
         reply = replies[0]
         try:
-            if isinstance(reply, Exception):
-                raise reply
-            return [decode_entry(e) for e in reply]
+            return [decode_entry(e) for e in _byte_strings(reply)]
         except (ValueError, redis.exceptions.RedisError) as exc:
             self._failed("read", exc)
             return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import socket
@@ -45,7 +44,7 @@ from .conftest import (
     wait_ready,
 )
 from .tcpproxy import TcpProxy
-from .test_faults import ONCE, report, resyncs, wait_delivery
+from .test_faults import ONCE, cut_short_then_answered, report, resyncs, wait_delivery
 
 #: Short, so that a failover takes a second or two, not 15 (Redis's default).
 NODE_TIMEOUT_MS = 1000
@@ -526,7 +525,6 @@ async def test_a_cluster_call_cut_short_leaves_no_reply_for_the_next_one(
     disconnects on the cancellation as a plain one does)."""
     import trio_asyncio
 
-    from smapws._io.brokers import BrokerError
     from smapws._io.brokers.redis import ClusterTarget, PublishClient
     from smapws._io.brokers.redis import client as client_module
 
@@ -559,23 +557,12 @@ async def test_a_cluster_call_cut_short_leaves_no_reply_for_the_next_one(
             assert await client.pipeline(echo(b"zeroth")) == [b"zeroth"]
             for proxy in by_proxy.values():
                 proxy.freeze_existing()  # new connections work
-        kept = client._clients
-        mock_clock.autojump_threshold = 0
-        start = trio.current_time()
-        if cut_by == "a cancellation":
-            with trio.move_on_after(1) as scope:
-                await client.pipeline(echo(b"first"))
-            assert scope.cancelled_caught
-            assert trio.current_time() - start == pytest.approx(1, abs=0.1)  # virtual time
-            assert client._clients is kept  # a cancellation is no link error
-        else:
-            with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
-                await client.pipeline(echo(b"first"))
-            assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
-            assert client._clients is None  # replaced
-        mock_clock.autojump_threshold = math.inf
-        for proxy in by_proxy.values():
-            proxy.thaw()
-        assert await client.pipeline(echo(b"second")) == [b"second"]
-        assert await client.pipeline(echo(b"third")) == [b"third"]
+        await cut_short_then_answered(
+            client,
+            by_proxy.values(),
+            mock_clock,
+            echo(b"first"),
+            echo,
+            by_deadline=cut_by != "a cancellation",
+        )
         await client.aclose()

@@ -17,7 +17,7 @@ import math
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -384,7 +384,6 @@ async def test_a_command_waits_for_the_hubs_redis_timeout_not_redis_pys(
     the hub's own deadline's "TooSlowError")."""
     import trio_asyncio
 
-    from smapws._io.brokers import BrokerError
     from smapws._io.brokers.redis import PublishClient
 
     proxy: TcpProxy = await nursery.start(TcpProxy(redis_server.port).run)
@@ -392,19 +391,57 @@ async def test_a_command_waits_for_the_hubs_redis_timeout_not_redis_pys(
     async with trio_asyncio.open_loop():
         assert await client.pipeline([("PING",)]) == [True]
         proxy.freeze()
-        mock_clock.autojump_threshold = 0
-        start = trio.current_time()
-        with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
-            await client.pipeline([("PING",)])
-        assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
-        # The client that timed out is replaced: the next call, on a link
-        # that works, gets its own answer. (That says nothing of redis-py's
-        # disconnect of the cut connection, whose client is gone: see
+        # Cut at the hub's 8 s; the client that timed out is replaced, and
+        # the next calls, on a link that works, get their own answers. (That
+        # says nothing of redis-py's disconnect of the cut connection, whose
+        # client is gone: see
         # test_a_call_cancelled_from_outside_leaves_no_reply_for_the_next_one.)
-        proxy.thaw()
-        mock_clock.autojump_threshold = math.inf
-        assert await client.pipeline([("ECHO", b"after")]) == [b"after"]
+        await cut_short_then_answered(
+            client, [proxy], mock_clock, [("PING",)], _echo, by_deadline=True
+        )
         await client.aclose()
+
+
+async def cut_short_then_answered(
+    client: Any,
+    proxies: Iterable[TcpProxy],
+    mock_clock: Any,
+    first: list[tuple[Any, ...]],
+    echo: Callable[[bytes], list[tuple[Any, ...]]],
+    *,
+    by_deadline: bool,
+) -> None:
+    """Cut ``client``'s call of ``first`` on links ``proxies`` froze: by
+    the client's own deadline (a PublishClient of timeout 8: it fails at 8 s
+    of virtual time and the client is replaced) or by its caller's
+    cancellation after 1 s (the client is kept); then thaw the links and
+    check that the next two calls get their own answers (``echo(word)``
+    answers ``[word]``), not the cut command's."""
+    from smapws._io.brokers import BrokerError
+
+    kept = client._clients
+    mock_clock.autojump_threshold = 0
+    start = trio.current_time()
+    if by_deadline:
+        with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
+            await client.pipeline(first)
+        assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
+        assert client._clients is None  # replaced
+    else:
+        with trio.move_on_after(1) as scope:
+            await client.pipeline(first)
+        assert scope.cancelled_caught
+        assert trio.current_time() - start == pytest.approx(1, abs=0.1)  # virtual time
+        assert client._clients is kept  # not replaced: a cancellation is no link error
+    mock_clock.autojump_threshold = math.inf
+    for proxy in proxies:
+        proxy.thaw()
+    assert await client.pipeline(echo(b"second")) == [b"second"]
+    assert await client.pipeline(echo(b"third")) == [b"third"]
+
+
+def _echo(word: bytes) -> list[tuple[Any, ...]]:
+    return [("ECHO", word)]
 
 
 @pytest.mark.parametrize("cut", ["mid-read", "mid-write"])
@@ -437,17 +474,9 @@ async def test_a_call_cancelled_from_outside_leaves_no_reply_for_the_next_one(
         assert await client.pipeline([("PING",)]) == [True]
         kept = client._clients
         proxy.freeze_existing()  # a new connection works
-        mock_clock.autojump_threshold = 0
-        start = trio.current_time()
-        with trio.move_on_after(1) as scope:
-            await client.pipeline([("ECHO", first)])
-        assert scope.cancelled_caught
-        assert trio.current_time() - start == pytest.approx(1, abs=0.1)  # virtual time
-        assert client._clients is kept  # not replaced: a cancellation is no link error
-        mock_clock.autojump_threshold = math.inf
-        proxy.thaw()
-        assert await client.pipeline([("ECHO", b"second")]) == [b"second"]
-        assert await client.pipeline([("ECHO", b"third")]) == [b"third"]
+        await cut_short_then_answered(
+            client, [proxy], mock_clock, _echo(first), _echo, by_deadline=False
+        )
         assert client._clients is kept
         await client.aclose()
 
@@ -769,7 +798,6 @@ async def test_a_sentinel_found_masters_call_cut_short_leaves_no_reply_for_the_n
     quorum of 2 it cannot reach alone: the master is never failed over."""
     import trio_asyncio
 
-    from smapws._io.brokers import BrokerError
     from smapws._io.brokers.redis import PublishClient
 
     master, sentinel = free_port(), free_port()
@@ -793,25 +821,15 @@ async def test_a_sentinel_found_masters_call_cut_short_leaves_no_reply_for_the_n
         client = PublishClient(target, timeout=8)
         async with trio_asyncio.open_loop():
             assert await client.pipeline([("PING",)]) == [True]
-            kept = client._clients
             proxy.freeze_existing()  # a new connection to the master works
-            mock_clock.autojump_threshold = 0
-            start = trio.current_time()
-            if cut_by == "its deadline":
-                with pytest.raises(BrokerError, match=r"^Redis command failed: TooSlowError$"):
-                    await client.pipeline([("ECHO", b"first")])
-                assert trio.current_time() - start == pytest.approx(8, abs=0.1)  # virtual time
-                assert client._clients is None  # replaced
-            else:
-                with trio.move_on_after(1) as scope:
-                    await client.pipeline([("ECHO", b"first")])
-                assert scope.cancelled_caught
-                assert trio.current_time() - start == pytest.approx(1, abs=0.1)
-                assert client._clients is kept  # a cancellation is no link error
-            mock_clock.autojump_threshold = math.inf
-            proxy.thaw()
-            assert await client.pipeline([("ECHO", b"second")]) == [b"second"]
-            assert await client.pipeline([("ECHO", b"third")]) == [b"third"]
+            await cut_short_then_answered(
+                client,
+                [proxy],
+                mock_clock,
+                _echo(b"first"),
+                _echo,
+                by_deadline=cut_by == "its deadline",
+            )
             await client.aclose()
     finally:
         procs.kill_all()

@@ -53,6 +53,35 @@ async def test_a_refused_upgrade_is_one_line_without_the_token(memory_hub: Serve
     assert out.getvalue() == ""
 
 
+async def test_a_token_no_cookie_can_carry_is_refused_without_printing_it(
+    memory_hub: Server,
+) -> None:
+    # h11 refused the header with the whole value in its message
+    # ("Illegal header value b'access_token=eyJ...'"), and that went out in
+    # a traceback: a token read from a file with CRLF line ends, or with a
+    # header smuggled into it. Surrounding whitespace is dropped (a JWT has
+    # none); what is left must be a cookie value.
+    url = f"ws://127.0.0.1:{memory_hub.port}/ws"
+    good = token("l5")
+    smuggled = good[:20] + "\r\nX-Injected: 1" + good[20:]
+    for bad in (smuggled, good[:20] + " " + good[20:], good + ";x=y"):
+        err = io.StringIO()
+        assert await listen(url, bad, err=err) == 2
+        assert good[:20] not in err.getvalue() and "token" in err.getvalue()
+        assert len(err.getvalue().splitlines()) == 1
+    out, err = io.StringIO(), io.StringIO()
+    status: list[int] = []
+
+    async def run() -> None:
+        status.append(await listen(url, good + "\r\n", count=1, out=out, err=err))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        await wait_connections(memory_hub, 1)
+        await publish(memory_hub, "l5")
+    assert status == [0] and json.loads(out.getvalue())["type"] == "notification"
+
+
 async def test_an_unreachable_hub_is_exit_1() -> None:
     err = io.StringIO()
     from tests.conftest import free_port

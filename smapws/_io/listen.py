@@ -14,6 +14,7 @@ standard error. The token is never printed.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import sys
 from typing import IO, Final
@@ -38,6 +39,10 @@ NORMAL_CLOSES: Final = (CloseCode.NORMAL, CloseCode.GOING_AWAY)
 #: are bounded by SMAPWS_MAX_MESSAGE_BYTES, 64 KiB by default, and nothing a
 #: hub may send should end the listener).
 MAX_FRAME: Final = 16 * 1024 * 1024
+
+#: What a cookie's value may hold (RFC 6265 §4.1.1, ``cookie-octet``): no
+#: whitespace, control character, DQUOTE, comma, semicolon or backslash.
+_COOKIE_VALUE: Final = re.compile(r"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 
 
 def with_since(url: str, since: str | None) -> str:
@@ -70,11 +75,24 @@ async def listen(
     ``access_token`` cookie and print every frame until the hub closes (or
     ``count`` frames). Returns the exit status: 0 after ``count`` frames or
     a normal close (1000, 1001), 1 when the upgrade is refused or fails, or
-    on any other close."""
+    on any other close, 2 for a URL that is not ``ws://`` or ``wss://`` or
+    a token a cookie cannot carry (whitespace around it is dropped)."""
     target = with_since(url, since)
     parts = urlsplit(target)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         print(f"smapws: listen: expected a ws:// or wss:// URL, not {url!r}", file=err)
+        return 2
+    # A JWT has no whitespace: what surrounds it came with it (a file with
+    # CRLF line ends, a paste). Anything else a cookie cannot carry is
+    # refused here, without the token: h11 would refuse the header with the
+    # whole value in its message, a traceback's last line.
+    token = token.strip()
+    if not _COOKIE_VALUE.fullmatch(token):
+        print(
+            "smapws: listen: the token holds characters a cookie cannot carry "
+            "(whitespace, control characters, '\"', ',', ';' or '\\'); not printed",
+            file=err,
+        )
         return 2
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

@@ -91,6 +91,16 @@ async def test_an_unreachable_hub_is_exit_1() -> None:
     assert "cannot connect" in err.getvalue()
 
 
+async def test_a_url_urllib_cannot_split_is_exit_2_in_one_line() -> None:
+    # A port that is no number or out of range, a broken IPv6 literal: urllib
+    # raised ValueError at parts.port, out of listen as a traceback (exit 1).
+    for url in ("ws://127.0.0.1:abc/ws", "ws://127.0.0.1:99999/ws", "ws://[::1/ws"):
+        err = io.StringIO()
+        assert await listen(url, token("l6"), err=err) == 2
+        assert err.getvalue().startswith("smapws: listen: expected a ws:// or wss:// URL")
+        assert len(err.getvalue().splitlines()) == 1
+
+
 def test_frames_and_urls() -> None:
     assert frame_line("not json") == '{"text": "not json"}'
     assert frame_line(b"\x00\x01") == '{"binary": 2}'

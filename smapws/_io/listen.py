@@ -78,8 +78,13 @@ async def listen(
     on any other close, 2 for a URL that is not ``ws://`` or ``wss://`` or
     a token a cookie cannot carry (whitespace around it is dropped)."""
     target = with_since(url, since)
-    parts = urlsplit(target)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+    try:
+        parts = urlsplit(target)
+        # (.port raises for a port that is no number or out of range.)
+        port = parts.port or (443 if parts.scheme == "wss" else 80)
+    except ValueError:  # that, or a broken IPv6 literal ("ws://[::1/ws")
+        parts = None
+    if parts is None or parts.scheme not in ("ws", "wss") or not parts.hostname:
         print(f"smapws: listen: expected a ws:// or wss:// URL, not {url!r}", file=err)
         return 2
     # A JWT has no whitespace: what surrounds it came with it (a file with
@@ -94,7 +99,6 @@ async def listen(
             file=err,
         )
         return 2
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     headers = [(b"Cookie", f"access_token={token}".encode())]
     # The stream is ours (opened here, closed in the finally): trio-websocket's

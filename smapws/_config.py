@@ -247,7 +247,15 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "worker processes serving the same port(s), each a whole hub with its own "
         "subscription (auto: the CPUs this process may use); more than 1 needs Redis",
     ),
-    _Option("redis_url", "REDIS_URL", _str, None, "redis:// rediss:// or unix:// URL", True),
+    _Option(
+        "redis_url",
+        "REDIS_URL",
+        _str,
+        None,
+        "redis:// rediss:// or unix:// URL (a '/', '?', '#' or '@' in its password "
+        "percent-encoded: %2F, %3F, %23, %40)",
+        True,
+    ),
     _Option("redis_host", "REDIS_HOST", _str, None, "Redis host (when REDIS_URL is unset)"),
     _Option("redis_port", "REDIS_PORT", _port, 6379, "Redis port"),
     _Option("redis_db", "REDIS_DB", _non_negative_int, 0, "Redis database for pub/sub"),
@@ -779,8 +787,25 @@ def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, A
 def _redis_url(v: dict[str, Any]) -> str | None:
     url: str | None = v["redis_url"]
     if url:
-        scheme = urlsplit(url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        # urllib (and redis-py) end the authority at the first '/', '?' or
+        # '#': one unescaped in a password makes the rest of it a path, and
+        # the password no password (shown whole where the URL is shown).
+        rest = url.partition("://")[2]
+        ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+        if "@" in rest[min(ends) if ends else len(rest) :]:
+            raise ConfigError(
+                "REDIS_URL: an '@' after the host: percent-encode a '/', '?' or '#' in "
+                "the password (%2F, %3F, %23), an '@' anywhere else (%40)"
+            )
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises for a port that is no number or out of range)
+        except ValueError:  # not chained: its text may quote the URL
+            raise ConfigError(
+                "REDIS_URL: expected host[:port] with a port of 0-65535 "
+                "(an IPv6 address in [brackets])"
+            ) from None
+        if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
         return url
     host = v["redis_host"]

@@ -178,7 +178,51 @@ def test_a_public_key_on_a_curve_cryptography_does_not_know_is_a_config_error(
 
 def test_redact_url() -> None:
     assert redact_url("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
+    assert redact_url("redis://:p%40w@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("unix://:pw@/run/redis.sock?db=1") == "unix://:***@/run/redis.sock?db=1"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # redis-py sends a password given as a query argument: it was shown whole.
+        ("redis://h:1/0?password=s3cret", "redis://h:1/0?password=***"),
+        ("redis://h:1/0?db=1&password=s3cret&x=1", "redis://h:1/0?db=1&password=***&x=1"),
+        # An unescaped '/', '?' or '#' in the password ends the authority
+        # there for urllib (and redis-py): no password found, the URL was
+        # shown whole, or ('s3cr' taken for the port) .port raised with it.
+        ("redis://:1234/s3cret@h:1/0", "redis://***@h:1/0"),
+        ("redis://:s3cr/et@h:1/0", "redis://***@h:1/0"),
+        ("redis://u:s3cr?et@h:1/0", "redis://***@h:1/0"),
+        ("redis://u:s3cr#et@h:1/0", "redis://***@h:1/0"),
+    ],
+)
+def test_redact_url_hides_every_password_redis_py_would_use(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cr/et@h:6379/0",
+        "redis://:1234/s3cret@h:6379/0",
+        "redis://:s3cr#et@h:6379/0",
+        "redis://:s3cret@h:notaport/0",
+        "redis://:s3cret@h:99999/0",
+        "redis://:s3cret@[::1/0",
+    ],
+)
+def test_a_redis_url_urllib_misreads_is_refused_without_its_password(url: str) -> None:
+    # These crashed serve with a traceback (ValueError at SplitResult.port,
+    # "...as 's3cr'": the password's start), or were taken with the
+    # password for a path and logged whole, connecting to localhost:1234.
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, "REDIS_URL": url})
+    assert str(info.value).startswith("REDIS_URL: ")
+    assert "s3cr" not in str(info.value) and "1234" not in str(info.value)
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
 
 
 def test_every_variable_is_in_the_configuration_page() -> None:

@@ -19,9 +19,9 @@ The seed's rules (``websocket-service-integration-guide.md``, Project service):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 from smapws_publisher._validate import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -205,14 +205,30 @@ def one_line(text: str, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
+#: A ``password`` query argument's value (redis-py sends it as the password).
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*")
+
+
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{user}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """``url`` with every password redis-py would send replaced by ``***``
+    (safe to log): the userinfo's, and a ``password`` query argument's.
+
+    Read as text, not with :func:`~urllib.parse.urlsplit`, which raises for
+    a port that is no number (with that text in its message) and ends the
+    authority at the first ``/``, ``?`` or ``#``: a password holding one
+    unescaped (``openssl rand -base64`` writes ``/``) was then no password,
+    and the URL was shown whole. An ``@`` after that point hides everything
+    between ``//`` and it."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return _QUERY_PASSWORD.sub(r"\1***", url)
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    authority_end = min(ends) if ends else len(rest)
+    at = rest.rfind("@")
+    if at >= authority_end:
+        rest = "***@" + rest[at + 1 :]
+    elif at >= 0:
+        user, colon, _ = rest[:at].partition(":")
+        if colon:
+            rest = f"{user}:***{rest[at:]}"
+    return scheme + "://" + _QUERY_PASSWORD.sub(r"\1***", rest)

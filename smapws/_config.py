@@ -428,7 +428,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "SMAPWS_MAX_CLIENT_MESSAGE_BYTES",
         _positive_int,
         4096,
-        "largest client frame accepted (1009 beyond)",
+        "largest client message accepted, its frames together (1009 beyond)",
     ),
     _Option(
         "max_client_frame_rate",

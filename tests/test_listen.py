@@ -88,7 +88,9 @@ async def test_an_unreachable_hub_is_exit_1() -> None:
 
     url = f"ws://127.0.0.1:{free_port()}/ws"
     assert await listen(url, token("l3"), err=err, connect_timeout=5) == 1
-    assert "cannot connect" in err.getvalue()
+    # The line says why, not only the exception's type ("OSError").
+    assert err.getvalue().startswith(f"smapws: listen: cannot connect to {url}: OSError: ")
+    assert "failed" in err.getvalue() and len(err.getvalue().splitlines()) == 1
 
 
 async def test_a_url_urllib_cannot_split_is_exit_2_in_one_line() -> None:
@@ -99,6 +101,25 @@ async def test_a_url_urllib_cannot_split_is_exit_2_in_one_line() -> None:
         assert await listen(url, token("l6"), err=err) == 2
         assert err.getvalue().startswith("smapws: listen: expected a ws:// or wss:// URL")
         assert len(err.getvalue().splitlines()) == 1
+
+
+async def test_a_failed_tls_handshake_says_why_at_once() -> None:
+    # wss:// to a server that answers in plain HTTP: the TLS handshake failed
+    # in trio-websocket's reader task, which let the upgrade wait out
+    # connect_timeout and report TooSlowError.
+    async def plain_http(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, plain_http, 0, host="127.0.0.1"))
+        url = f"wss://127.0.0.1:{listener.socket.getsockname()[1]}/ws"
+        err = io.StringIO()
+        with trio.fail_after(5):
+            assert await listen(url, token("l7"), err=err, connect_timeout=30) == 1
+        nursery.cancel_scope.cancel()
+    assert err.getvalue().startswith(f"smapws: listen: cannot connect to {url}: ")
+    assert "SSL" in err.getvalue() and "TooSlowError" not in err.getvalue()
 
 
 def test_frames_and_urls() -> None:

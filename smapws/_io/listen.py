@@ -113,6 +113,10 @@ async def listen(
                     stream = trio.SSLStream(
                         stream, ssl.create_default_context(), server_hostname=parts.hostname
                     )
+                    # Here, not in trio-websocket's reader task, whose failure
+                    # ("certificate verify failed") left the upgrade waiting
+                    # out connect_timeout, reported as TooSlowError.
+                    await stream.do_handshake()
                 ws = await wrap_client_stream(
                     nursery,
                     stream,
@@ -135,7 +139,14 @@ async def listen(
             file=err,
         )
     except* (HandshakeError, OSError, trio.BrokenResourceError, trio.TooSlowError) as group:
-        name = type(group.exceptions[0]).__name__
+        failure = group.exceptions[0]
+        # The type, and what it says (trio's "all attempts to connect to
+        # 127.0.0.1:1 failed", the resolver's "Name or service not known";
+        # a failed TLS handshake's cause, "certificate verify failed"): none
+        # of these carries a request header, so no token.
+        why = str(failure) or str(failure.__cause__ or "")
+        why = " ".join(why.split())[:200]
+        name = type(failure).__name__ + (f": {why}" if why else "")
         print(f"smapws: listen: cannot connect to {url}: {name}", file=err)
     finally:
         if stream is not None:

@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     lis.add_argument(
         "--token",
         default=None,
-        help="use this JWT instead of minting one with JWT_SECRET (it is never printed)",
+        help="use this JWT instead of minting one with JWT_SECRET (it is never printed; "
+        "the tab is then the token's user, whatever --user says)",
     )
     lis.add_argument(
         "--count", type=int, default=None, help="exit 0 after this many frames (default: never)"

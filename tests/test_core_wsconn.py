@@ -23,7 +23,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.frame_protocol import Frame, FrameDecoder, FrameProtocol
+from wsproto.frame_protocol import CloseReason, Frame, FrameDecoder, FrameProtocol
 
 from smapws._core import wsconn
 from smapws._core.envelope import Envelope, parse
@@ -239,6 +239,18 @@ def test_the_peer_closing_is_answered_and_reported_once() -> None:
     assert p.server.offer(envelope(2)) == wsconn.REFUSED
     p.feed(b"")
     assert p.reported == [Closed(Close(1000, "bye", True, "client_closed"))]
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 4000, CloseReason.NO_STATUS_RCVD])
+def test_the_answer_to_the_clients_close_repeats_its_code(code: int) -> None:
+    """docs/reference/close-codes.rst: the hub's answer carries the client's
+    own code (NO_STATUS_RCVD: the client's frame had none, and neither has
+    the answer: wsproto sends an empty close frame for it)."""
+    p = pair()
+    p.send(CloseConnection(code))
+    (answer,) = p.flush()
+    assert isinstance(answer, CloseConnection) and answer.code == code
+    assert p.reported == [Closed(Close(code, "", True, "client_closed"))]
 
 
 def test_the_link_ending_without_a_close_frame_is_1006() -> None:

@@ -4,6 +4,7 @@ takes, abandoned after SMAPWS_WRITE_WAIT on the MockClock."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -151,6 +152,44 @@ async def test_a_real_socket_write_the_peer_never_takes_is_abandoned(
         assert 10 <= trio.current_time() - start <= 12
     sample = app.metrics.registry.get_sample_value
     assert sample("websocket_connections_closed_total", {"cause": "write_timeout"}) == 1
+
+
+async def test_a_slow_consumer_whose_1013_is_never_taken_is_counted_and_logged_alike(
+    autojump_clock: trio.testing.MockClock, pair: Pair, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The queue overflows (1013) while the socket is full, and the close
+    frame then waits past SMAPWS_WRITE_WAIT: the metric and the log line
+    give one cause, the first close's (the log said write_timeout while the
+    metric counted slow_consumer)."""
+    app = memory_app(
+        SMAPWS_WRITE_WAIT=10,
+        SMAPWS_PING_INTERVAL=1000,
+        SMAPWS_PONG_WAIT=1000,
+        SMAPWS_SEND_QUEUE_MESSAGES=4,
+        SMAPWS_SEND_QUEUE_HIGH_WATER=2,
+    )
+    client, server_side = pair
+    client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with running(app) as nursery:
+        nursery.start_soon(frontdoor.handle, app, server_side)
+        head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
+        await client.send_all(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await client.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 101")
+        with caplog.at_level(logging.INFO, logger="smapws"):
+            for i in range(40):
+                route(app, "u1", blob="x" * 60_000, n=i)
+            with trio.fail_after(60):
+                while app.hub.active_connections:
+                    await trio.sleep(1)
+    sample = app.metrics.registry.get_sample_value
+    assert sample("websocket_slow_consumer_closes_total") == 1
+    assert sample("websocket_connections_closed_total", {"cause": "slow_consumer"}) == 1
+    assert sample("websocket_connections_closed_total", {"cause": "write_timeout"}) is None
+    (dropped,) = [r for r in caplog.records if r.getMessage().startswith("connection dropped")]
+    assert dropped.__dict__["smapws_fields"]["cause"] == "slow_consumer"
 
 
 async def test_a_head_that_comes_in_parts_on_a_real_socket_is_read_whole(pair: Pair) -> None:

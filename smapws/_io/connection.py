@@ -251,9 +251,12 @@ class Connection:
                     self._busy = False
                 if scope.cancelled_caught:
                     metrics.messages_failed.inc(ws.abort("write_timeout"))
+                    # The cause websocket_connections_closed_total counts: the
+                    # first close's (slow_consumer when it was the 1013 that
+                    # could not be written), else write_timeout.
                     logger.info(
-                        "connection closed",
-                        extra=fields(cause="write_timeout", user=ws.user_id, remote=self.remote),
+                        "connection dropped: a write blocked past SMAPWS_WRITE_WAIT",
+                        extra=fields(cause=self.cause, user=ws.user_id, remote=self.remote),
                     )
                     return False
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -15,6 +15,7 @@ import trio.testing
 
 from smapws import Server, serve
 from smapws._io import frontdoor, sockio
+from smapws._io.app import App
 from tests.conftest import http, make_config, token
 from tests.test_websocket import UPGRADE_HEAD, memory_app, route, running
 
@@ -124,6 +125,18 @@ async def test_send_eof_half_closes_a_socket(pair: Pair) -> None:
     assert await sockio.receive_some(ours, fd, 4096) == b"still open that way"
 
 
+async def upgraded(app: App, nursery: trio.Nursery, pair: Pair) -> None:
+    """``pair``'s client upgraded as u1 through the front door, its 101 read."""
+    client, server_side = pair
+    nursery.start_soon(frontdoor.handle, app, server_side)
+    head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
+    await client.send_all(head.encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await client.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 101")
+
+
 async def test_a_real_socket_write_the_peer_never_takes_is_abandoned(
     autojump_clock: trio.testing.MockClock, pair: Pair
 ) -> None:
@@ -131,16 +144,10 @@ async def test_a_real_socket_write_the_peer_never_takes_is_abandoned(
     kernel's buffers, the connection's task waits to write the rest, and
     after SMAPWS_WRITE_WAIT it drops the connection (write_timeout)."""
     app = memory_app(SMAPWS_WRITE_WAIT=10, SMAPWS_PING_INTERVAL=1000, SMAPWS_PONG_WAIT=1000)
-    client, server_side = pair
+    client = pair[0]
     client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     async with running(app) as nursery:
-        nursery.start_soon(frontdoor.handle, app, server_side)
-        head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
-        await client.send_all(head.encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            answer += await client.receive_some(4096)
-        assert answer.startswith(b"HTTP/1.1 101")
+        await upgraded(app, nursery, pair)
         # The client reads nothing more: ~1 MiB of messages is more than
         # the socket buffers of both sides hold.
         start = trio.current_time()
@@ -168,16 +175,10 @@ async def test_a_slow_consumer_whose_1013_is_never_taken_is_counted_and_logged_a
         SMAPWS_SEND_QUEUE_MESSAGES=4,
         SMAPWS_SEND_QUEUE_HIGH_WATER=2,
     )
-    client, server_side = pair
+    client = pair[0]
     client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     async with running(app) as nursery:
-        nursery.start_soon(frontdoor.handle, app, server_side)
-        head = UPGRADE_HEAD.format(query="", extra=f"Cookie: access_token={token('u1')}\r\n")
-        await client.send_all(head.encode())
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            answer += await client.receive_some(4096)
-        assert answer.startswith(b"HTTP/1.1 101")
+        await upgraded(app, nursery, pair)
         with caplog.at_level(logging.INFO, logger="smapws"):
             for i in range(40):
                 route(app, "u1", blob="x" * 60_000, n=i)

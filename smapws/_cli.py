@@ -166,7 +166,10 @@ def _parser() -> argparse.ArgumentParser:
         "the tab is then the token's user, whatever --user says)",
     )
     lis.add_argument(
-        "--count", type=int, default=None, help="exit 0 after this many frames (default: never)"
+        "--count",
+        type=_positive_int,
+        default=None,
+        help="exit 0 after this many frames, at least 1 (default: never)",
     )
     return p
 
@@ -363,6 +366,18 @@ def _publish(user: str, mtype: str, payload_text: str, url: str | None) -> int:
     status = "published" if publisher.transport == "redis" else "accepted"
     print(json.dumps({"status": status, "hubs": hubs, "receivers": hubs}))
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (``--count 0`` once
+    connected and exited at once, having printed nothing)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text[:40]!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
 
 
 def _listen(

@@ -153,3 +153,17 @@ async def test_the_command_mints_a_token_and_resumes(memory_hub: Server) -> None
     assert resumed.returncode == 0
     assert json.loads(resumed.stdout)["payload"] == {"n": 2}
     assert SECRET not in resumed.stderr.decode()
+
+
+def test_a_count_below_one_is_refused_before_connecting() -> None:
+    # --count 0 connected and exited at once, printing nothing: as if the
+    # hub had sent nothing. No hub listens here: the refusal comes first.
+    for count in ("0", "-3", "x"):
+        done = subprocess.run(
+            [sys.executable, "-m", "smapws", "listen", "--user", "l7", "--count", count,
+             "--url", "ws://127.0.0.1:9/ws"],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "JWT_SECRET": SECRET},
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert "argument --count" in done.stderr and done.stdout == ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given
@@ -228,10 +229,22 @@ def test_depth_bound_is_exact() -> None:
     ],
 )
 def test_long_digit_runs_are_found_as_the_regex_found_them(raw: bytes, expected: bool) -> None:
-    from smapws_publisher._validate import _has_long_digits
+    from smapws._core.envelope import loads_strict
+    from smapws_publisher._validate import _has_long_digits, _loads_careful
 
     assert _has_long_digits(raw) is expected
     assert bool(re.search(rb"\d{309}", raw)) is expected
+    # And loads_strict, whose fast path skips the search in a text too short
+    # to hold such a run, takes or refuses each as its careful path does.
+
+    def outcome(loads: Callable[[], object]) -> str:
+        try:
+            loads()
+        except InvalidMessage as exc:
+            return exc.reason
+        return "taken"
+
+    assert outcome(lambda: loads_strict(raw)) == outcome(lambda: _loads_careful(raw, 32))
 
 
 def _framed_twice(raw: bytes, mid: str) -> bytes:

@@ -168,7 +168,12 @@ def loads_strict(raw: bytes, *, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     ``bad_number``, ``bad_unicode``) and nothing else.
     """
     scan = raw.translate(_SCAN_TABLE)
-    if scan.count(b"[") <= max_depth and _LONG_DIGIT_RUN not in scan:
+    # (The length first: CPython prepares the 309-byte needle of ``in`` even
+    # for a shorter text, 440 ns, more than half what orjson takes to parse
+    # a 180-byte message.)
+    if scan.count(b"[") <= max_depth and (
+        len(scan) < _MAX_FINITE_DIGITS or _LONG_DIGIT_RUN not in scan
+    ):
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -362,7 +362,9 @@ class WsConn:
             return QUEUED
         result = self.outbox.push(envelope)
         self._backlog = True  # (maybe empty after a refusal: _take_outbox copes)
-        if result & OVERFLOW:
+        # (QUEUED first: IntFlag's & builds a new member through the enum's
+        # metaclass, a microsecond, more than the push.)
+        if result is not QUEUED and result & OVERFLOW:
             self.close_with(CloseCode.TRY_AGAIN_LATER, "slow consumer", cause="slow_consumer")
         return result
 

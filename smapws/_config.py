@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig, usable_key
 from smapws._core.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_MESSAGE_BYTES
@@ -807,12 +807,83 @@ def _redis_url(v: dict[str, Any]) -> str | None:
             ) from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
+        _check_redis_url(url, parts.scheme, parts.path)
         return url
     host = v["redis_host"]
     if not host:
         return None
     auth = f":{quote(v['redis_password'], safe='')}@" if v["redis_password"] else ""
     return f"redis://{auth}{host}:{v['redis_port']}/{v['redis_db']}"
+
+
+#: Query arguments of a ``REDIS_URL`` that redis-py passes on as text, taken
+#: when the URL's connection class has a parameter of that name (the others
+#: redis-py knows, it parses: ``URL_QUERY_ARGUMENT_PARSERS``).
+_TEXT_QUERY_ARGUMENTS: Final = frozenset(
+    {"username", "password", "client_name", "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs",
+     "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_password", "ssl_ciphers"}
+)  # fmt: skip
+
+
+def _check_redis_url(url: str, scheme: str, path: str) -> None:
+    """Refuse a ``REDIS_URL`` redis-py would fail on only once the hub runs:
+    a space (urllib strips a leading one, redis-py then refuses the scheme:
+    a traceback at start), a query argument redis-py cannot parse (a
+    traceback) or has no parameter for (``TypeError`` at every connect, the
+    hub retrying forever), a path that is no database number (redis-py
+    ignores it: database 0). Messages name the argument, never its value."""
+    import inspect
+
+    import redis.asyncio.connection as aconn
+    import redis.connection as sconn
+
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise ConfigError("REDIS_URL: must not contain spaces, newlines or control characters")
+    if scheme != "unix" and path.strip("/") and not path.strip("/").isdigit():
+        raise ConfigError("REDIS_URL: expected a database number as the path (redis://host:6379/0)")
+    try:
+        kwargs = aconn.parse_url(url)
+        sconn.parse_url(url)  # type: ignore[no-untyped-call, unused-ignore]
+    except ValueError:  # not chained: redis-py's text may change
+        name = next((n for n in _query_names(url) if _bad_value(url, n)), None)
+        raise ConfigError(
+            f"REDIS_URL: invalid value for the query argument {name!r}"
+            if name
+            else "REDIS_URL: redis-py cannot read it"
+        ) from None
+    classes = {
+        "unix": (aconn.UnixDomainSocketConnection, sconn.UnixDomainSocketConnection),
+        "rediss": (aconn.SSLConnection, sconn.SSLConnection),
+    }.get(scheme, (aconn.Connection, sconn.Connection))
+    taken = aconn.URL_QUERY_ARGUMENT_PARSERS.keys() | _TEXT_QUERY_ARGUMENTS
+    for name in _query_names(url):
+        if name not in kwargs or name == "max_connections":  # the pool's
+            continue
+        known = all(
+            any(name in inspect.signature(k).parameters for k in cls.__mro__[:-1])
+            for cls in classes
+        )
+        if name not in taken or not known:
+            raise ConfigError(
+                f"REDIS_URL: {name!r} is not a query argument redis-py takes for a {scheme}:// URL"
+            )
+
+
+def _query_names(url: str) -> list[str]:
+    return list(parse_qs(urlsplit(url).query))
+
+
+def _bad_value(url: str, name: str) -> bool:
+    import redis.asyncio.connection as aconn
+
+    parser = aconn.URL_QUERY_ARGUMENT_PARSERS.get(name)
+    if parser is None:
+        return False
+    try:
+        parser(parse_qs(urlsplit(url).query)[name][0])
+    except (TypeError, ValueError):
+        return True
+    return False
 
 
 def _auth(v: dict[str, Any]) -> AuthConfig:

@@ -225,6 +225,65 @@ def test_a_redis_url_urllib_misreads_is_refused_without_its_password(url: str) -
     assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
 
 
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        (" redis://:s3cret@h:6379/0", "must not contain spaces, newlines or control characters"),
+        ("redis://:s3cret@h:6379/0\n", "must not contain spaces, newlines or control characters"),
+        ("redis://:s3cret@h:6379/zero", "expected a database number as the path"),
+        ("redis://:s3cret@h:6379/0?db=s3cr", "invalid value for the query argument 'db'"),
+        ("redis://:s3cret@h:6379/0?socket_timeout=s3cr", "invalid value for the query argument"),
+        ("redis://:s3cret@h:6379/0?timeuot=1", "'timeuot' is not a query argument redis-py"),
+        ("redis://:s3cret@h:6379/0?retry=3", "'retry' is not a query argument redis-py"),
+        ("redis://:s3cret@h:6379/0?ssl_cert_reqs=none", "'ssl_cert_reqs' is not a query"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_refused_at_start(url: str, reason: str) -> None:
+    """A leading space passed urllib (it strips one) and crashed serve with
+    redis-py's traceback; so did a query value redis-py cannot parse; an
+    argument redis-py has no parameter for (a typo) made every connect a
+    TypeError, the hub retrying 'internal error' forever; a path that is no
+    number was database 0. Each is one line at start, without the password."""
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_SECRET": SECRET, "REDIS_URL": url})
+    message = str(info.value)
+    assert message.startswith("REDIS_URL: ") and reason in message, message
+    assert "s3cr" not in message and "\n" not in message
+    error = info.value
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:6379",
+        "redis://h:6379/",
+        "redis://h:6379/3?client_name=hub&socket_keepalive=true&max_connections=8",
+        "rediss://u:pw@h:6380/0?ssl_cert_reqs=none&ssl_check_hostname=false",
+        "unix:///run/redis.sock?db=2",
+    ],
+)
+def test_redis_urls_redis_py_takes_are_taken(url: str) -> None:
+    assert load({"JWT_SECRET": SECRET, "REDIS_URL": url}).redis_url == url
+
+
+def test_a_redis_url_with_a_leading_space_is_exit_2_not_a_traceback() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "smapws", "serve"],
+        env={"REDIS_URL": " redis://127.0.0.1:1/0", "JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+        2,
+        [
+            "smapws: configuration error: REDIS_URL: must not contain spaces, newlines or "
+            "control characters"
+        ],
+    )
+
+
 def test_every_variable_is_in_the_configuration_page() -> None:
     """The page's table is generated from OPTIONS (docs/_ext/smapws_settings.py):
     every setting has a row with its flag and default, and the page uses it."""

@@ -886,6 +886,12 @@ def _bad_value(url: str, name: str) -> bool:
     return False
 
 
+#: The most bytes of ``JWT_PUBLIC_KEY_FILE`` read: a PEM public key is a few
+#: KB (RSA 16384 is ~3 KB); a path to a device or a log file read whole
+#: ended start-up in a MemoryError traceback, or the machine out of memory.
+MAX_KEY_FILE_BYTES: Final = 64 * 1024
+
+
 def _auth(v: dict[str, Any]) -> AuthConfig:
     algorithms: tuple[str, ...] = v["jwt_algorithms"]
     if not algorithms:
@@ -922,9 +928,15 @@ def _auth(v: dict[str, Any]) -> AuthConfig:
                 "JWT_PUBLIC_KEY_FILE: required for public-key algorithms (a PEM public key)"
             )
         try:
-            key = Path(path).read_bytes()
+            with Path(path).open("rb") as f:
+                key = f.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"JWT_PUBLIC_KEY_FILE: cannot read {path}: {exc.strerror}") from exc
+        if len(key) > MAX_KEY_FILE_BYTES:
+            raise ConfigError(
+                f"JWT_PUBLIC_KEY_FILE: {path} is larger than a PEM public key "
+                f"({MAX_KEY_FILE_BYTES} bytes at most)"
+            )
         if b"PRIVATE KEY" in key:
             raise ConfigError("JWT_PUBLIC_KEY_FILE: holds a private key; give the public key")
         if not usable_key(algorithms, key):

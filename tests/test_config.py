@@ -131,6 +131,20 @@ def test_public_key_file(tmp_path: Path) -> None:
         load({"JWT_ALGORITHMS": "ES256", "JWT_PUBLIC_KEY_FILE": str(priv)})
 
 
+def test_a_key_file_larger_than_any_public_key_is_refused_unread(tmp_path: Path) -> None:
+    """A key file was read whole: JWT_PUBLIC_KEY_FILE=/dev/zero (or a log
+    file) ended start-up in a MemoryError traceback, or the machine out of
+    memory first. Not tested on /dev/zero itself: without the bound, the
+    test would take the machine's memory."""
+    big = tmp_path / "key.pem"
+    big.write_bytes(b"-----BEGIN PUBLIC KEY-----\n" + b"A" * (1 << 20))
+    with pytest.raises(ConfigError) as info:
+        load({"JWT_ALGORITHMS": "RS256", "JWT_PUBLIC_KEY_FILE": str(big)})
+    assert str(info.value) == (
+        f"JWT_PUBLIC_KEY_FILE: {big} is larger than a PEM public key (65536 bytes at most)"
+    )
+
+
 def test_a_key_pyjwt_would_refuse_at_every_upgrade_is_refused_at_start_up(
     tmp_path: Path,
 ) -> None:

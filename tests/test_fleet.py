@@ -121,6 +121,24 @@ async def test_a_tab_resumes_on_a_hub_that_started_after_its_last_message(
     assert metric(a, appends, duplicates) + metric(b, appends, duplicates) >= 2
 
 
+async def test_a_history_ttl_past_redis_clock_still_writes_the_log(
+    nursery: trio.Nursery, own_redis: RedisServer
+) -> None:
+    """SMAPWS_HISTORY_TTL=1e16 (taken: "keep it for ever") made the script's
+    PEXPIRE an error, so every append failed and no tab could resume on
+    another hub; the expiry is now capped at what Redis takes."""
+    a = await start(nursery, own_redis, SMAPWS_HISTORY_TTL="1e16")
+    async with connect(a, "f1") as tab:
+        await wait_connections(a, 1)
+        own_redis.publish("f1", note(0))
+        await receive_json(tab)
+    await settle(a, 1)
+    appends = "websocket_fleet_log_appends_total"
+    assert [metric(a, appends, {"result": r}) for r in ("written", "failed")] == [1, 0]
+    with own_redis.client() as c:
+        assert c.pttl(log_key(b"user_noti:f1")) > 10**15
+
+
 async def test_identical_copies_get_the_same_ids_on_a_hub_that_joined_between_them(
     nursery: trio.Nursery, own_redis: RedisServer
 ) -> None:

@@ -142,6 +142,11 @@ HURRY_GATHER: Final = 0.002
 #: (6.5 MB for 100 x 60 KB progress), so 4: about 26 MB at worst, and tabs of
 #: one user resuming together share one read (see FleetLog.read).
 CONCURRENT_READS: Final = 4
+#: The longest expiry given a log (ms): ~285,000 years. Redis refuses a
+#: PEXPIRE past its 64-bit clock (from ``SMAPWS_HISTORY_TTL`` = 1e16 s),
+#: and every append then failed: counted, but no tab could resume on
+#: another hub.
+MAX_TTL_MS: Final = 2**53
 #: Seconds between two log lines about the same failing operation.
 _LOG_EVERY: Final = 10.0
 
@@ -193,7 +198,7 @@ class FleetLog:
         #: be gigabytes.
         self._max_bytes = max_bytes
         self._queued = 0
-        self._ttl_ms = max(1, int(ttl * 1000))
+        self._ttl_ms = min(max(1, int(ttl * 1000)), MAX_TTL_MS)
         self._per_user = per_user
         self._metrics = metrics
         #: ``websocket_fleet_log_appends_total``'s series, looked up once.

@@ -18,6 +18,7 @@ from .conftest import (
     API_KEY,
     RedisServer,
     connect,
+    doc_block,
     free_port,
     http,
     make_config,
@@ -246,3 +247,41 @@ async def test_a_pipelined_burst_arrives_whole_and_in_order_through_the_fast_rea
     assert got[8] == (b"user_noti:u1", b"8")
     assert probes == [b"p1"]
     assert calls == 0, calls
+
+
+async def test_the_redis_user_operations_documents_is_enough_for_a_hub(
+    own_redis: RedisServer,
+) -> None:
+    """docs/operations.rst's least ACL, run as written: the hub subscribes,
+    delivers, and writes the fleet log without one refused command (a user
+    without PUBLISH made the hub drop its subscription at every probe, each
+    tab getting a resync a second: undocumented until then)."""
+    block = doc_block("docs/operations.rst", "A hub's Redis user needs more")
+    with own_redis.client() as c:
+        for line in block.splitlines():
+            c.execute_command(*line.replace(">PASSWORD", ">hub-pw").split())
+    url = f"redis://smapws:hub-pw@127.0.0.1:{own_redis.port}/0"
+    for mode in ("pattern", "user"):  # one hub at a time: each writes its own message
+        async with trio.open_nursery() as hubs:
+            hub = await hubs.start(serve, make_config(REDIS_URL=url, SMAPWS_SUBSCRIBE_MODE=mode))
+            await wait_ready(hub)
+            async with connect(hub, f"acl-{mode}") as tab:
+                await wait_connections(hub, 1)
+                own_redis.publish(f"acl-{mode}", {"type": "notification", "payload": {}})
+                assert (await receive_json(tab))["type"] == "notification"
+                name = "websocket_fleet_log_appends_total"
+                with trio.fail_after(5):
+                    while metric(hub, name, {"result": "written"}) < 1:
+                        await trio.sleep(0.01)
+            errors = "websocket_fleet_log_errors_total"
+            assert (
+                metric(hub, errors, {"op": "append"}) == metric(hub, errors, {"op": "consult"}) == 0
+            )
+            assert metric(hub, "websocket_broker_disconnects_total", {"cause": "error_reply"}) == 0
+            hubs.cancel_scope.cancel()
+    with own_redis.client() as c:
+        stats = c.info("commandstats")
+    # (failed_calls counts the first EVALSHA's NOSCRIPT: the script is then sent.)
+    refused = {k: v["rejected_calls"] for k, v in stats.items() if v.get("rejected_calls")}
+    assert refused == {}
+    assert stats["cmdstat_publish"]["calls"] > 0  # the probes

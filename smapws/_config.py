@@ -174,6 +174,15 @@ def _str(v: str) -> str:
     return v
 
 
+def _host(v: str) -> str:
+    """A host name or address: a space or newline in one (a value read from a
+    file, a quoted ``.env`` line) is no name the resolver finds, and Redis
+    would then be retried for ever, the listening address fail with exit 1."""
+    if any(c.isspace() for c in v):
+        raise ValueError("expected a host name or address, without spaces or newlines")
+    return v
+
+
 #: The shortest ``SMAPWS_API_KEY`` taken: a key a person can type from memory
 #: is one an attacker can guess; ``openssl rand -hex 32`` makes 64 characters.
 MIN_API_KEY_CHARS: Final = 16
@@ -222,7 +231,7 @@ def _core_default(cls: type[Any], name: str) -> Any:
 #: read with :func:`_core_default`) and nowhere else: :class:`Config` reads
 #: its defaults from this table.
 OPTIONS: Final[tuple[_Option, ...]] = (
-    _Option("host", "SMAPWS_HOST", _str, "0.0.0.0", "listening address"),
+    _Option("host", "SMAPWS_HOST", _host, "0.0.0.0", "listening address"),
     _Option("port", "SMAPWS_PORT", _port, 8081, "listening port (0: any free port)"),
     _Option(
         "internal_port",
@@ -235,7 +244,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
     _Option(
         "internal_host",
         "SMAPWS_INTERNAL_HOST",
-        _str,
+        _host,
         None,
         "listening address of SMAPWS_INTERNAL_PORT (unset: SMAPWS_HOST)",
     ),
@@ -256,7 +265,7 @@ OPTIONS: Final[tuple[_Option, ...]] = (
         "percent-encoded: %2F, %3F, %23, %40)",
         True,
     ),
-    _Option("redis_host", "REDIS_HOST", _str, None, "Redis host (when REDIS_URL is unset)"),
+    _Option("redis_host", "REDIS_HOST", _host, None, "Redis host (when REDIS_URL is unset)"),
     _Option("redis_port", "REDIS_PORT", _port, 6379, "Redis port"),
     _Option("redis_db", "REDIS_DB", _non_negative_int, 0, "Redis database for pub/sub"),
     _Option("redis_password", "REDIS_PASSWORD", _str, None, "Redis password", True),
@@ -766,7 +775,7 @@ def _raw_values(env: Mapping[str, str], flags: Mapping[str, Any]) -> dict[str, A
         if raw is None or (raw == "" and opt.default is None):
             values[opt.field] = opt.default
             continue
-        if opt.parse is _str and not raw.strip():
+        if opt.parse in (_str, _host) and not raw.strip():
             # An empty SMAPWS_HOST binds every address and an empty
             # JWT_USER_CLAIM would mean "sub": neither is what was written.
             raise ConfigError(

@@ -298,6 +298,20 @@ def test_a_redis_url_with_a_leading_space_is_exit_2_not_a_traceback() -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["SMAPWS_HOST", "SMAPWS_INTERNAL_HOST", "REDIS_HOST"])
+@pytest.mark.parametrize("raw", [" 127.0.0.1", "redis\n", "a b"])
+def test_a_host_with_a_space_or_newline_is_refused(name: str, raw: str) -> None:
+    """REDIS_HOST='redis\\n' (a value read from a file) was retried for ever,
+    'Name or service not known', and SMAPWS_HOST=' 127.0.0.1' failed to
+    listen with exit 1: neither named the setting."""
+    env = {"JWT_SECRET": SECRET, name: raw, "SMAPWS_INTERNAL_PORT": "9100"}
+    with pytest.raises(ConfigError) as info:
+        load(env)
+    assert str(info.value) == (
+        f"{name}: expected a host name or address, without spaces or newlines, got {raw!r}"
+    )
+
+
 def test_every_variable_is_in_the_configuration_page() -> None:
     """The page's table is generated from OPTIONS (docs/_ext/smapws_settings.py):
     every setting has a row with its flag and default, and the page uses it."""

@@ -84,6 +84,7 @@ def test_sigterm_drains_and_exits_0(redis_server: RedisServer) -> None:
     assert result == [1001, 1001]
     assert proc.returncode == 0
     assert "signal received" in stderr and "signal=SIGTERM" in stderr
+    assert "signal ignored: smapws has no reload" in stderr and "signal=SIGHUP" in stderr
     assert "draining" in stderr
     assert SECRET not in stderr
 
@@ -92,6 +93,12 @@ async def _sigterm_scenario(proc: subprocess.Popen[str], port: int) -> list[int 
     await wait_port_ready(port, 20, exited=proc.poll)
     codes = []
     async with connect(port, "u1") as a, connect(port, "u1") as b:
+        health = (await http(port, "GET", "/health")).json()
+        assert health["websocket"]["active_connections"] == 2
+        # A hangup (the terminal it was started from closed) is logged and
+        # ignored: it used to kill the hub, every tab dropped without a close
+        # frame (1006 below, and no exit 0).
+        proc.send_signal(signal.SIGHUP)
         health = (await http(port, "GET", "/health")).json()
         assert health["websocket"]["active_connections"] == 2
         start = time.monotonic()

@@ -612,7 +612,12 @@ async def test_two_workers_share_a_port_and_drain_on_sigterm(
             assert metric_value(text, "websocket_workers") == 2
             assert metric_value(text, "websocket_worker_restarts_total") == 0
 
+        # A hangup of the whole group (its terminal closed) is ignored by
+        # the supervisor and the workers alike: it killed all three.
+        os.killpg(proc.pid, signal.SIGHUP)
         await trio.sleep(1.5)  # a few watchdog periods
+        doc = (await http(port, "GET", "/health")).json()
+        assert doc["workers"]["ready"] == 2 and doc["websocket"]["active_connections"] == len(tabs)
         stop_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(15):
@@ -623,6 +628,7 @@ async def test_two_workers_share_a_port_and_drain_on_sigterm(
     stderr = log.read_text()
     assert stderr.count("msg=drained") == 2, stderr
     assert "signal received again" not in stderr
+    assert stderr.count("signal ignored: smapws has no reload") == 3, stderr
 
     stopping = systemd_socket.wait_for("STOPPING", 1)
     assert stopping.at >= stop_at

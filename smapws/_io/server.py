@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -32,7 +31,7 @@ from redis.crc import key_slot
 
 from smapws._config import Config
 from smapws._errors import SmapwsError
-from smapws._io import frontdoor, sdnotify
+from smapws._io import frontdoor, sdnotify, signals
 from smapws._io.app import App, Membership
 from smapws._io.brokers import Broker, Item, QueueBytes
 from smapws._io.brokers.channels import UserChannels
@@ -300,21 +299,19 @@ async def _bridge(config: Config) -> AsyncIterator[None]:
         yield
 
 
-async def _watch_signals(server: Server) -> None:
-    received = 0
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            received += 1
-            # The second *signal* stops now (as a second Ctrl-C); a drain
-            # started otherwise (a worker's supervisor asked first, and the
-            # same Ctrl-C reached the whole process group) does not count.
-            if received > 1:
-                logger.warning("signal received again, exiting now", extra=fields(signal=name))
-                server.stop()
-                return
-            logger.info("signal received", extra=fields(signal=name))
-            server.drain()
+def _on_stop_signal(server: Server) -> Callable[[str, int], None]:
+    def on_stop(name: str, received: int) -> None:
+        # The second *signal* stops now (as a second Ctrl-C); a drain
+        # started otherwise (a worker's supervisor asked first, and the
+        # same Ctrl-C reached the whole process group) does not count.
+        if received > 1:
+            logger.warning("signal received again, exiting now", extra=fields(signal=name))
+            server.stop()
+            return
+        logger.info("signal received", extra=fields(signal=name))
+        server.drain()
+
+    return on_stop
 
 
 #: Listening sockets bound by someone else (the supervisor of a group of
@@ -400,7 +397,7 @@ async def serve(
                 )
                 root.start_soon(demo.simulate, app)
             if handle_signals:
-                root.start_soon(_watch_signals, server)
+                await root.start(signals.watch, _on_stop_signal(server))
             if handle_signals if notify_systemd is None else notify_systemd:
                 _start_systemd_notify(root, server)
             try:

@@ -60,7 +60,7 @@ from smapws import _log
 from smapws._config import Config
 from smapws._core.group import GroupView, RestartBackoff, WorkerReport, share
 from smapws._errors import SmapwsError
-from smapws._io import sdnotify
+from smapws._io import sdnotify, signals
 from smapws._io.app import App, Membership
 from smapws._io.server import (
     STOP_MARGIN_S,
@@ -407,25 +407,17 @@ class Supervisor:
                     slots.start_soon(self._keep, slot)
             root.cancel_scope.cancel()
 
-    async def watch_signals(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """SIGTERM/SIGINT: drain; a second one: stop now."""
-        received = 0
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                received += 1
-                if received > 1:
-                    logger.warning(
-                        "signal received again, stopping the workers now",
-                        extra=fields(signal=name),
-                    )
-                    self.stop()
-                else:
-                    logger.info("signal received", extra=fields(signal=name))
-                    self.drain()
+    def on_stop_signal(self, name: str, received: int) -> None:
+        """SIGTERM/SIGINT (:func:`smapws._io.signals.watch`): drain; a
+        second one: stop now."""
+        if received > 1:
+            logger.warning(
+                "signal received again, stopping the workers now", extra=fields(signal=name)
+            )
+            self.stop()
+        else:
+            logger.info("signal received", extra=fields(signal=name))
+            self.drain()
 
     def drain(self) -> None:
         """Every worker drains (as a lone hub on SIGTERM); ``run`` returns
@@ -712,7 +704,7 @@ async def run_group(config: Config) -> int:
         )
         async with trio.open_nursery() as nursery:
             # Signals are caught before the first worker starts.
-            await nursery.start(supervisor.watch_signals)
+            await nursery.start(signals.watch, supervisor.on_stop_signal)
             await supervisor.run()
             # run() returned: every worker has exited after the drain.
             nursery.cancel_scope.cancel()
@@ -731,8 +723,8 @@ def worker_main(fd: int) -> int:
     trio.run(_worker, sock)
     # A signal sent to the whole process group (Ctrl-C, KillMode=control-group)
     # may arrive after the drain: it must not turn exit 0 into "killed".
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for late in signals.LATE_SIGNALS:
+        signal.signal(late, signal.SIG_IGN)
     return 0
 
 

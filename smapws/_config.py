@@ -180,6 +180,8 @@ def _host(v: str) -> str:
     would then be retried for ever, the listening address fail with exit 1."""
     if any(c.isspace() for c in v):
         raise ValueError("expected a host name or address, without spaces or newlines")
+    if v.startswith("[") and v.endswith("]"):  # an IPv6 address as a URL writes it
+        v = v[1:-1]
     return v
 
 
@@ -822,6 +824,8 @@ def _redis_url(v: dict[str, Any]) -> str | None:
     if not host:
         return None
     auth = f":{quote(v['redis_password'], safe='')}@" if v["redis_password"] else ""
+    if ":" in host:  # an IPv6 address: bracketed in a URL
+        host = f"[{host}]"
     return f"redis://{auth}{host}:{v['redis_port']}/{v['redis_db']}"
 
 

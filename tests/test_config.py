@@ -312,6 +312,18 @@ def test_a_host_with_a_space_or_newline_is_refused(name: str, raw: str) -> None:
     )
 
 
+@pytest.mark.parametrize("raw", ["::1", "[::1]"])
+def test_an_ipv6_host_is_taken_bare_or_in_brackets(raw: str) -> None:
+    """SMAPWS_HOST=[::1] (as a URL writes it) failed to listen, exit 1; and
+    REDIS_HOST=::1 made redis://::1:6379/0, which redis-py reads as no host."""
+    from redis.asyncio.connection import parse_url
+
+    cfg = load({"JWT_SECRET": SECRET, "SMAPWS_HOST": raw, "REDIS_HOST": raw})
+    assert cfg.host == "::1"
+    assert cfg.redis_url == "redis://[::1]:6379/0"
+    assert cfg.redis_url is not None and parse_url(cfg.redis_url)["host"] == "::1"
+
+
 def test_every_variable_is_in_the_configuration_page() -> None:
     """The page's table is generated from OPTIONS (docs/_ext/smapws_settings.py):
     every setting has a row with its flag and default, and the page uses it."""

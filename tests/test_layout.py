@@ -221,6 +221,63 @@ def test_core_imports_no_io() -> None:
     assert found == []
 
 
+#: The one module allowed a dependency's private names (issue 17): redis-py's
+#: hiredis reader, for the pub/sub read loop's fast path, measured in
+#: bench.micro_pump; it falls back to the public ``get_message`` without them.
+PRIVATE_DEPENDENCY_USER: Final = "smapws._io.brokers.redis.pump"
+
+
+def _ours(target: str) -> bool:
+    return target.split(".")[0] in ("smapws", "smapws_publisher", "__future__")
+
+
+def test_no_module_imports_a_private_name_of_a_dependency() -> None:
+    """Nothing imports a private module or name of trio, trio-websocket,
+    wsproto, redis-py or any other dependency (the fork of trio-websocket's
+    internals that ``_io/ws.py`` was broke unseen with any release), but
+    :data:`PRIVATE_DEPENDENCY_USER`."""
+    found = [
+        f"{i.module}:{i.line} imports {i.target}" + (f".{i.name}" if i.name else "")
+        for i in all_imports()
+        if not _ours(i.target)
+        and i.module != PRIVATE_DEPENDENCY_USER
+        and any(_private(part) for part in [*i.target.split("."), i.name or ""])
+    ]
+    assert found == []
+
+
+#: The other private attribute of a dependency smapws reads, by name, with
+#: why (each is looked up defensively: without it, redis-py's own behaviour).
+PRIVATE_ATTRIBUTES: Final = {
+    # redis-py's StreamWriter: a disconnect after a write cut short aborts
+    # the transport, or the socket and its unsent bytes stayed open until
+    # Redis read them (ResourceWarning at exit; tests/test_faults.py).
+    ("smapws._io.brokers.redis.client", "_writer"),
+}
+
+
+def test_only_the_pump_reaches_for_private_attributes_by_name() -> None:
+    """``getattr(x, "_name")`` is the other way to a dependency's internals
+    (the package's own private attributes are not looked up by name)."""
+    found = []
+    for module, path in modules().items():
+        if module == PRIVATE_DEPENDENCY_USER:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "setattr", "hasattr")
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+                and _private(node.args[1].value)
+                and (module, node.args[1].value) not in PRIVATE_ATTRIBUTES
+            ):
+                found.append(f"{module}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    assert found == []
+
+
 def _documented_modules(text: str) -> set[str]:
     """The ``dir/name.py`` paths a layout text names, each resolved under
     ``smapws/`` (``_core/x.py``, ``_io/x.py``, ``smapws/x.py``, or a bare

@@ -91,9 +91,20 @@ async def test_waiters_are_woken_by_their_confirmation_or_their_link_loss(
 ) -> None:
     channels = UserChannels(b"p:", reason="r")
     channels.acquire("u")
-    # A wait cut short leaves nothing behind.
-    with trio.move_on_after(1):
-        await channels.wait_subscribed("u")
+    # A wait cut short leaves nothing behind: it did wait (no confirmation
+    # yet), counted while it did, and nothing is left once it is cut.
+    async with trio.open_nursery() as cutting:
+        cut = trio.CancelScope()
+
+        async def cut_short() -> None:
+            with cut:
+                await channels.wait_subscribed("u")
+
+        cutting.start_soon(cut_short)
+        await trio.testing.wait_all_tasks_blocked()
+        assert channels._waiting == {b"p:u": 1}
+        cut.cancel()
+    assert cut.cancelled_caught
     assert channels._waiters == {} and channels._waiting == {}
 
     results: list[bool] = []

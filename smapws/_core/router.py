@@ -55,10 +55,14 @@ from smapws._core.snapshot import Snapshots
 
 C = TypeVar("C")
 
-#: Channels whose user :meth:`Router.user_of` remembers, at most: the users
-#: of a few router batches many times over, at most ~1 MB (a channel and its
-#: user id are at most 256 bytes each, with ~200 of dict and objects).
-CHANNEL_USERS: Final = 2048
+#: Channels whose user :meth:`Router.user_of` remembers, at most: more than
+#: the users a hub of 10,000 tabs receives for (at 2,048, a hub with 10,000
+#: active users missed on most messages, and cleared the table every 2,048:
+#: Router.route 0.90x per message with this bound, alternated in process).
+#: At most ~12 MB with every user id at its 256-byte limit (a channel and its
+#: user id are at most 256 bytes each, with ~200 of dict and objects), ~2 MB
+#: for ids of a few dozen bytes.
+CHANNEL_USERS: Final = 16384
 
 #: Links the chain table keeps whatever the window holds (see
 #: :meth:`Router.route`): a few hundred bytes each.

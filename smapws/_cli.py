@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any, Final
 
 from smapws import _log
-from smapws._config import OPTIONS, Config, ConfigError, add_arguments, load, unknown_variables
+from smapws._config import OPTIONS, Config, ConfigError, add_arguments, ignored_variables, load
 from smapws._core.auth import MAC_ALGORITHMS, mint_for
 from smapws._runtime import tune_gc
 from smapws._version import __version__
@@ -177,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = args.command or "serve"
-    for line in unknown_variables(os.environ):
+    for line in ignored_variables(os.environ):
         print(f"smapws: warning: {line}", file=sys.stderr)
     if command == "publish":
         return _publish(args.user, args.mtype, args.payload, args.url)

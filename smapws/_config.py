@@ -1093,11 +1093,14 @@ def option_names() -> Sequence[str]:
 TOOL_VARIABLES: Final = ("SMAPWS_PYTHON2", "SMAPWS_AUTOBAHN_CACHE", "SMAPWS_FUZZ_SEED")
 
 
-def unknown_variables(env: Mapping[str, str]) -> list[str]:
-    """One warning line for each ``SMAPWS_*`` variable in ``env`` that is no
-    setting (a misspelt ``SMAPWS_PROT=9000`` would otherwise be ignored
-    without a word), naming the closest setting when one is close. Values
-    are never shown (the variable may hold a secret)."""
+def ignored_variables(env: Mapping[str, str]) -> list[str]:
+    """One warning line for each variable in ``env`` that is ignored: a
+    ``SMAPWS_*`` variable that is no setting (a misspelt ``SMAPWS_PROT=9000``
+    would otherwise be ignored without a word), naming the closest setting
+    when one is close; and ``REDIS_HOST``, ``REDIS_PORT`` or ``REDIS_DB``
+    beside a ``REDIS_URL``, which wins over them (``REDIS_PASSWORD`` there is
+    refused: it is a secret that would go unused). Values are never shown
+    (the variable may hold a secret)."""
     known = option_names()
     lines = []
     for name in sorted(env):
@@ -1113,4 +1116,10 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
             else "`smapws serve --help` lists the settings"
         )
         lines.append(f"{name} is not a setting and is ignored ({hint})")
+    if env.get("REDIS_URL", "").strip():
+        lines.extend(
+            f"{name} is ignored: REDIS_URL is set, and wins over it"
+            for name in ("REDIS_HOST", "REDIS_PORT", "REDIS_DB")
+            if env.get(name, "").strip()
+        )
     return lines

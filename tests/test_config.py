@@ -456,10 +456,10 @@ def test_settings_the_rest_makes_unused_are_refused(tmp_path: Path) -> None:
     assert SECRET not in str(info.value)
 
 
-def test_unknown_variables_name_the_closest_setting() -> None:
-    from smapws._config import unknown_variables
+def test_ignored_variables_name_the_closest_setting() -> None:
+    from smapws._config import ignored_variables
 
-    assert unknown_variables(
+    assert ignored_variables(
         {
             "SMAPWS_PROT": "9000",
             "SMAPWS_REDIS_URL": "redis://x",
@@ -471,6 +471,21 @@ def test_unknown_variables_name_the_closest_setting() -> None:
         "SMAPWS_PROT is not a setting and is ignored (did you mean SMAPWS_PORT?)",
         "SMAPWS_REDIS_URL is not a setting and is ignored (did you mean REDIS_URL?)",
     ]
+
+
+def test_the_seeds_redis_settings_beside_a_redis_url_are_named_as_ignored() -> None:
+    # REDIS_URL wins over them (configuration.rst): they were ignored
+    # without a word, while REDIS_PASSWORD there is refused.
+    from smapws._config import ignored_variables
+
+    env = {"REDIS_URL": "redis://r:6379/0", "REDIS_HOST": "other", "REDIS_DB": "3"}
+    assert ignored_variables(env) == [
+        "REDIS_HOST is ignored: REDIS_URL is set, and wins over it",
+        "REDIS_DB is ignored: REDIS_URL is set, and wins over it",
+    ]
+    assert ignored_variables({"REDIS_HOST": "other", "REDIS_DB": "3"}) == []
+    cfg = load({"JWT_SECRET": SECRET, **env})
+    assert cfg.redis_url == "redis://r:6379/0"
 
 
 #: Settings that are not a Config field of their own: folded into

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import SplitResult, parse_qs, quote, urlsplit
 
 from smapws._core.auth import MAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, AuthConfig, usable_key
 from smapws._core.envelope import DEFAULT_MAX_JSON_DEPTH, DEFAULT_MAX_MESSAGE_BYTES
@@ -27,6 +27,7 @@ from smapws._core.history import HistoryLimits
 from smapws._core.outbox import OutboxLimits
 from smapws._core.snapshot import SnapshotLimits
 from smapws._errors import SmapwsError
+from smapws_publisher._messages import authority_end
 from smapws_publisher._messages import redact_url as redact_url
 
 
@@ -802,8 +803,7 @@ def _redis_url(v: dict[str, Any]) -> str | None:
         # '#': one unescaped in a password makes the rest of it a path, and
         # the password no password (shown whole where the URL is shown).
         rest = url.partition("://")[2]
-        ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
-        if "@" in rest[min(ends) if ends else len(rest) :]:
+        if "@" in rest[authority_end(rest) :]:
             raise ConfigError(
                 "REDIS_URL: an '@' after the host: percent-encode a '/', '?' or '#' in "
                 "the password (%2F, %3F, %23), an '@' anywhere else (%40)"
@@ -818,7 +818,7 @@ def _redis_url(v: dict[str, Any]) -> str | None:
             ) from None
         if parts.scheme not in ("redis", "rediss", "unix"):
             raise ConfigError("REDIS_URL: expected a redis://, rediss:// or unix:// URL")
-        _check_redis_url(url, parts.scheme, parts.path)
+        _check_redis_url(url, parts)
         return url
     host = v["redis_host"]
     if not host:
@@ -838,7 +838,7 @@ _TEXT_QUERY_ARGUMENTS: Final = frozenset(
 )  # fmt: skip
 
 
-def _check_redis_url(url: str, scheme: str, path: str) -> None:
+def _check_redis_url(url: str, parts: SplitResult) -> None:
     """Refuse a ``REDIS_URL`` redis-py would fail on only once the hub runs:
     a space (urllib strips a leading one, redis-py then refuses the scheme:
     a traceback at start), a query argument redis-py cannot parse (a
@@ -850,6 +850,7 @@ def _check_redis_url(url: str, scheme: str, path: str) -> None:
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
+    scheme, path, query = parts.scheme, parts.path, parse_qs(parts.query)
     if any(c.isspace() or not c.isprintable() for c in url):
         raise ConfigError("REDIS_URL: must not contain spaces, newlines or control characters")
     if scheme != "unix" and path.strip("/") and not path.strip("/").isdigit():
@@ -858,7 +859,7 @@ def _check_redis_url(url: str, scheme: str, path: str) -> None:
         kwargs = aconn.parse_url(url)
         sconn.parse_url(url)  # type: ignore[no-untyped-call, unused-ignore]
     except ValueError:  # not chained: redis-py's text may change
-        name = next((n for n in _query_names(url) if _bad_value(url, n)), None)
+        name = next((n for n in query if _bad_value(n, query[n][0])), None)
         raise ConfigError(
             f"REDIS_URL: invalid value for the query argument {name!r}"
             if name
@@ -869,7 +870,7 @@ def _check_redis_url(url: str, scheme: str, path: str) -> None:
         "rediss": (aconn.SSLConnection, sconn.SSLConnection),
     }.get(scheme, (aconn.Connection, sconn.Connection))
     taken = aconn.URL_QUERY_ARGUMENT_PARSERS.keys() | _TEXT_QUERY_ARGUMENTS
-    for name in _query_names(url):
+    for name in query:
         if name not in kwargs or name == "max_connections":  # the pool's
             continue
         known = all(
@@ -882,18 +883,15 @@ def _check_redis_url(url: str, scheme: str, path: str) -> None:
             )
 
 
-def _query_names(url: str) -> list[str]:
-    return list(parse_qs(urlsplit(url).query))
-
-
-def _bad_value(url: str, name: str) -> bool:
+def _bad_value(name: str, value: str) -> bool:
+    """Whether redis-py's parser of the query argument ``name`` refuses ``value``."""
     import redis.asyncio.connection as aconn
 
     parser = aconn.URL_QUERY_ARGUMENT_PARSERS.get(name)
     if parser is None:
         return False
     try:
-        parser(parse_qs(urlsplit(url).query)[name][0])
+        parser(value)
     except (TypeError, ValueError):
         return True
     return False

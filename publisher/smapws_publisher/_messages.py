@@ -209,6 +209,14 @@ def one_line(text: str, limit: int = 200) -> str:
 _QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*")
 
 
+def authority_end(rest: str) -> int:
+    """Where the authority of ``rest`` (a URL after its ``scheme://``) ends:
+    at its first ``/``, ``?`` or ``#``, as urllib and redis-py read it (so
+    one unescaped in a password ends it early), else at its end."""
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    return min(ends) if ends else len(rest)
+
+
 def redact_url(url: str) -> str:
     """``url`` with every password redis-py would send replaced by ``***``
     (safe to log): the userinfo's, and a ``password`` query argument's.
@@ -222,10 +230,8 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return _QUERY_PASSWORD.sub(r"\1***", url)
-    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
-    authority_end = min(ends) if ends else len(rest)
     at = rest.rfind("@")
-    if at >= authority_end:
+    if at >= authority_end(rest):
         rest = "***@" + rest[at + 1 :]
     elif at >= 0:
         user, colon, _ = rest[:at].partition(":")

@@ -281,15 +281,21 @@ def test_redis_urls_redis_py_takes_are_taken(url: str) -> None:
     assert load({"JWT_SECRET": SECRET, "REDIS_URL": url}).redis_url == url
 
 
-def test_a_redis_url_with_a_leading_space_is_exit_2_not_a_traceback() -> None:
+def serve_exits(**env: str) -> tuple[int, list[str]]:
+    """``smapws serve`` run with ``env`` (JWT_SECRET and PATH added): its
+    exit status and the lines of its standard error."""
     proc = subprocess.run(
         [sys.executable, "-m", "smapws", "serve"],
-        env={"REDIS_URL": " redis://127.0.0.1:1/0", "JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
+        env={"JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert (proc.returncode, proc.stderr.strip().splitlines()) == (
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def test_a_redis_url_with_a_leading_space_is_exit_2_not_a_traceback() -> None:
+    assert serve_exits(REDIS_URL=" redis://127.0.0.1:1/0") == (
         2,
         [
             "smapws: configuration error: REDIS_URL: must not contain spaces, newlines or "
@@ -346,17 +352,13 @@ def test_a_note_for_no_setting_fails_the_docs_build() -> None:
 
 
 def test_cli_reports_one_line_and_exit_2() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "smapws", "serve"],
-        env={"SMAPWS_PORT": "notaport", "JWT_SECRET": SECRET, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
+    assert serve_exits(SMAPWS_PORT="notaport") == (
+        2,
+        [
+            "smapws: configuration error: SMAPWS_PORT: expected a port number 0-65535, "
+            "got 'notaport'"
+        ],
     )
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        "smapws: configuration error: SMAPWS_PORT: expected a port number 0-65535, got 'notaport'"
-    ]
 
 
 def test_readme_renders_without_warnings() -> None:

@@ -77,6 +77,12 @@ class Cluster:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_node(self, port: int) -> None:
+        if not self._start(port):
+            raise RuntimeError(f"redis-server on {port} exited at start")
+
+    def _start(self, port: int) -> bool:
+        """Start a node on ``port``: True once it answers, False when it
+        exited first (the port was taken meanwhile)."""
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed; run the test command from the README"
         d = self.workdir / str(port)
@@ -92,15 +98,26 @@ class Cluster:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.procs[port].poll() is not None:
+                del self.procs[port]
+                return False
             with contextlib.suppress(redis.ConnectionError), self.client(port) as c:
                 if c.ping():
-                    return
+                    return True
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on {port} did not start")
 
     def create(self) -> None:
-        for port in self.ports:
-            self.start_node(port)
+        for i in range(len(self.ports)):
+            # A port chosen free may be taken before redis-server binds it
+            # (or its bus port, +10000): most often as the ephemeral port of
+            # a client's connection, from the same range. CI met it once.
+            for _ in range(5):
+                if self._start(self.ports[i]):
+                    break
+                self.ports[i] = cluster_port()
+            else:
+                raise RuntimeError("no free port a cluster node could bind")
         subprocess.run(
             ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
              "--cluster-replicas", "1", "--cluster-yes"],

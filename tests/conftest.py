@@ -45,6 +45,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class PortTaken(RuntimeError):
+    """redis-server exited at start: its port was taken after it was chosen."""
+
+
 class RedisServer:
     """A redis-server process of the test session's own."""
 
@@ -74,6 +78,9 @@ class RedisServer:
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.proc = None
+                raise PortTaken(f"redis-server exited at start on {self.port}")
             try:
                 with self.client() as c:
                     if c.ping():
@@ -97,11 +104,24 @@ class RedisServer:
             return int(c.publish(f"user_noti:{user}", data))
 
 
+def started_redis(workdir: Path) -> RedisServer:
+    """A redis-server on a free port. A port chosen free may be taken before
+    redis-server binds it (most often as the ephemeral port of a client's
+    connection, from the same range): then another, up to 5 tries."""
+    for _ in range(5):
+        server = RedisServer(free_port(), workdir)
+        try:
+            server.start()
+        except PortTaken:
+            continue
+        return server
+    raise RuntimeError("no free port redis-server could bind")
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     with tempfile.TemporaryDirectory(prefix="smapws-redis-") as d:
-        server = RedisServer(free_port(), Path(d))
-        server.start()
+        server = started_redis(Path(d))
         try:
             yield server
         finally:
@@ -111,8 +131,7 @@ def redis_server() -> Iterator[RedisServer]:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server for this test alone (the fault tests kill theirs)."""
-    server = RedisServer(free_port(), tmp_path)
-    server.start()
+    server = started_redis(tmp_path)
     try:
         yield server
     finally:

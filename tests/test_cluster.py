@@ -34,6 +34,7 @@ from smapws.publisher import Publisher
 
 from .conftest import (
     API_KEY,
+    PortTaken,
     connect,
     free_port,
     http,
@@ -77,12 +78,8 @@ class Cluster:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start_node(self, port: int) -> None:
-        if not self._start(port):
-            raise RuntimeError(f"redis-server on {port} exited at start")
-
-    def _start(self, port: int) -> bool:
-        """Start a node on ``port``: True once it answers, False when it
-        exited first (the port was taken meanwhile)."""
+        """Start a node on ``port`` and wait until it answers; raises
+        :class:`PortTaken` when it exited first."""
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed; run the test command from the README"
         d = self.workdir / str(port)
@@ -100,10 +97,10 @@ class Cluster:
         while time.monotonic() < deadline:
             if self.procs[port].poll() is not None:
                 del self.procs[port]
-                return False
+                raise PortTaken(f"redis-server exited at start on {port}")
             with contextlib.suppress(redis.ConnectionError), self.client(port) as c:
                 if c.ping():
-                    return True
+                    return
             time.sleep(0.02)
         raise RuntimeError(f"redis-server on {port} did not start")
 
@@ -113,9 +110,12 @@ class Cluster:
             # (or its bus port, +10000): most often as the ephemeral port of
             # a client's connection, from the same range. CI met it once.
             for _ in range(5):
-                if self._start(self.ports[i]):
+                try:
+                    self.start_node(self.ports[i])
+                except PortTaken:
+                    self.ports[i] = cluster_port()
+                else:
                     break
-                self.ports[i] = cluster_port()
             else:
                 raise RuntimeError("no free port a cluster node could bind")
         subprocess.run(
